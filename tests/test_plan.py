@@ -1,0 +1,81 @@
+import json
+
+import keras
+import numpy as np
+import pytest
+
+from experiments.models import VGG16_BLOCKS, vgg16_bn_cifar
+from pruning import CNNModel, PrunePlan, get_ranker, layer_stats, model_stats, prune
+
+
+@pytest.fixture(scope="module")
+def vgg100():
+    return vgg16_bn_cifar(100)
+
+
+def test_vgg16_bn_cifar_reference_counts(vgg100):
+    stats = model_stats(vgg100)
+    assert stats["trainable_params"] == 15_038_116  # PyTorch's count for HRank's VGG16-BN
+    assert stats["params"] == vgg100.count_params() == 15_038_116 + 9_472
+    assert stats["macs"] == 313_509_888  # conv + dense, ~313.5M
+    rows = {r["layer"]: r for r in layer_stats(vgg100)}
+    assert rows["conv1"]["macs"] == 32 * 32 * 3 * 3 * 3 * 64
+    assert rows["classifier"]["macs"] == 512 * 100
+    assert sum(VGG16_BLOCKS) == len(CNNModel(vgg100).conv_layers) == 13
+
+
+@pytest.mark.parametrize("rate,trainable", [(0.3, 7_484_551), (0.5, 3_868_292), (0.7, 1_468_043)])
+def test_uniform_compress_rate_matches_hrank(vgg100, rate, trainable):
+    cnn = CNNModel(vgg100)
+    plan = PrunePlan.from_scores(cnn, get_ranker("l1").rank_all(cnn), rate)
+    pruned = prune(cnn, plan)
+    stats = model_stats(pruned)
+    assert stats["trainable_params"] == trainable
+    assert stats["params"] == pruned.count_params()
+    if rate == 0.5:
+        assert 78e6 < stats["macs"] < 80e6
+
+
+def test_keeps_highest_scores_and_at_least_one():
+    model = vgg16_bn_cifar(10, width=1 / 32)  # conv1 has 2 filters
+    cnn = CNNModel(model)
+    scores = {c.name: np.arange(c.filters, dtype=float)[::-1] for c in cnn.conv_layers}
+    plan = PrunePlan.from_scores(cnn, scores, 0.5)
+    assert plan.keep["conv1"] == [0]
+    assert plan.keep["conv13"] == list(range(8))  # 16 filters, highest scores first
+    plan = PrunePlan.from_scores(cnn, scores, 0.99)
+    assert all(len(k) >= 1 for k in plan.keep.values())
+
+
+def test_per_layer_rates_exclusion_and_json(tmp_path):
+    cnn = CNNModel(vgg16_bn_cifar(10, width=0.25))
+    scores = get_ranker("l1").rank_all(cnn)
+    rates = [0.5] * 12 + [0.0]
+    plan = PrunePlan.from_scores(cnn, scores, rates, exclude=["conv1"])
+    assert "conv1" not in plan.keep and "conv13" not in plan.keep
+    assert len(plan.keep["conv2"]) == 8
+    path = tmp_path / "plan.json"
+    plan.save(str(path))
+    again = PrunePlan.load(str(path))
+    assert again.keep == plan.keep and json.loads(path.read_text())["filters"]["conv2"] == 16
+    assert prune(cnn, again).count_params() == prune(cnn, plan).count_params()
+
+
+@pytest.mark.parametrize("ratio", [1.0, -0.1, 1.2, "half"])
+def test_bad_ratio(ratio):
+    cnn = CNNModel(vgg16_bn_cifar(10, width=0.125))
+    with pytest.raises(ValueError, match=r"Expected ratio in \[0, 1\). Received: ratio="):
+        PrunePlan.from_scores(cnn, get_ranker("l1").rank_all(cnn), ratio)
+
+
+def test_bad_names_and_lengths():
+    cnn = CNNModel(vgg16_bn_cifar(10, width=0.125))
+    scores = get_ranker("l1").rank_all(cnn)
+    with pytest.raises(ValueError, match="Unknown convolution layer: 'conv99'. Expected one of: conv1"):
+        PrunePlan.from_scores(cnn, scores, 0.5, exclude=["conv99"])
+    with pytest.raises(ValueError, match="Expected one ratio per convolution \\(13"):
+        PrunePlan.from_scores(cnn, scores, [0.5, 0.5])
+    with pytest.raises(ValueError, match="distinct filter indices in \\[0, 8\\)"):
+        PrunePlan.from_indices(cnn, {"conv1": [0, 8]})
+    with pytest.raises(ValueError, match="No scores for layer 'conv1'"):
+        PrunePlan.from_scores(cnn, {}, 0.5)

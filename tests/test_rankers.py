@@ -1,0 +1,77 @@
+import keras
+import numpy as np
+import pytest
+
+from pruning import CNNModel, get_ranker, load_scores, save_scores
+from pruning.rankers import RANKERS, feature_map_ranks
+
+
+def small_model():
+    inp = keras.Input((8, 8, 2))
+    x = keras.layers.Conv2D(3, 2, padding="same", name="c1")(inp)
+    x = keras.layers.BatchNormalization(name="bn1")(x)
+    x = keras.layers.ReLU(name="r1")(x)
+    x = keras.layers.Conv2D(4, 3, padding="same", activation="relu", name="c2")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    return keras.Model(inp, keras.layers.Dense(2)(x))
+
+
+def test_l1_and_l2_are_per_output_filter():
+    model = small_model()
+    kernel = np.arange(2 * 2 * 2 * 3, dtype="float32").reshape(2, 2, 2, 3) - 10.0
+    model.get_layer("c1").set_weights([kernel, np.zeros(3, "float32")])
+    l1 = get_ranker("l1").rank(model, "c1")
+    # By hand: filter f sums |W[h, w, c, f]| over h, w and input channels c.
+    expected = [sum(abs(kernel[h, w, c, f]) for h in range(2) for w in range(2) for c in range(2))
+                for f in range(3)]
+    np.testing.assert_allclose(l1, expected)
+    np.testing.assert_allclose(get_ranker("l2").rank(model, "c1"),
+                               [np.sqrt(np.sum(kernel[..., f] ** 2)) for f in range(3)], rtol=1e-6)
+
+
+def test_hrank_equals_numpy_matrix_rank_of_post_relu_maps():
+    model = small_model()
+    rng = np.random.default_rng(0)
+    batches = [rng.normal(size=(5, 8, 8, 2)).astype("float32") for _ in range(3)]
+    scores = get_ranker("hrank", num_batches=2).rank_all(model, data=batches)
+    probe = keras.Model(model.inputs, [model.get_layer("r1").output, model.get_layer("c2").output])
+    for name, idx in (("c1", 0), ("c2", 1)):
+        maps = np.concatenate([np.asarray(probe(b)[idx]) for b in batches[:2]])
+        expected = [np.mean([np.linalg.matrix_rank(maps[i, :, :, c]) for i in range(10)])
+                    for c in range(maps.shape[-1])]
+        np.testing.assert_allclose(scores[name], expected)
+
+
+def test_feature_map_ranks_is_batched_matrix_rank():
+    fmap = np.zeros((2, 4, 4, 3), "float32")
+    fmap[0, :, :, 0] = np.eye(4)
+    fmap[1, :2, :2, 2] = 1.0
+    np.testing.assert_array_equal(feature_map_ranks(fmap), [[4, 0, 0], [0, 0, 1]])
+
+
+def test_random_is_seeded_and_per_layer():
+    model = small_model()
+    a = get_ranker("random", seed=3).rank_all(model)
+    b = get_ranker("random", seed=3).rank_all(model)
+    c = get_ranker("random", seed=4).rank_all(model)
+    np.testing.assert_array_equal(a["c2"], b["c2"])
+    assert not np.allclose(a["c2"], c["c2"])
+
+
+def test_unknown_ranker_and_missing_data():
+    assert {"l1", "l2", "random", "hrank"} <= set(RANKERS)
+    with pytest.raises(ValueError, match="Unknown ranker: 'l3'. Expected one of: .*hrank.*l1"):
+        get_ranker("l3")
+    with pytest.raises(ValueError, match="needs data"):
+        get_ranker("hrank").rank_all(small_model())
+
+
+def test_scores_round_trip_as_npy(tmp_path):
+    cnn = CNNModel(small_model())
+    scores = get_ranker("l1").rank_all(cnn)
+    save_scores(scores, cnn, str(tmp_path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rank_conv1.npy", "rank_conv2.npy"]
+    loaded = load_scores(cnn, str(tmp_path))
+    np.testing.assert_array_equal(loaded["c2"], scores["c2"])
+    (tmp_path / "rank_conv2.npy").unlink()
+    assert load_scores(cnn, str(tmp_path)) is None
