@@ -1,0 +1,127 @@
+import json
+import multiprocessing
+import sqlite3
+
+import keras
+import numpy as np
+import pytest
+
+from pruning import TimeHistory
+from save_sqlite import ENV_VAR, MIGRATIONS, ExperimentLog, default_db_path, save_training_log_to_sqlite
+
+# The reference notebook's table, as its save_training_log_to_sqlite created it.
+REFERENCE_SQL = """
+CREATE TABLE IF NOT EXISTS training_logs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    model_name TEXT,
+    pruning_ratio REAL,
+    test_accuracy REAL,
+    epoch_times TEXT,
+    created_at TIMESTAMP DEFAULT CURRENT_TIMESTAMP
+)"""
+
+
+def test_migrations_on_empty_file(tmp_path):
+    log = ExperimentLog(str(tmp_path / "new.db"))
+    assert log.applied == [fn.__name__ for fn in MIGRATIONS]
+    assert {"runs", "epochs", "layer_prunes", "_migrations"} <= set(log.db.table_names())
+    assert "training_logs" in log.db.view_names()
+    assert log.db.journal_mode == "wal"
+    log.close()
+    assert ExperimentLog(str(tmp_path / "new.db")).applied == []  # applied once only
+
+
+def test_migrates_a_database_written_by_the_reference_function(tmp_path):
+    path = str(tmp_path / "old.db")
+    conn = sqlite3.connect(path)
+    conn.execute(REFERENCE_SQL)
+    conn.execute("INSERT INTO training_logs (model_name, pruning_ratio, test_accuracy, epoch_times) "
+                 "VALUES ('vgg16_pruned', 0.1, 0.986, '[12.5, 11.0, 10.75]')")
+    conn.commit()
+    conn.close()
+    log = ExperimentLog(path)
+    (run,) = log.runs()
+    assert (run["model"], run["pruning_ratio"], run["test_top1"], run["status"]) == \
+        ("vgg16_pruned", 0.1, 0.986, "completed")
+    assert [e["seconds"] for e in log.epochs(run["id"])] == [12.5, 11.0, 10.75]
+    row = log.db.execute("SELECT model_name, epoch_times FROM training_logs").fetchone()
+    assert row[0] == "vgg16_pruned" and json.loads(row[1]) == [12.5, 11.0, 10.75]
+
+
+def test_reference_function_writes_a_run(tmp_path):
+    cb = TimeHistory()
+    cb.times = [1.5, 2.5]
+    path = str(tmp_path / "ref.db")
+    run_id = save_training_log_to_sqlite(cb, "vgg16", 0.2, 0.97, db_path=path)
+    log = ExperimentLog(path)
+    assert log.get_run(run_id)["test_top1"] == 0.97
+    row = log.db.execute("SELECT model_name, pruning_ratio, epoch_times FROM training_logs").fetchone()
+    assert row[0] == "vgg16" and row[1] == 0.2 and json.loads(row[2]) == [1.5, 2.5]
+
+
+def test_db_path_from_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv(ENV_VAR, str(tmp_path / "env.db"))
+    assert default_db_path() == str(tmp_path / "env.db")
+    ExperimentLog().close()
+    assert (tmp_path / "env.db").exists()
+
+
+class Boom(keras.callbacks.Callback):
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == 1:
+            raise RuntimeError("disk full")
+
+
+def test_crash_inside_fit_marks_run_failed_and_keeps_epochs(tmp_path):
+    log = ExperimentLog(str(tmp_path / "crash.db"))
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, activation="softmax")])
+    model.compile("sgd", "sparse_categorical_crossentropy", metrics=["accuracy"])
+    x, y = np.random.rand(16, 3), np.random.randint(0, 2, 16)
+    with pytest.raises(RuntimeError, match="disk full"):
+        with log.run("unit", model="dense", seed=7, config={"epochs": 5}) as run:
+            # The logger runs before Boom, so epochs 0 and 1 are written before the crash.
+            model.fit(x, y, epochs=5, verbose=0, callbacks=[run.callback("train"), Boom()])
+    (row,) = log.runs()
+    assert row["status"] == "failed" and "disk full" in row["error"]
+    assert json.loads(row["config"]) == {"epochs": 5} and row["seed"] == 7
+    epochs = log.epochs(row["id"])
+    assert [e["epoch"] for e in epochs] == [0, 1]
+    assert all(e["seconds"] > 0 and e["loss"] is not None and e["lr"] == pytest.approx(0.01)
+               for e in epochs)
+
+
+def test_interrupted_and_completed(tmp_path):
+    log = ExperimentLog(str(tmp_path / "s.db"))
+    with pytest.raises(KeyboardInterrupt):
+        with log.run("unit"):
+            raise KeyboardInterrupt
+    with log.run("unit", parent_id=1) as run:
+        run.finish(test_top1=0.5, params=10)
+    a, b = log.runs()
+    assert a["status"] == "interrupted"
+    assert (b["status"], b["parent_id"], b["params"]) == ("completed", 1, 10)
+    with pytest.raises(ValueError, match="Unknown run fields"):
+        log.update_run(b["id"], accuracy=1)
+
+
+def _writer(path, name, n):
+    log = ExperimentLog(path)
+    with log.run("concurrent", model=name) as run:
+        for i in range(n):
+            log.log_epoch(run.id, "train", i, 0.01 * i, {"loss": 1.0 / (i + 1)})
+        run.finish(test_top1=0.1)
+
+
+def test_two_concurrent_writers_both_land(tmp_path):
+    path = str(tmp_path / "c.db")
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_writer, args=(path, f"w{i}", 200)) for i in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+        assert p.exitcode == 0
+    log = ExperimentLog(path)
+    runs = log.runs("concurrent")
+    assert sorted(r["model"] for r in runs) == ["w0", "w1"]
+    assert all(r["status"] == "completed" and len(log.epochs(r["id"])) == 200 for r in runs)
