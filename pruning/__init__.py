@@ -12,13 +12,13 @@ from pruning.callbacks import TimeHistory
 from pruning.graph import CNNModel, ConvLayer
 from pruning.plan import PrunePlan, check_ratio
 from pruning.rankers import RANKERS, Ranker, get_ranker, load_scores, register_ranker, save_scores
-from pruning.rebuild import prune
+from pruning.rebuild import inline, prune
 from pruning.stats import layer_stats, measure_latency, model_stats
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CNNModel", "ConvLayer", "PrunePlan", "Ranker", "RANKERS", "TimeHistory",
-    "check_ratio", "get_ranker", "layer_stats", "load_scores", "measure_latency",
+    "check_ratio", "get_ranker", "inline", "layer_stats", "load_scores", "measure_latency",
     "model_stats", "prune", "register_ranker", "save_scores",
 ]

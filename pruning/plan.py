@@ -20,9 +20,17 @@ def check_ratio(ratio, name="ratio"):
     return float(ratio)
 
 
-def n_kept(filters, ratio):
-    """Filters left after removing int(ratio * filters); at least one always stays."""
-    return max(1, filters - int(check_ratio(ratio) * filters))
+def n_kept(filters, ratio, round_to=1):
+    """Filters left after removing int(ratio * filters); at least one always stays.
+
+    With `round_to` > 1 the count is rounded to the nearest multiple (at least one
+    multiple, at most `filters`): CPU and GPU kernels run fastest on channel counts
+    that are multiples of 8 or 16, so an odd count can be slower than the original.
+    """
+    kept = max(1, filters - int(check_ratio(ratio) * filters))
+    if round_to > 1 and kept < filters:
+        kept = min(filters, max(round_to, int(round(kept / round_to)) * round_to))
+    return kept
 
 
 def resolve_ratios(cnn, ratio, exclude=()):
@@ -74,7 +82,7 @@ class PrunePlan:
 
     # --------------------------------------------------------------- builders
     @classmethod
-    def from_scores(cls, model, scores, ratio, exclude=(), meta=None):
+    def from_scores(cls, model, scores, ratio, exclude=(), meta=None, round_to=1):
         """Keeps the highest-scoring filters of each conv.
 
         Args:
@@ -83,6 +91,7 @@ class PrunePlan:
             ratio: a number in [0, 1) for every prunable conv, a list with one per
                 conv in model order, or a dict by name. Removes int(ratio * filters).
             exclude: conv names that keep all their filters.
+            round_to: round kept counts to a multiple of this (see `n_kept`).
         """
         cnn = model if isinstance(model, CNNModel) else CNNModel(model)
         ratios = resolve_ratios(cnn, ratio, exclude)
@@ -108,13 +117,13 @@ class PrunePlan:
                     raise ValueError(f"Expected {m.filters} scores for layer '{m.name}'. "
                                      f"Received: {s.shape[0]}")
                 total = s if total is None else total + s  # a group is scored by its sum
-            k = n_kept(members[0].filters, rate)
+            k = n_kept(members[0].filters, rate, round_to)
             # Stable sort on -score: among equal scores the lower index is kept.
             kept = np.sort(np.argsort(-total, kind="stable")[:k])
             for m in members:
                 keep[m.name] = kept
                 filters[m.name] = m.filters
-        meta = {"ratios": ratios, "exclude": list(exclude), **(meta or {})}
+        meta = {"ratios": ratios, "exclude": list(exclude), "round_to": round_to, **(meta or {})}
         return cls(keep, filters, meta)
 
     @classmethod

@@ -79,6 +79,11 @@ def prune(model, plan):
     )
 
 
+def inline(model):
+    """A flat copy of `model` with nested models inlined and nothing pruned."""
+    return prune(model, PrunePlan({}))
+
+
 def slice_weights(layer, in_keep, out_keep):
     """`layer`'s weights restricted to input channels `in_keep` and filters `out_keep`
     (None: all). The order is that of `layer.get_weights()`."""

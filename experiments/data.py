@@ -1,0 +1,195 @@
+"""tf.data input pipelines: image folders, tfds CIFAR, stratified splits, augmentation."""
+
+import os
+import warnings
+
+import numpy as np
+import tensorflow as tf
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
+
+# Per-channel statistics of the training images, RGB in [0, 1].
+CIFAR_STATS = {
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+}
+AUTOTUNE = tf.data.AUTOTUNE
+
+
+# ---------------------------------------------------------------- image folders
+def list_image_folder(root, limit_per_class=None, seed=0):
+    """Paths and labels of `root/<class>/*.jpg`, classes sorted by folder name.
+
+    Returns (paths, labels, class_names). With `limit_per_class`, a seeded random
+    subset of each class is kept.
+    """
+    if not os.path.isdir(root):
+        raise ValueError(f"Data folder not found: {root!r}. Expected a folder of <class>/<image>.jpg")
+    class_names = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    if not class_names:
+        raise ValueError(f"No class folders in {root!r}. Expected a folder of <class>/<image>.jpg")
+    rng = np.random.default_rng(seed)
+    paths, labels = [], []
+    for label, name in enumerate(class_names):
+        folder = os.path.join(root, name)
+        files = sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS))
+        if not files:
+            raise ValueError(f"No images in class folder {folder!r}. Expected files ending in "
+                             f"{', '.join(IMAGE_EXTENSIONS)}")
+        if limit_per_class is not None and limit_per_class < len(files):
+            files = [files[i] for i in sorted(rng.choice(len(files), limit_per_class, replace=False))]
+        paths += [os.path.join(folder, f) for f in files]
+        labels += [label] * len(files)
+    return paths, np.asarray(labels, np.int64), class_names
+
+
+def find_unreadable(paths):
+    """Paths whose bytes do not decode as an image (checked once, up front, so a bad
+    file is reported by name instead of failing an epoch halfway)."""
+    bad = []
+    for p in paths:
+        try:
+            tf.io.decode_image(tf.io.read_file(p), channels=3, expand_animations=False)
+        except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError, ValueError):
+            bad.append(p)
+    return bad
+
+
+def drop_unreadable(paths, labels):
+    bad = set(find_unreadable(paths))
+    if bad:
+        warnings.warn(f"Skipping {len(bad)} images that cannot be decoded: {', '.join(sorted(bad))}")
+    keep = [i for i, p in enumerate(paths) if p not in bad]
+    return [paths[i] for i in keep], labels[keep], sorted(bad)
+
+
+def stratified_split(labels, fractions=(0.7, 0.15, 0.15), seed=0):
+    """Index arrays (train, val, test): each class is shuffled with `seed` and cut by
+    `fractions`, so every split has the class proportions of the whole."""
+    fractions = np.asarray(fractions, float)
+    if fractions.shape != (3,) or np.any(fractions < 0) or not np.isclose(fractions.sum(), 1):
+        raise ValueError(f"Expected three fractions summing to 1. Received: fractions={tuple(fractions)}")
+    rng = np.random.default_rng(seed)
+    parts = ([], [], [])
+    for c in np.unique(labels):
+        idx = rng.permutation(np.nonzero(labels == c)[0])
+        n_train = int(round(fractions[0] * len(idx)))
+        n_val = int(round(fractions[1] * len(idx)))
+        for part, chunk in zip(parts, (idx[:n_train], idx[n_train:n_train + n_val], idx[n_train + n_val:])):
+            part.extend(chunk.tolist())
+    return tuple(np.sort(np.asarray(p, np.int64)) for p in parts)
+
+
+def load_image(path, image_size):
+    """Decoded RGB image resized to (image_size, image_size), float32 in [0, 255]."""
+    img = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+    img = tf.image.resize(tf.cast(img, tf.float32), (image_size, image_size), antialias=True)
+    img.set_shape((image_size, image_size, 3))
+    return img
+
+
+def folder_dataset(paths, labels, image_size, batch_size, preprocess=None, shuffle=False, seed=0,
+                   augment=None, cache=True):
+    """A batched tf.data pipeline of (image, label) from file paths.
+
+    Decoding and resizing happen once and are cached in memory; `augment` (a
+    callable on a batch) and `preprocess` run per batch after the cache.
+    """
+    ds = tf.data.Dataset.from_tensor_slices((list(paths), np.asarray(labels, np.int64)))
+    ds = ds.map(lambda p, y: (load_image(p, image_size), y), num_parallel_calls=AUTOTUNE)
+    if cache:
+        ds = ds.cache()
+    if shuffle:
+        ds = ds.shuffle(len(paths), seed=seed, reshuffle_each_iteration=True)
+    ds = ds.batch(batch_size)
+    if augment is not None:
+        ds = ds.map(lambda x, y: (augment(x), y), num_parallel_calls=AUTOTUNE)
+    if preprocess is not None:
+        ds = ds.map(lambda x, y: (preprocess(x), y), num_parallel_calls=AUTOTUNE)
+    return ds.prefetch(AUTOTUNE)
+
+
+# ------------------------------------------------------------------------ CIFAR
+def load_cifar_tfds(name, split, data_dir=None, limit=None):
+    """(images uint8 (N, 32, 32, 3), labels int64) of a tfds CIFAR split."""
+    import tensorflow_datasets as tfds
+
+    if name not in CIFAR_STATS:
+        raise ValueError(f"Expected dataset in {tuple(CIFAR_STATS)}. Received: dataset={name!r}")
+    ds = tfds.load(name, split=split, data_dir=data_dir, as_supervised=True)
+    if limit is not None:
+        ds = ds.take(int(limit))
+    images, labels = [], []
+    for x, y in tfds.as_numpy(ds.batch(4096)):
+        images.append(x)
+        labels.append(y)
+    if not images:
+        raise ValueError(f"The tfds split {name}/{split} has no examples.")
+    return np.concatenate(images).astype(np.uint8), np.concatenate(labels).astype(np.int64)
+
+
+def load_cifar_folder(root, split, limit=None, seed=0):
+    """(images, labels, class_names) from `root/<split>/<class>/*.jpg` (the shared CIFAR
+    JPEG layout), decoded into memory; `limit` keeps a seeded stratified subset."""
+    folder = os.path.join(root, split)
+    if not os.path.isdir(folder):
+        raise ValueError(f"Data folder not found: {folder!r}. Expected {root}/{split}/<class>/<image>.jpg")
+    per_class = None
+    if limit is not None:
+        n_classes = len([d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d))])
+        per_class = max(1, int(limit) // max(n_classes, 1))
+    paths, labels, names = list_image_folder(folder, per_class, seed)
+    ds = tf.data.Dataset.from_tensor_slices(paths).map(
+        lambda p: tf.image.decode_jpeg(tf.io.read_file(p), channels=3), num_parallel_calls=AUTOTUNE)
+    images = np.stack(list(ds.as_numpy_iterator())).astype(np.uint8)
+    return images, labels, names
+
+
+def cifar_dataset(images, labels, num_classes, batch_size, mean, std, training=False, seed=0,
+                  randaugment=False, random_erasing=0.0, cache=True):
+    """Normalised CIFAR batches (x, one-hot y). Training adds 4-pixel-pad random crops,
+    horizontal flips, and optionally RandAugment and random erasing."""
+    import keras
+
+    mean = tf.constant(mean, tf.float32) * 255.0
+    std = tf.constant(std, tf.float32) * 255.0
+    ds = tf.data.Dataset.from_tensor_slices((images, labels))
+    if cache:
+        ds = ds.cache()
+    if training:
+        ds = ds.shuffle(len(images), seed=seed, reshuffle_each_iteration=True)
+    ds = ds.batch(batch_size)
+    # One fresh stateless seed pair per batch and epoch: reproducible from `seed`.
+    seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
+
+    aug_layers = []
+    if training and randaugment:
+        aug_layers.append(keras.layers.RandAugment(value_range=(0, 255), num_ops=2, factor=0.5, seed=seed))
+    if training and random_erasing > 0:
+        aug_layers.append(keras.layers.RandomErasing(factor=random_erasing, value_range=(0, 255), seed=seed))
+
+    def prepare(batch, s):
+        x, y = batch
+        x = tf.cast(x, tf.float32)
+        if training:
+            x = random_crop_flip(x, s, pad=4)
+            for layer in aug_layers:
+                x = layer(x, training=True)
+        x = (x - mean) / std
+        return x, tf.one_hot(y, num_classes)
+
+    return tf.data.Dataset.zip((ds, seeds)).map(prepare, num_parallel_calls=AUTOTUNE).prefetch(AUTOTUNE)
+
+
+def random_crop_flip(x, seed, pad=4):
+    """Per-image random crops of the `pad`-reflect-padded batch and random horizontal
+    flips, vectorised over the batch; `seed` is a stateless seed pair."""
+    n, h, w = tf.shape(x)[0], x.shape[1], x.shape[2]
+    x = tf.pad(x, [[0, 0], [pad, pad], [pad, pad], [0, 0]], mode="REFLECT")
+    offsets = tf.random.stateless_uniform([n, 2], seed=seed, maxval=2 * pad + 1, dtype=tf.int32)
+    rows = offsets[:, :1] + tf.range(h)[None]
+    cols = offsets[:, 1:] + tf.range(w)[None]
+    x = tf.gather(x, rows, axis=1, batch_dims=1)
+    x = tf.gather(x, cols, axis=2, batch_dims=1)
+    flip = tf.random.stateless_uniform([n, 1, 1, 1], seed=seed[::-1]) < 0.5
+    return tf.where(flip, tf.reverse(x, axis=[2]), x)

@@ -1,0 +1,148 @@
+"""Reports from the experiment log: a Markdown summary and PNG plots."""
+
+import json
+import os
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+AXES = (("params", "parameters"), ("macs", "MACs"), ("latency_ms", "latency (ms / batch)"))
+
+
+def _label(run):
+    return run["ranker"] or "baseline"
+
+
+def _md_table(runs):
+    lines = ["| run | dataset | ranker | ratio | seed | top-1 | top-5 | params | MACs | ms/batch | parent |",
+             "|---" * 11 + "|"]
+    for r in runs:
+        ratio = r["pruning_ratio"] if r["pruning_ratio"] is not None else ("per-layer" if r["rates"] else "")
+        lines.append(
+            f"| {r['id']} | {r['dataset'] or ''} | {_label(r)} | {ratio} | {_v(r['seed'])} | "
+            f"{_v(r['test_top1'], '.4f')} | {_v(r['test_top5'], '.4f')} | {_v(r['params'], ',d')} | "
+            f"{_v(r['macs'], ',d')} | {_v(r['latency_ms'], '.1f')} | {_v(r['parent_id'])} |")
+    return "\n".join(lines)
+
+
+def _v(value, spec=""):
+    return "" if value is None else format(value, spec)
+
+
+def accuracy_plot(runs, title, path):
+    """Accuracy against params, MACs and latency; one colour per ranker."""
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for ax, (key, name) in zip(axes, AXES):
+        for label in sorted({_label(r) for r in runs}):
+            pts = [(r[key], r["test_top1"]) for r in runs if _label(r) == label and r[key] is not None]
+            if pts:
+                xs, ys = zip(*pts)
+                ax.scatter(xs, ys, label=label, s=36, marker="*" if label == "baseline" else "o")
+        ax.set_xlabel(name)
+        ax.set_ylabel("test top-1 accuracy")
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def epoch_time_plot(log, runs, path):
+    """Mean seconds per epoch of each run, grouped by phase."""
+    rows = []
+    for r in runs:
+        epochs = log.epochs(r["id"])
+        if epochs:
+            mean = sum(e["seconds"] for e in epochs) / len(epochs)
+            rows.append((f"#{r['id']} {r['experiment']} {_label(r)} {_v(r['pruning_ratio'], 'g')}", mean))
+    if not rows:
+        return None
+    fig, ax = plt.subplots(figsize=(9, 0.35 * len(rows) + 1.5))
+    ax.barh([n for n, _ in rows], [s for _, s in rows], color="#4c72b0")
+    ax.set_xlabel("mean seconds per epoch")
+    ax.invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def layers_kept_plot(log, runs, path):
+    """Fraction of filters kept per layer for every pruned run."""
+    series = []
+    for r in runs:
+        rows = log.layer_prunes(r["id"])
+        if rows:
+            kept = {}
+            for p in rows:  # a layer pruned in several steps keeps its last count
+                kept[p["layer"]] = (p["filters_before"], p["filters_after"])
+            series.append((f"#{r['id']} {r['experiment']} {_label(r)}", kept))
+    if not series:
+        return None
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    for name, kept in series:
+        layers = list(kept)
+        ax.plot(range(len(layers)), [a / b for b, a in kept.values()], marker="o", label=name)
+    ax.set_xticks(range(len(layers)))
+    ax.set_xticklabels(layers, rotation=60, ha="right", fontsize=8)
+    ax.set_ylabel("filters kept / filters before")
+    ax.set_ylim(0, 1.05)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_report(log, out_dir):
+    """report.md and PNGs for all completed runs in `log`; returns the paths written."""
+    os.makedirs(out_dir, exist_ok=True)
+    runs = log.runs(status="completed")
+    written, sections = [], [f"# Experiment report\n\nDatabase: `{log.path}`; {len(runs)} completed runs "
+                             f"({len(log.runs()) - len(runs)} others).\n"]
+    for experiment in sorted({r["experiment"] for r in runs}):
+        exp_runs = [r for r in runs if r["experiment"] == experiment]
+        sections.append(f"## {experiment}\n\n{_md_table(exp_runs)}\n")
+        scored = [r for r in exp_runs if r["test_top1"] is not None]
+        if scored:
+            png = accuracy_plot(scored, f"{experiment}: accuracy against size and speed",
+                                os.path.join(out_dir, f"{experiment}_accuracy.png"))
+            written.append(png)
+            sections.append(f"![accuracy]({os.path.basename(png)})\n")
+    for fn, name, caption in ((epoch_time_plot, "epoch_times.png", "Seconds per epoch"),
+                              (layers_kept_plot, "layers_kept.png", "Filters kept per layer")):
+        png = fn(log, runs, os.path.join(out_dir, name))
+        if png:
+            written.append(png)
+            sections.append(f"## {caption}\n\n![{caption}]({name})\n")
+    md = os.path.join(out_dir, "report.md")
+    with open(md + ".tmp", "w") as f:
+        f.write("\n".join(sections))
+    os.replace(md + ".tmp", md)
+    return [md, *written]
+
+
+def rice_results(cfg, summaries, out_dir):
+    """rice_results.md (table + config) and rice_accuracy.png for one rice run."""
+    from experiments.common import config_dict
+
+    os.makedirs(out_dir, exist_ok=True)
+    lines = ["| run | pruning ratio | test accuracy | params | trainable | MACs | latency ms/batch | speed-up |",
+             "|---" * 8 + "|"]
+    for s in summaries:
+        lines.append(f"| {s['run_id']} | {s['ratio']:g} | {s['test_top1']:.4f} | {s['params']:,} | "
+                     f"{s['trainable_params']:,} | {s['macs']:,} | {s['latency_ms']:.1f} | {s['speedup']:.2f}x |")
+    md = os.path.join(out_dir, "rice_results.md")
+    with open(md, "w") as f:
+        f.write(f"# Rice: transfer learning and pruning\n\nLatency: median of {cfg.latency_runs} calls on a "
+                f"batch of {cfg.latency_batch} images of {cfg.image_size}x{cfg.image_size}.\n\n"
+                + "\n".join(lines) + "\n\n![accuracy](rice_accuracy.png)\n\nConfig:\n\n```json\n"
+                + json.dumps(config_dict(cfg), indent=1) + "\n```\n")
+    runs = [{**s, "ranker": None if s["ratio"] == 0 else f"{cfg.ranker} {s['ratio']:g}"} for s in summaries]
+    png = accuracy_plot(runs, "rice: accuracy against size and speed", os.path.join(out_dir, "rice_accuracy.png"))
+    return [md, png]

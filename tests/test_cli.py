@@ -1,0 +1,180 @@
+"""Every command through click's CliRunner: --help, the happy path and bad input."""
+
+import json
+import os
+
+import keras
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from main_train import cli
+from save_sqlite import ExperimentLog
+
+COMMANDS = [[], ["cifar"], ["rice"], ["prune"], ["rank"], ["stats"], ["logs"], ["logs", "list"],
+            ["logs", "show"], ["logs", "export"], ["report"]]
+
+
+@pytest.mark.parametrize("args", COMMANDS, ids=lambda a: " ".join(a) or "main")
+def test_help(args):
+    result = CliRunner().invoke(cli, [*args, "--help"])
+    assert result.exit_code == 0, result.output
+    assert "Usage:" in result.output and "--help" in result.output
+    if args:
+        # Every option of the command carries help text.
+        command = cli
+        for name in args:
+            command = command.commands[name]
+        for param in command.params:
+            if param.param_type_name == "option" and param.name != "help":
+                assert param.help, f"{' '.join(args)} --{param.name} has no help"
+
+
+@pytest.fixture()
+def model_file(tmp_path):
+    inp = keras.Input((16, 16, 3))
+    x = keras.layers.Conv2D(8, 3, padding="same", activation="relu", name="c1")(inp)
+    x = keras.layers.MaxPooling2D(name="p1")(x)
+    x = keras.layers.Conv2D(16, 3, padding="same", activation="relu", name="c2")(x)
+    x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
+    model = keras.Model(inp, keras.layers.Dense(3, activation="softmax", name="out")(x))
+    path = str(tmp_path / "model.keras")
+    model.save(path)
+    return path
+
+
+def test_prune_stats_and_plan_replay(model_file, tmp_path):
+    db = str(tmp_path / "log.db")
+    out = str(tmp_path / "pruned.keras")
+    plan = str(tmp_path / "plan.json")
+    runner = CliRunner()
+    r = runner.invoke(cli, ["prune", model_file, "--ranker", "l1", "--ratio", "0.5", "-o", out,
+                            "--save-plan", plan, "--db", db])
+    assert r.exit_code == 0, r.output
+    pruned = keras.models.load_model(out)
+    assert pruned.get_layer("c1").filters == 4 and pruned.get_layer("c2").filters == 8
+    assert json.load(open(plan))["keep"]["c2"] == sorted(json.load(open(plan))["keep"]["c2"])
+    log = ExperimentLog(db)
+    (run,) = log.runs("prune")
+    assert run["status"] == "completed" and run["params"] == pruned.count_params()
+    assert [(p["layer"], p["filters_before"], p["filters_after"]) for p in log.layer_prunes(run["id"])] == \
+        [("c1", 8, 4), ("c2", 16, 8)]
+    again = str(tmp_path / "again.keras")
+    r = runner.invoke(cli, ["prune", model_file, "--plan", plan, "-o", again, "--db", db])
+    assert r.exit_code == 0, r.output
+    assert keras.models.load_model(again).count_params() == pruned.count_params()
+
+    r = runner.invoke(cli, ["stats", out, "--runs", "3", "--latency-batch", "2", "--json"])
+    assert r.exit_code == 0, r.output
+    stats = json.loads(r.output[r.output.index("{"):])
+    assert stats["params"] == pruned.count_params() and stats["latency"]["runs"] == 3
+    r = runner.invoke(cli, ["stats", out, "--runs", "2", "--per-layer"])
+    assert r.exit_code == 0 and "c2" in r.output and "MACs" in r.output
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--ranker", "l3", "--ratio", "0.5"], "Unknown ranker: 'l3'"),
+    (["--ratio", "1.2"], "Expected ratio in [0, 1). Received: ratio=1.2"),
+    (["--ratio", "0.5", "--exclude", "nope"], "Unknown convolution layer: 'nope'"),
+    (["--ranker", "hrank", "--ratio", "0.5"], "needs images"),
+    (["--ratio", "abc"], "Expected a number"),
+    ([], "exactly one of --ratio and --plan"),
+])
+def test_prune_bad_input(model_file, tmp_path, args, message):
+    out = tmp_path / "x.keras"
+    r = CliRunner().invoke(cli, ["prune", model_file, "-o", str(out), "--db", str(tmp_path / "l.db"), *args])
+    assert r.exit_code != 0
+    assert message in r.output
+    assert not out.exists()  # nothing half-written
+
+
+def test_prune_missing_model(tmp_path):
+    r = CliRunner().invoke(cli, ["prune", str(tmp_path / "none.keras"), "--ratio", "0.1", "-o", "x.keras"])
+    assert r.exit_code != 0 and "Model file not found" in r.output
+
+
+def test_rank_writes_npy_files(model_file, tmp_path):
+    out = tmp_path / "ranks"
+    r = CliRunner().invoke(cli, ["rank", model_file, "--ranker", "l2", "--out-dir", str(out)])
+    assert r.exit_code == 0, r.output
+    assert sorted(os.listdir(out)) == ["rank_conv1.npy", "rank_conv2.npy"]
+    assert np.load(out / "rank_conv2.npy").shape == (16,)
+
+
+def test_rank_hrank_on_images(model_file, tmp_path):
+    from conftest import SAMPLE_RICE
+
+    out = tmp_path / "ranks"
+    r = CliRunner().invoke(cli, ["rank", model_file, "--ranker", "hrank", "--out-dir", str(out),
+                                 "--data-dir", SAMPLE_RICE, "--limit-per-class", "2", "--batch-size", "5",
+                                 "--rank-batches", "2"])
+    assert r.exit_code == 0, r.output
+    scores = np.load(out / "rank_conv1.npy")
+    assert scores.shape == (8,) and np.all((scores >= 0) & (scores <= 16))
+
+
+def _small_log(path):
+    log = ExperimentLog(path)
+    with log.run("rice", model="vgg16", dataset="d", pruning_ratio=0.0, seed=1, config={"a": 1}) as base:
+        log.log_epoch(base.id, "head", 0, 2.0, {"loss": 1.0, "accuracy": 0.5})
+        base.finish(test_top1=0.9, params=100, macs=1000, latency_ms=10.0)
+    with log.run("rice", model="vgg16", dataset="d", ranker="l1", pruning_ratio=0.5, parent_id=base.id,
+                 seed=1) as run:
+        log.log_epoch(run.id, "retrain_head", 0, 1.0, {"loss": 1.2})
+        from pruning import PrunePlan
+
+        log.log_layer_prunes(run.id, PrunePlan({"c1": [0, 1]}, {"c1": 4}), "l1")
+        run.finish(test_top1=0.8, params=50, macs=500, latency_ms=6.0)
+    return log
+
+
+def test_logs_list_show_export(tmp_path):
+    db = str(tmp_path / "l.db")
+    _small_log(db)
+    runner = CliRunner()
+    r = runner.invoke(cli, ["logs", "list", "--db", db])
+    assert r.exit_code == 0 and "completed" in r.output and "0.9000" in r.output
+    r = runner.invoke(cli, ["logs", "show", "2", "--db", db])
+    assert r.exit_code == 0 and "retrain_head" in r.output and "c1" in r.output and "4 ->     2" in r.output
+    r = runner.invoke(cli, ["logs", "show", "99", "--db", db])
+    assert r.exit_code != 0 and "No run with id 99" in r.output
+    out = tmp_path / "runs.json"
+    r = runner.invoke(cli, ["logs", "export", "--format", "json", "-o", str(out), "--db", db])
+    assert r.exit_code == 0
+    assert [row["test_top1"] for row in json.loads(out.read_text())] == [0.9, 0.8]
+    r = runner.invoke(cli, ["logs", "export", "--table", "training_logs", "--db", db])
+    assert r.exit_code == 0 and r.output.splitlines()[0].startswith("id,model_name,pruning_ratio")
+
+
+def test_db_from_environment(tmp_path):
+    db = str(tmp_path / "env.db")
+    _small_log(db)
+    r = CliRunner().invoke(cli, ["logs", "list"], env={"PRUNING_DB": db})
+    assert r.exit_code == 0 and "rice" in r.output
+
+
+def test_report_writes_markdown_and_plots(tmp_path):
+    db = str(tmp_path / "l.db")
+    _small_log(db)
+    out = tmp_path / "results"
+    r = CliRunner().invoke(cli, ["report", "--out-dir", str(out), "--db", db])
+    assert r.exit_code == 0, r.output
+    names = set(os.listdir(out))
+    assert {"report.md", "rice_accuracy.png", "epoch_times.png", "layers_kept.png"} <= names
+    md = (out / "report.md").read_text()
+    assert "| 2 | d | l1 | 0.5 |" in md and "0.8000" in md
+    assert (out / "rice_accuracy.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_rice_missing_folder_is_a_clear_error(tmp_path):
+    r = CliRunner().invoke(cli, ["rice", "--data-dir", str(tmp_path / "nope"), "--db", str(tmp_path / "l.db")])
+    assert r.exit_code != 0 and "Data folder not found" in r.output
+    r = CliRunner().invoke(cli, ["rice", "--ratios", "0.1,1.5", "--db", str(tmp_path / "l.db")])
+    assert r.exit_code != 0 and "Expected ratio in [0, 1). Received: ratio=1.5" in r.output
+
+
+def test_cifar_bad_compress_rate(tmp_path):
+    r = CliRunner().invoke(cli, ["cifar", "--compress-rate", "0.5,0.5", "--db", str(tmp_path / "l.db")])
+    assert r.exit_code != 0 and "Expected one compress rate or 13" in r.output
+    r = CliRunner().invoke(cli, ["cifar", "--ranker", "magic", "--db", str(tmp_path / "l.db")])
+    assert r.exit_code != 0 and "Unknown ranker: 'magic'" in r.output
