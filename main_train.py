@@ -23,6 +23,22 @@ def db_option(fn):
                         help=f"SQLite experiment log (or set ${ENV_VAR}).")(fn)
 
 
+def run_options(latency_batch, results_help):
+    """Options every experiment command has: latency batch, results, verbosity, --db."""
+    def decorate(fn):
+        for opt in reversed([
+            click.option("--latency-batch", type=int, default=latency_batch, show_default=True,
+                         help="Batch size for latency."),
+            click.option("--results", default=None, help=results_help),
+            click.option("-v", "--verbose", type=int, default=2, show_default=True,
+                         help="Keras fit verbosity (0-2)."),
+            db_option,
+        ]):
+            fn = opt(fn)
+        return fn
+    return decorate
+
+
 def float_list(ctx, param, value):
     """'0.5' -> 0.5; '0.1,0.2' -> [0.1, 0.2]."""
     if value is None or isinstance(value, (float, list, tuple)):
@@ -100,10 +116,7 @@ def cli():
               help="Random seed; repeat to run several (each pretrains its own baseline).")
 @click.option("--out-dir", default=os.path.join("runs", "cifar"), show_default=True,
               help="Where models and rank files go.")
-@click.option("--latency-batch", type=int, default=64, show_default=True, help="Batch size for latency.")
-@click.option("--results", default=None, help="Write the comparison table (Markdown) to this file.")
-@click.option("-v", "--verbose", type=int, default=2, show_default=True, help="Keras fit verbosity (0-2).")
-@db_option
+@run_options(64, "Write the comparison table (Markdown) to this file.")
 def cifar(db, results, rankers, seeds, verbose, **kwargs):
     """HRank on CIFAR: pretrain VGG16-BN, rank filters, prune and fine-tune."""
     from experiments.cifar_hrank import CifarConfig, comparison_table, run_cifar
@@ -118,6 +131,8 @@ def cifar(db, results, rankers, seeds, verbose, **kwargs):
     table = comparison_table(summaries)
     click.echo(table)
     if results:
+        from experiments.common import write_text
+
         write_text(results, cifar_results_markdown(cfg, table, summaries))
         click.echo(f"wrote {results}")
 
@@ -128,14 +143,6 @@ def cifar_results_markdown(cfg, table, summaries):
     return (f"# CIFAR pruning comparison\n\nRuns: {', '.join(str(s['run_id']) for s in summaries)} "
             f"in the experiment log.\n\n{table}\n\nConfig:\n\n```json\n"
             f"{json.dumps(config_dict(cfg), indent=1)}\n```\n")
-
-
-def write_text(path, text):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 # ------------------------------------------------------------------------ rice
@@ -168,18 +175,16 @@ def write_text(path, text):
               help="Pruning ratios, comma-separated; one pruned model each.")
 @click.option("--exclude", default="block5_conv3", show_default=True,
               help="Comma-separated conv layers left unpruned ('' for none).")
-@click.option("--round-to", type=int, default=1, show_default=True,
-              help="Round kept filter counts to a multiple of this (8 or 16 runs faster on most hardware).")
+@click.option("--round-to", type=int, default=16, show_default=True,
+              help="Round kept filter counts to a multiple of this (1: exactly int(ratio * filters) removed; "
+                   "odd counts can run slower than the unpruned model).")
 @click.option("--retrain", type=click.Choice(["head", "all"]), default="head", show_default=True,
               help="After pruning: retrain the head with the convs frozen, or everything.")
 @click.option("--retrain-epochs", type=int, default=30, show_default=True,
               help="Epochs of retraining after pruning.")
 @click.option("--out-dir", default=os.path.join("runs", "rice"), show_default=True,
               help="Where models and checkpoints go.")
-@click.option("--latency-batch", type=int, default=16, show_default=True, help="Batch size for latency.")
-@click.option("--results", default=None, help="Folder for the results table and plot (e.g. results/).")
-@click.option("-v", "--verbose", type=int, default=2, show_default=True, help="Keras fit verbosity (0-2).")
-@db_option
+@run_options(16, "Folder for the results table and plot (e.g. results/).")
 def rice(db, ratios, exclude, results, **kwargs):
     """Rice varieties: VGG16 transfer learning, then pruning and retraining."""
     from experiments.rice import RiceConfig, run_rice
@@ -445,6 +450,8 @@ def logs_export(table, fmt, output, db):
     if output == "-":
         click.echo(buf.getvalue(), nl=False)
     else:
+        from experiments.common import write_text
+
         write_text(output, buf.getvalue())
         click.echo(f"wrote {len(rows)} rows to {output}", err=True)
 

@@ -42,6 +42,16 @@ def save_model(model, path):
     return path
 
 
+def write_text(path, text):
+    """Writes a text file through a temporary name (never half a file); returns the path."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+    return path
+
+
 def measure(model, latency_batch=32, latency_runs=10):
     """Params, MACs and inference latency of `model` as run fields."""
     stats = model_stats(model)

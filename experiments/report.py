@@ -5,6 +5,8 @@ import os
 
 import matplotlib
 
+from experiments.common import config_dict, write_text
+
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
@@ -41,10 +43,16 @@ def accuracy_plot(runs, title, path):
                 xs, ys = zip(*pts)
                 ax.scatter(xs, ys, label=label, s=36, marker="*" if label == "baseline" else "o")
         ax.set_xlabel(name)
+        if key != "latency_ms":
+            ax.ticklabel_format(axis="x", style="sci", scilimits=(0, 0))
         ax.set_ylabel("test top-1 accuracy")
         ax.grid(alpha=0.3)
     axes[0].legend()
     fig.suptitle(title)
+    return _save(fig, path)
+
+
+def _save(fig, path):
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -65,38 +73,35 @@ def epoch_time_plot(log, runs, path):
     ax.barh([n for n, _ in rows], [s for _, s in rows], color="#4c72b0")
     ax.set_xlabel("mean seconds per epoch")
     ax.invert_yaxis()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def layers_kept_plot(log, runs, path):
-    """Fraction of filters kept per layer for every pruned run."""
-    series = []
+    """Fraction of filters kept per layer for every pruned run, one panel per experiment."""
+    panels = {}
     for r in runs:
         rows = log.layer_prunes(r["id"])
         if rows:
             kept = {}
             for p in rows:  # a layer pruned in several steps keeps its last count
                 kept[p["layer"]] = (p["filters_before"], p["filters_after"])
-            series.append((f"#{r['id']} {r['experiment']} {_label(r)}", kept))
-    if not series:
+            label = f"#{r['id']} {_label(r)} {_v(r['pruning_ratio'], 'g')}"
+            panels.setdefault(r["experiment"], []).append((label, kept))
+    if not panels:
         return None
-    fig, ax = plt.subplots(figsize=(10, 4.5))
-    for name, kept in series:
-        layers = list(kept)
-        ax.plot(range(len(layers)), [a / b for b, a in kept.values()], marker="o", label=name)
-    ax.set_xticks(range(len(layers)))
-    ax.set_xticklabels(layers, rotation=60, ha="right", fontsize=8)
-    ax.set_ylabel("filters kept / filters before")
-    ax.set_ylim(0, 1.05)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    fig, axes = plt.subplots(len(panels), 1, figsize=(10, 4.2 * len(panels)), squeeze=False)
+    for ax, (experiment, series) in zip(axes[:, 0], sorted(panels.items())):
+        layers = list(dict.fromkeys(name for _, kept in series for name in kept))
+        for label, kept in series:
+            ax.plot([layers.index(n) for n in kept], [a / b for b, a in kept.values()], marker="o", label=label)
+        ax.set_xticks(range(len(layers)))
+        ax.set_xticklabels(layers, rotation=60, ha="right", fontsize=8)
+        ax.set_ylabel("filters kept / before")
+        ax.set_title(experiment)
+        ax.set_ylim(0, 1.05)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, ncol=2)
+    return _save(fig, path)
 
 
 def write_report(log, out_dir):
@@ -111,25 +116,21 @@ def write_report(log, out_dir):
         scored = [r for r in exp_runs if r["test_top1"] is not None]
         if scored:
             png = accuracy_plot(scored, f"{experiment}: accuracy against size and speed",
-                                os.path.join(out_dir, f"{experiment}_accuracy.png"))
+                                os.path.join(out_dir, f"report_{experiment}_accuracy.png"))
             written.append(png)
             sections.append(f"![accuracy]({os.path.basename(png)})\n")
-    for fn, name, caption in ((epoch_time_plot, "epoch_times.png", "Seconds per epoch"),
-                              (layers_kept_plot, "layers_kept.png", "Filters kept per layer")):
+    for fn, name, caption in ((epoch_time_plot, "report_epoch_times.png", "Seconds per epoch"),
+                              (layers_kept_plot, "report_layers_kept.png", "Filters kept per layer")):
         png = fn(log, runs, os.path.join(out_dir, name))
         if png:
             written.append(png)
             sections.append(f"## {caption}\n\n![{caption}]({name})\n")
-    md = os.path.join(out_dir, "report.md")
-    with open(md + ".tmp", "w") as f:
-        f.write("\n".join(sections))
-    os.replace(md + ".tmp", md)
+    md = write_text(os.path.join(out_dir, "report.md"), "\n".join(sections))
     return [md, *written]
 
 
 def rice_results(cfg, summaries, out_dir):
     """rice_results.md (table + config) and rice_accuracy.png for one rice run."""
-    from experiments.common import config_dict
 
     os.makedirs(out_dir, exist_ok=True)
     lines = ["| run | pruning ratio | test accuracy | params | trainable | MACs | latency ms/batch | speed-up |",
@@ -137,12 +138,11 @@ def rice_results(cfg, summaries, out_dir):
     for s in summaries:
         lines.append(f"| {s['run_id']} | {s['ratio']:g} | {s['test_top1']:.4f} | {s['params']:,} | "
                      f"{s['trainable_params']:,} | {s['macs']:,} | {s['latency_ms']:.1f} | {s['speedup']:.2f}x |")
-    md = os.path.join(out_dir, "rice_results.md")
-    with open(md, "w") as f:
-        f.write(f"# Rice: transfer learning and pruning\n\nLatency: median of {cfg.latency_runs} calls on a "
+    md = write_text(os.path.join(out_dir, "rice_results.md"),
+                    f"# Rice: transfer learning and pruning\n\nLatency: median of {cfg.latency_runs} calls on a "
                 f"batch of {cfg.latency_batch} images of {cfg.image_size}x{cfg.image_size}.\n\n"
                 + "\n".join(lines) + "\n\n![accuracy](rice_accuracy.png)\n\nConfig:\n\n```json\n"
-                + json.dumps(config_dict(cfg), indent=1) + "\n```\n")
+                    + json.dumps(config_dict(cfg), indent=1) + "\n```\n")
     runs = [{**s, "ranker": None if s["ratio"] == 0 else f"{cfg.ranker} {s['ratio']:g}"} for s in summaries]
     png = accuracy_plot(runs, "rice: accuracy against size and speed", os.path.join(out_dir, "rice_accuracy.png"))
     return [md, png]

@@ -43,7 +43,7 @@ class RiceConfig:
     ranker: str = "l1"
     ratios: tuple = (0.05, 0.1, 0.2)
     exclude: tuple = ("block5_conv3",)
-    round_to: int = 1  # round kept filter counts to a multiple of this (1: exact int(ratio * n))
+    round_to: int = 16  # round kept filter counts to a multiple of this (1: exact int(ratio * n))
     retrain: str = "head"  # head: pruned convs frozen | all
     retrain_epochs: int = 30
     out_dir: str = os.path.join("runs", "rice")

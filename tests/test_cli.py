@@ -160,10 +160,10 @@ def test_report_writes_markdown_and_plots(tmp_path):
     r = CliRunner().invoke(cli, ["report", "--out-dir", str(out), "--db", db])
     assert r.exit_code == 0, r.output
     names = set(os.listdir(out))
-    assert {"report.md", "rice_accuracy.png", "epoch_times.png", "layers_kept.png"} <= names
+    assert {"report.md", "report_rice_accuracy.png", "report_epoch_times.png", "report_layers_kept.png"} <= names
     md = (out / "report.md").read_text()
     assert "| 2 | d | l1 | 0.5 |" in md and "0.8000" in md
-    assert (out / "rice_accuracy.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "report_rice_accuracy.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_rice_missing_folder_is_a_clear_error(tmp_path):
