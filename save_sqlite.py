@@ -18,12 +18,13 @@ import json
 import os
 import platform
 import sqlite3
-import time
 import traceback
 from contextlib import contextmanager
 
 import keras
 import sqlite_utils
+
+from pruning.callbacks import TimeHistory
 
 ENV_VAR = "PRUNING_DB"
 DEFAULT_DB = os.path.join("logs", "experiments.db")
@@ -264,20 +265,17 @@ class Run:
         self.finished = True
 
 
-class SQLiteLogger(keras.callbacks.Callback):
-    """Writes every epoch to the log as it ends: seconds, metrics and learning rate."""
+class SQLiteLogger(TimeHistory):
+    """A `TimeHistory` that also writes every epoch to the log as it ends: seconds,
+    metrics and learning rate."""
 
     def __init__(self, log, run_id, phase="train"):
         super().__init__()
         self.log, self.run_id, self.phase = log, run_id, phase
-        self._start = None
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self._start = time.perf_counter()
 
     def on_epoch_end(self, epoch, logs=None):
-        seconds = time.perf_counter() - self._start
-        self.log.log_epoch(self.run_id, self.phase, epoch, seconds, logs, lr=_current_lr(self.model))
+        super().on_epoch_end(epoch, logs)
+        self.log.log_epoch(self.run_id, self.phase, epoch, self.times[-1], logs, lr=_current_lr(self.model))
 
 
 def _current_lr(model):

@@ -108,8 +108,8 @@ def prune_logged(model, scores, ratio, run, exclude=(), ranker=None, round_to=1)
 
 
 def epoch_callbacks(run, phase, extra=()):
-    """TimeHistory + the log's per-epoch writer (+ extra callbacks)."""
-    return [TimeHistory(), *([run.callback(phase)] if run is not None else []), *extra]
+    """Per-epoch timing (the log's writer is a TimeHistory) + extra callbacks."""
+    return [run.callback(phase) if run is not None else TimeHistory(), *extra]
 
 
 def confusion_matrix(y_true, y_pred, num_classes):

@@ -80,7 +80,8 @@ def test_crash_inside_fit_marks_run_failed_and_keeps_epochs(tmp_path):
     with pytest.raises(RuntimeError, match="disk full"):
         with log.run("unit", model="dense", seed=7, config={"epochs": 5}) as run:
             # The logger runs before Boom, so epochs 0 and 1 are written before the crash.
-            model.fit(x, y, epochs=5, verbose=0, callbacks=[run.callback("train"), Boom()])
+            logger = run.callback("train")
+            model.fit(x, y, epochs=5, verbose=0, callbacks=[logger, Boom()])
     (row,) = log.runs()
     assert row["status"] == "failed" and "disk full" in row["error"]
     assert json.loads(row["config"]) == {"epochs": 5} and row["seed"] == 7
@@ -88,6 +89,7 @@ def test_crash_inside_fit_marks_run_failed_and_keeps_epochs(tmp_path):
     assert [e["epoch"] for e in epochs] == [0, 1]
     assert all(e["seconds"] > 0 and e["loss"] is not None and e["lr"] == pytest.approx(0.01)
                for e in epochs)
+    assert isinstance(logger, TimeHistory) and [e["seconds"] for e in epochs] == logger.times
 
 
 def test_interrupted_and_completed(tmp_path):
