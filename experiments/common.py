@@ -13,14 +13,9 @@ from pruning import CNNModel, PrunePlan, get_ranker, load_scores, measure_latenc
 from pruning.callbacks import TimeHistory
 
 
-def set_seed(seed, deterministic=False):
-    """Seeds Python, NumPy and TensorFlow; `deterministic` also asks TF for
-    deterministic kernels (slower on GPU, and some ops then refuse to run)."""
-    import tensorflow as tf
-
+def set_seed(seed):
+    """Seeds Python, NumPy and TensorFlow (the seed is recorded with every run)."""
     keras.utils.set_random_seed(int(seed))
-    if deterministic:
-        tf.config.experimental.enable_op_determinism()
 
 
 def config_dict(cfg):

@@ -161,3 +161,21 @@ def test_weights_file_path_and_bad_weights(tmp_path):
     assert CNNModel(model).conv("block5_conv3").prunable
     with pytest.raises(ValueError, match="Expected weights in .*Received: weights='imagnet'"):
         vgg16_base((32, 32, 3), "imagnet")
+
+
+@pytest.mark.skipif(not os.path.isdir(RICE_DIR), reason=f"shared rice images not found at {RICE_DIR}")
+def test_rice_pipeline_on_shared_images_with_augmentation_and_full_retraining(tmp_path):
+    db = str(tmp_path / "log.db")
+    r = CliRunner().invoke(cli, [
+        "rice", "--data-dir", RICE_DIR, "--limit-per-class", "8", "--weights", "none", "--image-size", "32",
+        "--head-epochs", "1", "--retrain-epochs", "1", "--ratios", "0.2", "--augment", "--retrain", "all",
+        "--round-to", "1", "--exclude", "", "--out-dir", str(tmp_path / "runs"), "-v", "0", "--db", db])
+    assert r.exit_code == 0, r.output
+    log = ExperimentLog(db)
+    base, pruned = log.runs("rice")
+    assert json.loads(base["config"])["split_sizes"] == [30, 5, 5]  # 8 per class: 6/1/1 x 5
+    assert {e["phase"] for e in log.epochs(pruned["id"])} == {"retrain_all"}
+    layers = {p["layer"]: p for p in log.layer_prunes(pruned["id"])}
+    assert layers["block5_conv3"]["filters_after"] == 512 - int(0.2 * 512)
+    model = keras.models.load_model(pruned["artifact"])
+    assert all(layer.trainable for layer in model.layers)
