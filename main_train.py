@@ -216,23 +216,22 @@ def load_keras_model(path):
         raise click.ClickException(f"Could not load {path!r} as a Keras model: {e}") from e
 
 
-def rank_data(model, data_dir, image_size, batch_size, limit):
-    """Batches of VGG-preprocessed images from a class folder (for data-driven rankers)."""
+def rank_data(model, data_dir, image_size, batch_size, limit, preprocess):
+    """Batches of preprocessed images from a class folder (for data-driven rankers)."""
     if not data_dir:
         return None
-    import keras
-
-    from experiments.data import folder_dataset, list_image_folder
+    from experiments.data import folder_dataset, list_image_folder, preprocessing
 
     paths, labels, _ = list_image_folder(data_dir, limit)
     size = image_size or model.inputs[0].shape[1]
-    return folder_dataset(paths, labels, size, batch_size, preprocess=keras.applications.vgg16.preprocess_input)
+    return folder_dataset(paths, labels, size, batch_size, preprocess=preprocessing(preprocess))
 
 
-def scores_for(model, ranker, data_dir, image_size, batch_size, limit, rank_batches, seed, ranks_dir=None):
+def scores_for(model, ranker, data_dir, image_size, batch_size, limit, rank_batches, seed, preprocess,
+               ranks_dir=None):
     from experiments.common import compute_scores
 
-    data = rank_data(model, data_dir, image_size, batch_size, limit)
+    data = rank_data(model, data_dir, image_size, batch_size, limit, preprocess)
     from pruning import get_ranker
 
     if get_ranker(ranker).needs_data and data is None:
@@ -246,6 +245,9 @@ def ranking_options(fn):
     for opt in reversed([
         click.option("--ranker", default="l1", show_default=True, help="l1, l2, random, hrank, ..."),
         click.option("--data-dir", default=None, help="Images (<class>/*.jpg) for data-driven rankers (hrank)."),
+        click.option("--preprocess", type=click.Choice(["vgg16", "cifar10", "cifar100", "unit", "none"]),
+                     default="vgg16", show_default=True,
+                     help="The input transform the model was trained with (rice: vgg16; CIFAR: cifar10/100)."),
         click.option("--image-size", type=int, default=None, help="Resize images to this (default: model input)."),
         click.option("--batch-size", type=int, default=32, show_default=True, help="Images per ranking batch."),
         click.option("--limit-per-class", type=int, default=None, help="Use at most this many images per class."),
@@ -268,7 +270,7 @@ def ranking_options(fn):
               help="Round kept filter counts to a multiple of this (8 or 16 runs faster on most hardware).")
 @click.option("--save-plan", default=None, help="Also write the plan as JSON (replay it with --plan).")
 @db_option
-def prune(model_path, ranker, data_dir, image_size, batch_size, limit_per_class, rank_batches, seed,
+def prune(model_path, ranker, data_dir, preprocess, image_size, batch_size, limit_per_class, rank_batches, seed,
           ratio, plan_path, exclude, output, round_to, save_plan, db):
     """Prune any .keras model with a ranker and ratio (or a plan file)."""
     from experiments.common import save_model
@@ -290,7 +292,7 @@ def prune(model_path, ranker, data_dir, image_size, batch_size, limit_per_class,
             for name in excluded:
                 cnn.conv(name)
             scores = scores_for(model, ranker, data_dir, image_size, batch_size, limit_per_class,
-                                rank_batches, seed)
+                                rank_batches, seed, preprocess)
             plan = PrunePlan.from_scores(cnn, scores, ratio, exclude=excluded, meta={"ranker": ranker},
                                          round_to=round_to)
         pruned = prune_model(cnn, plan)
@@ -316,14 +318,15 @@ def prune(model_path, ranker, data_dir, image_size, batch_size, limit_per_class,
 @click.argument("model_path")
 @ranking_options
 @click.option("--out-dir", required=True, help="Folder for rank_conv{i}.npy files (1-based conv order).")
-def rank(model_path, ranker, data_dir, image_size, batch_size, limit_per_class, rank_batches, seed, out_dir):
+def rank(model_path, ranker, data_dir, preprocess, image_size, batch_size, limit_per_class, rank_batches, seed,
+         out_dir):
     """Score every conv's filters and save them as rank_conv{i}.npy."""
     from pruning import CNNModel
 
     model = load_keras_model(model_path)
     try:
         scores = scores_for(model, ranker, data_dir, image_size, batch_size, limit_per_class, rank_batches,
-                            seed, ranks_dir=out_dir)
+                            seed, preprocess, ranks_dir=out_dir)
     except ValueError as e:
         fail(e)
     for conv in CNNModel(model).conv_layers:

@@ -80,6 +80,27 @@ def stratified_split(labels, fractions=(0.7, 0.15, 0.15), seed=0):
     return tuple(np.sort(np.asarray(p, np.int64)) for p in parts)
 
 
+PREPROCESSING = ("vgg16", "cifar10", "cifar100", "unit", "none")
+
+
+def preprocessing(name):
+    """The input transform a model was trained with, on RGB batches in [0, 255]:
+    vgg16 (BGR minus the ImageNet mean, as the rice models), cifar10 / cifar100 (per-
+    channel mean and std, as the CIFAR models), unit ([0, 1]) or none."""
+    if name == "vgg16":
+        import keras
+
+        return keras.applications.vgg16.preprocess_input
+    if name in CIFAR_STATS:
+        mean, std = (tf.constant(v, tf.float32) * 255.0 for v in CIFAR_STATS[name])
+        return lambda x: (x - mean) / std
+    if name == "unit":
+        return lambda x: x / 255.0
+    if name == "none":
+        return None
+    raise ValueError(f"Expected preprocessing in {PREPROCESSING}. Received: preprocess={name!r}")
+
+
 def load_image(path, image_size):
     """Decoded RGB image resized to (image_size, image_size), float32 in [0, 255]."""
     img = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)

@@ -107,7 +107,7 @@ def test_rank_hrank_on_images(model_file, tmp_path):
     out = tmp_path / "ranks"
     r = CliRunner().invoke(cli, ["rank", model_file, "--ranker", "hrank", "--out-dir", str(out),
                                  "--data-dir", SAMPLE_RICE, "--limit-per-class", "2", "--batch-size", "5",
-                                 "--rank-batches", "2"])
+                                 "--rank-batches", "2", "--preprocess", "cifar10"])
     assert r.exit_code == 0, r.output
     scores = np.load(out / "rank_conv1.npy")
     assert scores.shape == (8,) and np.all((scores >= 0) & (scores <= 16))

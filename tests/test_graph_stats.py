@@ -57,3 +57,17 @@ def test_time_history_records_each_epoch():
     cb = TimeHistory()
     model.fit(np.zeros((8, 2)), np.zeros(8), epochs=3, verbose=0, callbacks=[cb])
     assert len(cb.times) == 3 and all(t > 0 for t in cb.times)
+
+
+def test_preprocessing_choices():
+    import pytest
+
+    from experiments.data import preprocessing
+
+    x = np.full((1, 2, 2, 3), 255.0, "float32")
+    mean, std = CIFAR_STATS["cifar100"]
+    np.testing.assert_allclose(preprocessing("cifar100")(x)[0, 0, 0], (1 - np.array(mean)) / np.array(std), rtol=1e-5)
+    np.testing.assert_allclose(preprocessing("unit")(x), 1.0)
+    assert preprocessing("none") is None
+    with pytest.raises(ValueError, match="Expected preprocessing in .*Received: preprocess='imagenet'"):
+        preprocessing("imagenet")
