@@ -208,15 +208,14 @@ def test_subclassed_and_unbuilt_models_get_clear_errors():
         CNNModel(Custom())
 
 
-def test_pruned_vgg_is_faster_than_the_original():
+def test_pruned_vgg_is_physically_smaller():
+    """Speed is measured by benchmarks/latency.py (results/latency_vgg16.md), not by a timed test."""
     from experiments.models import vgg16_bn_cifar
-    from pruning import measure_latency
 
     model = vgg16_bn_cifar(10, width=0.5)
     cnn = CNNModel(model)
     pruned = prune(cnn, PrunePlan.from_scores(cnn, get_ranker("l1").rank_all(cnn), 0.7))
-    t0 = measure_latency(model, batch_size=32, runs=5)["ms_per_batch"]
-    t1 = measure_latency(pruned, batch_size=32, runs=5)["ms_per_batch"]
-    # 0.7 removes ~91% of the MACs; a physically smaller model must be clearly faster.
+    # 0.7 keeps 30% of each conv's filters: about 9% of the conv MACs remain.
     assert model_stats(pruned)["macs"] < 0.15 * model_stats(model)["macs"]
-    assert t1 < 0.8 * t0
+    assert [w.shape for w in pruned.get_layer("conv1").get_weights()] == [(3, 3, 3, 10), (10,)]
+    assert pruned.get_layer("linear1").get_weights()[0].shape == (77, 256)
