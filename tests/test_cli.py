@@ -178,3 +178,17 @@ def test_cifar_bad_compress_rate(tmp_path):
     assert r.exit_code != 0 and "Expected one compress rate or 13" in r.output
     r = CliRunner().invoke(cli, ["cifar", "--ranker", "magic", "--db", str(tmp_path / "l.db")])
     assert r.exit_code != 0 and "Unknown ranker: 'magic'" in r.output
+
+
+def test_rice_failure_mid_run_is_logged_as_failed(tmp_path, monkeypatch):
+    def offline(*args, **kwargs):
+        raise Exception("URL fetch failure: Name or service not known")
+
+    monkeypatch.setattr("keras.src.applications.vgg16.file_utils.get_file", offline)
+    db = str(tmp_path / "l.db")
+    r = CliRunner().invoke(cli, ["rice", "--weights", "imagenet", "--image-size", "32", "--db", db,
+                                 "--out-dir", str(tmp_path / "runs")])
+    assert r.exit_code == 1 and "Could not download the ImageNet VGG16 weights" in r.output
+    assert "Traceback" not in r.output
+    (run,) = ExperimentLog(db).runs("rice")
+    assert run["status"] == "failed" and "ImageNet" in run["error"]

@@ -179,3 +179,13 @@ def test_rice_pipeline_on_shared_images_with_augmentation_and_full_retraining(tm
     assert layers["block5_conv3"]["filters_after"] == 512 - int(0.2 * 512)
     model = keras.models.load_model(pruned["artifact"])
     assert all(layer.trainable for layer in model.layers)
+
+
+def test_imagenet_download_failure_is_a_clear_error(monkeypatch):
+    def offline(*args, **kwargs):
+        raise Exception("URL fetch failure: Name or service not known")
+
+    monkeypatch.setattr(keras.utils, "get_file", offline)
+    monkeypatch.setattr("keras.src.applications.vgg16.file_utils.get_file", offline)
+    with pytest.raises(ValueError, match="Could not download the ImageNet VGG16 weights.*weights='hed'"):
+        vgg16_base((32, 32, 3), "imagenet")
