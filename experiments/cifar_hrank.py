@@ -58,6 +58,9 @@ class CifarConfig:
     def validate(self):
         if self.image_dir is None and self.dataset not in CIFAR_STATS:
             raise ValueError(f"Expected dataset in {tuple(CIFAR_STATS)}. Received: dataset={self.dataset!r}")
+        if self.image_dir is not None and not os.path.isdir(self.image_dir):
+            raise ValueError(f"Data folder not found: {self.image_dir!r}. Expected a folder of "
+                             "{train,test}/<class>/<image>.jpg")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"Expected schedule in {SCHEDULES}. Received: schedule={self.schedule!r}")
         rates = self.compress_rate

@@ -137,7 +137,14 @@ def load_cifar_tfds(name, split, data_dir=None, limit=None):
 
     if name not in CIFAR_STATS:
         raise ValueError(f"Expected dataset in {tuple(CIFAR_STATS)}. Received: dataset={name!r}")
-    ds = tfds.load(name, split=split, data_dir=data_dir, as_supervised=True)
+    try:
+        ds = tfds.load(name, split=split, data_dir=data_dir, as_supervised=True)
+    except Exception as e:  # tfds raises download, network and file errors of many types
+        raise ValueError(
+            f"Could not load {name}/{split} with tensorflow_datasets ({type(e).__name__}: {e}). It downloads "
+            "the data on first use; without internet pass --image-dir with {train,test}/<class>/*.jpg, or "
+            "--data-dir pointing at a tfds folder that already holds it."
+        ) from e
     if limit is not None:
         ds = ds.take(int(limit))
     images, labels = [], []

@@ -192,3 +192,10 @@ def test_rice_failure_mid_run_is_logged_as_failed(tmp_path, monkeypatch):
     assert "Traceback" not in r.output
     (run,) = ExperimentLog(db).runs("rice")
     assert run["status"] == "failed" and "ImageNet" in run["error"]
+
+
+def test_cifar_missing_image_dir_fails_before_any_run(tmp_path):
+    db = str(tmp_path / "l.db")
+    r = CliRunner().invoke(cli, ["cifar", "--image-dir", str(tmp_path / "nope"), "--db", db])
+    assert r.exit_code != 0 and "Data folder not found" in r.output and "Traceback" not in r.output
+    assert ExperimentLog(db).runs() == []
