@@ -60,6 +60,17 @@ def fail(e):
     raise click.ClickException(str(e)) from e
 
 
+def run_experiment(run_fn, cfg, db):
+    """Runs an experiment; a ValueError (bad config before any run, or bad data or weights
+    found mid-run, whose run is then already marked failed) becomes a one-line error."""
+    from save_sqlite import ExperimentLog
+
+    try:
+        return run_fn(cfg, ExperimentLog(db), progress=progressbar, echo=click.echo)
+    except ValueError as e:
+        fail(e)
+
+
 @click.group(context_settings=CONTEXT)
 @click.version_option(package_name="keras-pruning-toolkit")
 def cli():
@@ -120,17 +131,9 @@ def cli():
 def cifar(db, results, rankers, seeds, verbose, **kwargs):
     """HRank on CIFAR: pretrain VGG16-BN, rank filters, prune and fine-tune."""
     from experiments.cifar_hrank import CifarConfig, comparison_table, run_cifar
-    from save_sqlite import ExperimentLog
 
     cfg = CifarConfig(rankers=tuple(rankers), seeds=tuple(seeds), verbose=verbose, **kwargs)
-    try:
-        cfg.validate()
-    except ValueError as e:
-        fail(e)
-    try:
-        summaries = run_cifar(cfg, ExperimentLog(db), progress=progressbar, echo=click.echo)
-    except ValueError as e:  # bad data or weights found mid-run; the run is already marked failed
-        fail(e)
+    summaries = run_experiment(run_cifar, cfg, db)
     table = comparison_table(summaries)
     click.echo(table)
     if results:
@@ -191,18 +194,10 @@ def cifar_results_markdown(cfg, table, summaries):
 def rice(db, ratios, exclude, results, **kwargs):
     """Rice varieties: VGG16 transfer learning, then pruning and retraining."""
     from experiments.rice import RiceConfig, run_rice
-    from save_sqlite import ExperimentLog
 
     ratios = ratios if isinstance(ratios, list) else [ratios]
     cfg = RiceConfig(ratios=tuple(ratios), exclude=tuple(e for e in exclude.split(",") if e), **kwargs)
-    try:
-        cfg.validate()
-    except ValueError as e:
-        fail(e)
-    try:
-        summaries = run_rice(cfg, ExperimentLog(db), progress=progressbar, echo=click.echo)
-    except ValueError as e:  # bad data or weights found mid-run; the run is already marked failed
-        fail(e)
+    summaries = run_experiment(run_rice, cfg, db)
     if results:
         from experiments.report import rice_results
 
