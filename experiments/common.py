@@ -22,28 +22,34 @@ def config_dict(cfg):
     return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
 
 
-def save_model(model, path):
-    """Saves a `.keras` file through a temporary name, so a crash never leaves half a file."""
+@contextlib.contextmanager
+def atomic_path(path, suffix):
+    """Yields a temporary path beside `path` that replaces it once the block succeeds,
+    so a crash never leaves half a file."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".keras", dir=folder)
+    fd, tmp = tempfile.mkstemp(suffix=suffix, dir=folder)
     os.close(fd)
     try:
-        model.save(tmp)
+        yield tmp
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def save_model(model, path):
+    """Saves a `.keras` file atomically; returns the path."""
+    with atomic_path(path, ".keras") as tmp:
+        model.save(tmp)
     return path
 
 
 def write_text(path, text):
-    """Writes a text file through a temporary name (never half a file); returns the path."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    """Writes a text file atomically; returns the path."""
+    with atomic_path(path, ".tmp") as tmp:
+        with open(tmp, "w") as f:
+            f.write(text)
     return path
 
 

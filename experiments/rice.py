@@ -14,11 +14,12 @@ import keras
 import numpy as np
 
 from experiments import common
-from experiments.data import drop_unreadable, folder_dataset, list_image_folder, stratified_split
+from experiments.data import drop_unreadable, folder_dataset, list_image_folder, preprocessing, stratified_split
 from experiments.models import rice_classifier
 from pruning import check_ratio, inline
 
 HEAD_LAYERS = ("features", "fc1", "dropout", "predictions")
+SPLITS = ("train", "val", "test")
 RETRAIN_CHOICES = ("head", "all")
 
 
@@ -73,33 +74,32 @@ def _flip(x):
 
 
 class RiceData:
-    """Files, split and pipelines; decoded images are cached once per split."""
+    """Files, split and pipelines: `ordered` batches of each split (for features and
+    evaluation) and `train`, shuffled (and augmented with --augment), for fitting."""
 
     def __init__(self, cfg):
         paths, labels, self.class_names = list_image_folder(cfg.data_dir, cfg.limit_per_class, cfg.seed)
         self.paths, self.labels, self.unreadable = drop_unreadable(paths, labels)
         self.split = stratified_split(self.labels, cfg.split, cfg.seed)
-        pre = keras.applications.vgg16.preprocess_input  # RGB [0, 255] -> BGR minus ImageNet mean
-        self.ds = {}
-        for name, idx in zip(("train", "val", "test"), self.split):
+        pre = preprocessing("vgg16")  # RGB [0, 255] -> BGR minus the ImageNet mean
+        self.ordered = {}
+        for name, idx in zip(SPLITS, self.split):
             if len(idx) == 0:
                 raise ValueError(f"The {name} split is empty: {len(self.paths)} images are too few "
                                  f"for fractions {tuple(cfg.split)}.")
-            train = name == "train"
-            self.ds[name] = folder_dataset(
-                [self.paths[i] for i in idx], self.labels[idx], cfg.image_size, cfg.batch_size,
-                preprocess=pre, shuffle=train, seed=cfg.seed,
-                augment=_flip if (train and cfg.augment) else None)
-        self.ordered = {name: folder_dataset([self.paths[i] for i in idx], self.labels[idx],
-                                             cfg.image_size, cfg.batch_size, preprocess=pre)
-                        for name, idx in zip(("train", "val", "test"), self.split)}
+            self.ordered[name] = folder_dataset([self.paths[i] for i in idx], self.labels[idx],
+                                                cfg.image_size, cfg.batch_size, preprocess=pre)
+        idx = self.split[0]
+        self.train = folder_dataset([self.paths[i] for i in idx], self.labels[idx], cfg.image_size,
+                                    cfg.batch_size, preprocess=pre, shuffle=True, seed=cfg.seed,
+                                    augment=_flip if cfg.augment else None)
 
     @property
     def num_classes(self):
         return len(self.class_names)
 
     def y(self, name):
-        return self.labels[self.split[("train", "val", "test").index(name)]]
+        return self.labels[self.split[SPLITS.index(name)]]
 
 
 def callbacks(cfg, run, phase, checkpoint):
@@ -152,7 +152,7 @@ def train(model, trainable, cfg, data, run, phase, out, lr, epochs):
     first = next(l.name for l in model.layers if l.trainable and l.weights)
     if cfg.augment or _layer_input(model, first) is model.inputs[0]:
         compile_for(model, lr)
-        model.fit(data.ds["train"], validation_data=data.ds["val"], epochs=epochs, verbose=cfg.verbose,
+        model.fit(data.train, validation_data=data.ordered["val"], epochs=epochs, verbose=cfg.verbose,
                   callbacks=cbs)
         return
     prefix = keras.Model(model.inputs, _layer_input(model, first))
