@@ -257,9 +257,6 @@ class Run:
     def callback(self, phase="train"):
         return SQLiteLogger(self.log, self.id, phase)
 
-    def update(self, **fields):
-        self.log.update_run(self.id, **fields)
-
     def finish(self, **fields):
         self.log.finish_run(self.id, "completed", **fields)
         self.finished = True

@@ -81,10 +81,6 @@ class Call:
     outputs: list
     aliases: dict  # id(KerasTensor in node.arguments) -> canonical key
 
-    @property
-    def name(self):
-        return self.layer.name
-
 
 @dataclass
 class ConvLayer:

@@ -158,13 +158,6 @@ class PrunePlan:
                     )
 
     # ---------------------------------------------------------------- views
-    def ratios(self):
-        """{name: fraction of filters removed} for the layers this plan prunes."""
-        return {n: 1 - len(k) / self.filters[n] for n, k in self.keep.items() if n in self.filters}
-
-    def is_empty(self):
-        return all(len(k) == self.filters.get(n, len(k)) for n, k in self.keep.items())
-
     def __repr__(self):
         parts = [f"{n}: {len(k)}/{self.filters.get(n, '?')}" for n, k in self.keep.items()]
         return f"PrunePlan({', '.join(parts)})"
