@@ -18,6 +18,7 @@ from experiments import common
 from experiments.data import CIFAR_STATS, cifar_dataset, load_cifar_folder, load_cifar_tfds
 from experiments.models import VGG16_BLOCKS, vgg16_bn_cifar
 from pruning import CNNModel, check_ratio
+from pruning.plan import resolve_ratios
 
 SCHEDULES = ("blockwise", "oneshot")
 
@@ -137,16 +138,9 @@ def fit(model, cfg, train_ds, test_ds, epochs, schedule_fn, run, phase):
               callbacks=common.epoch_callbacks(run, phase))
 
 
-def rates_by_layer(model, compress_rate):
-    names = [c.name for c in CNNModel(model).conv_layers]
-    if isinstance(compress_rate, (list, tuple)):
-        return dict(zip(names, (float(r) for r in compress_rate)))
-    return {n: float(compress_rate) for n in names}
-
-
 def prune_and_finetune(model, scores, cfg, ranker, train_ds, test_ds, run):
     """Applies the schedule; returns the pruned, fine-tuned model."""
-    rates = rates_by_layer(model, cfg.compress_rate)
+    rates = resolve_ratios(CNNModel(model), cfg.compress_rate)  # {conv name: rate}, model order
     names = list(rates)
     if cfg.schedule == "oneshot":
         model, _ = common.prune_logged(model, scores, rates, run, ranker=ranker, round_to=cfg.round_to)
