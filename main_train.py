@@ -39,6 +39,17 @@ def run_options(latency_batch, results_help):
     return decorate
 
 
+def round_to_option(default):
+    return click.option("--round-to", type=int, default=default, show_default=True,
+                        help="Round kept filter counts to a multiple of this (1: exactly int(ratio * filters) "
+                             "removed; odd counts can run slower than the unpruned model, 8 or 16 run fast).")
+
+
+def comma_list(ctx, param, value):
+    """'a,b' -> ('a', 'b'); '' -> ()."""
+    return tuple(v for v in (value or "").replace(" ", "").split(",") if v)
+
+
 def float_list(ctx, param, value):
     """'0.5' -> 0.5; '0.1,0.2' -> [0.1, 0.2]."""
     if value is None or isinstance(value, (float, list, tuple)):
@@ -110,8 +121,7 @@ def cli():
               help="Filter ranker (hrank, l1, l2, random, ...); repeat to compare several.")
 @click.option("--compress-rate", callback=float_list, default="0.5", show_default=True,
               help="Fraction of filters removed: one number for all 13 convs, or 13 comma-separated.")
-@click.option("--round-to", type=int, default=1, show_default=True,
-              help="Round kept filter counts to a multiple of this (8 or 16 runs faster on most hardware).")
+@round_to_option(1)
 @click.option("--rank-batches", type=int, default=20, show_default=True, help="Batches for HRank.")
 @click.option("--rank-batch-size", type=int, default=128, show_default=True,
               help="Images per HRank batch.")
@@ -179,11 +189,9 @@ def cifar_results_markdown(cfg, table, summaries):
 @click.option("--ranker", default="l1", show_default=True, help="Filter ranker (l1, l2, random, hrank, ...).")
 @click.option("--ratios", callback=float_list, default="0.05,0.1,0.2", show_default=True,
               help="Pruning ratios, comma-separated; one pruned model each.")
-@click.option("--exclude", default="block5_conv3", show_default=True,
+@click.option("--exclude", default="block5_conv3", show_default=True, callback=comma_list,
               help="Comma-separated conv layers left unpruned ('' for none).")
-@click.option("--round-to", type=int, default=16, show_default=True,
-              help="Round kept filter counts to a multiple of this (1: exactly int(ratio * filters) removed; "
-                   "odd counts can run slower than the unpruned model).")
+@round_to_option(16)
 @click.option("--retrain", type=click.Choice(["head", "all"]), default="head", show_default=True,
               help="After pruning: retrain the head with the convs frozen, or everything.")
 @click.option("--retrain-epochs", type=int, default=30, show_default=True,
@@ -196,7 +204,7 @@ def rice(db, ratios, exclude, results, **kwargs):
     from experiments.rice import RiceConfig, run_rice
 
     ratios = ratios if isinstance(ratios, list) else [ratios]
-    cfg = RiceConfig(ratios=tuple(ratios), exclude=tuple(e for e in exclude.split(",") if e), **kwargs)
+    cfg = RiceConfig(ratios=tuple(ratios), exclude=exclude, **kwargs)
     summaries = run_experiment(run_rice, cfg, db)
     if results:
         from experiments.report import rice_results
@@ -231,10 +239,9 @@ def rank_data(model, data_dir, image_size, batch_size, limit, preprocess):
 def scores_for(model, ranker, data_dir, image_size, batch_size, limit, rank_batches, seed, preprocess,
                ranks_dir=None):
     from experiments.common import compute_scores
-
-    data = rank_data(model, data_dir, image_size, batch_size, limit, preprocess)
     from pruning import get_ranker
 
+    data = rank_data(model, data_dir, image_size, batch_size, limit, preprocess)
     if get_ranker(ranker).needs_data and data is None:
         raise click.ClickException(f"The '{ranker}' ranker needs images: pass --data-dir.")
     scores, _ = compute_scores(model, ranker, data=data, ranks_dir=ranks_dir, seed=seed,
@@ -265,10 +272,9 @@ def ranking_options(fn):
 @click.option("--ratio", callback=float_list, default=None,
               help="Fraction of filters removed: one number, or one per conv comma-separated.")
 @click.option("--plan", "plan_path", default=None, help="A plan JSON (from --save-plan) instead of --ratio.")
-@click.option("--exclude", default="", help="Comma-separated conv layers to leave unpruned.")
+@click.option("--exclude", default="", callback=comma_list, help="Comma-separated conv layers to leave unpruned.")
 @click.option("--output", "-o", required=True, help="Where to write the pruned .keras model.")
-@click.option("--round-to", type=int, default=1, show_default=True,
-              help="Round kept filter counts to a multiple of this (8 or 16 runs faster on most hardware).")
+@round_to_option(1)
 @click.option("--save-plan", default=None, help="Also write the plan as JSON (replay it with --plan).")
 @db_option
 def prune(model_path, ranker, data_dir, preprocess, image_size, batch_size, limit_per_class, rank_batches, seed,
@@ -289,12 +295,11 @@ def prune(model_path, ranker, data_dir, preprocess, image_size, batch_size, limi
             plan = PrunePlan.load(plan_path)
             plan.validate(cnn)
         else:
-            excluded = [e for e in exclude.split(",") if e]
-            for name in excluded:
-                cnn.conv(name)
+            for name in exclude:
+                cnn.conv(name)  # fail on a bad name before a possibly long ranking
             scores = scores_for(model, ranker, data_dir, image_size, batch_size, limit_per_class,
                                 rank_batches, seed, preprocess)
-            plan = PrunePlan.from_scores(cnn, scores, ratio, exclude=excluded, meta={"ranker": ranker},
+            plan = PrunePlan.from_scores(cnn, scores, ratio, exclude=exclude, meta={"ranker": ranker},
                                          round_to=round_to)
         pruned = prune_model(cnn, plan)
     except ValueError as e:
