@@ -6,69 +6,27 @@ traces where every channel of every tensor comes from. That trace tells
 
 * which convolutions can be pruned (`CNNModel.conv_layers`),
 * which convolutions must share one filter selection because an `Add`-like layer
-  mixes their channels elementwise (`CNNModel.groups`),
+  mixes their channels elementwise (`CNNModel.groups`), and which filter of one
+  matches which filter of the other (`CNNModel.channel_group`),
 * which layers consume a convolution's channels (`ConvLayer.consumers`),
 * which layer stops a convolution from being pruned (`ConvLayer.blocked_by`).
 """
 
+import hashlib
 from dataclasses import dataclass, field
 
 import keras
 import numpy as np
 
-# A channel's origin is encoded as conv_index * _STRIDE + filter_index, or -1 when
-# the channel does not come from a prunable convolution (input pixels, Dense
-# outputs...). 2**24 filters per layer is far beyond any real network.
+from pruning.handlers import handler_for
+
+# A channel's origin is encoded as conv_index * _STRIDE + filter_index, or _NO_ORIGIN
+# when the channel does not come from a prunable convolution (input pixels, Dense
+# outputs...). 2**24 filters per layer is far beyond any real network. The encoding
+# is private to this module: handlers see the labels as opaque, and other modules
+# ask `CNNModel.channel_selector` / `CNNModel.channel_positions`.
 _STRIDE = 1 << 24
-NO_ORIGIN = -1
-
-CONV_CLASSES = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D)
-
-# Layers that act on each channel independently and hold no per-channel weights:
-# a channel selection passes through them unchanged.
-PASSTHROUGH_CLASSES = tuple(
-    getattr(keras.layers, name)
-    for name in (
-        "Activation", "ReLU", "LeakyReLU", "ELU", "Identity", "ActivityRegularization",
-        "Dropout", "SpatialDropout1D", "SpatialDropout2D", "SpatialDropout3D",
-        "GaussianNoise", "GaussianDropout", "AlphaDropout",
-        "MaxPooling1D", "MaxPooling2D", "MaxPooling3D",
-        "AveragePooling1D", "AveragePooling2D", "AveragePooling3D",
-        "GlobalAveragePooling1D", "GlobalAveragePooling2D", "GlobalAveragePooling3D",
-        "GlobalMaxPooling1D", "GlobalMaxPooling2D", "GlobalMaxPooling3D",
-        "ZeroPadding1D", "ZeroPadding2D", "ZeroPadding3D",
-        "Cropping1D", "Cropping2D", "Cropping3D",
-        "UpSampling1D", "UpSampling2D", "UpSampling3D",
-    )
-    if hasattr(keras.layers, name)
-)
-
-# Elementwise merges: channel i of every input meets channel i of the others, so
-# the convolutions feeding them must keep the same filter indices.
-ALIGNED_MERGE_CLASSES = (
-    keras.layers.Add, keras.layers.Subtract, keras.layers.Multiply,
-    keras.layers.Average, keras.layers.Maximum, keras.layers.Minimum,
-)
-
-
-def _is_conv(layer):
-    # Conv1D/2D/3D share the kernel layout (*spatial, in, out). Grouped
-    # convolutions and Conv*Transpose (kernel (*spatial, out, in)) are not.
-    return (
-        isinstance(layer, CONV_CLASSES)
-        and not isinstance(layer, (keras.layers.Conv2DTranspose, keras.layers.Conv1DTranspose,
-                                   keras.layers.Conv3DTranspose))
-        and getattr(layer, "groups", 1) == 1
-    )
-
-
-def is_producer(layer):
-    """True for layers whose output filters can be removed."""
-    return _is_conv(layer) or isinstance(layer, keras.layers.SeparableConv2D)
-
-
-def _channels_last(layer):
-    return getattr(layer, "data_format", "channels_last") == "channels_last"
+_NO_ORIGIN = -1
 
 
 @dataclass
@@ -106,21 +64,44 @@ class ConvLayer:
                 f"kernel_size={self.kernel_size}, {state})")
 
 
+@dataclass
+class ChannelGroup:
+    """Convolutions whose filters are tied by elementwise merges, and how.
+
+    Their filters fall into `n_classes` classes: filters in one class meet in some
+    `Add`/`Multiply` and must be kept or removed together. `classes[name][f]` is the
+    class of filter `f` of conv `name`. When a grouped convolution reads or makes
+    these channels, `segments[c]` is the group of class `c`, and every segment must
+    keep the same number of classes (None: no such constraint).
+    """
+
+    names: tuple
+    classes: dict
+    n_classes: int
+    segments: object = None
+
+
 class CNNModel:
     """A built Keras model seen as a graph of prunable convolutions.
 
     Args:
         model: a built `keras.Model` (Sequential, Functional, or nesting either).
+        allow_inexact: also pass channel selections through layers whose output then
+            changes, such as LayerNormalization over channels (listed in
+            `inexact_layers`); `prune` reports the measured change.
     """
 
-    def __init__(self, model):
+    def __init__(self, model, allow_inexact=False):
         if isinstance(model, CNNModel):
+            allow_inexact = allow_inexact or model.allow_inexact
             model = model.model
         if not isinstance(model, keras.Model):
             raise ValueError(
                 f"Expected a keras.Model. Received: model={model!r} of type {type(model).__name__}"
             )
         self.model = model
+        self.allow_inexact = bool(allow_inexact)
+        self.inexact_layers = []
         self.calls = []
         self.shapes = {}  # canonical key -> shape tuple (batch axis included)
         self._alias = {}
@@ -160,11 +141,6 @@ class CNNModel:
                     for outer_out, inner_out in zip(node.outputs, inner.outputs):
                         self._alias[id(outer_out)] = self._key(inner_out)
                     continue
-                if not isinstance(op, keras.layers.Layer):
-                    raise ValueError(
-                        f"Unsupported operation '{getattr(op, 'name', op)}' of class "
-                        f"{type(op).__name__}: only Keras layers can be rebuilt."
-                    )
                 aliases = {id(t): self._key(t) for t in node.arguments.keras_tensors}
                 call = Call(
                     layer=op,
@@ -179,108 +155,104 @@ class CNNModel:
 
     # ---------------------------------------------------------------- analyse
     def _analyse(self):
-        convs = []
-        origins = {k: np.full(self.shapes[k][-1], NO_ORIGIN, np.int64) for k in self.input_keys}
-        consumers = {}  # conv index -> set of layer names
-        blocked = {}  # conv index -> reason
-        parent = {}  # union-find over conv indices
-
-        def find(i):
-            while parent[i] != i:
-                parent[i] = parent[parent[i]]
-                i = parent[i]
-            return i
-
-        def sources(origin):
-            o = origin[origin >= 0]
-            return set((o // _STRIDE).tolist())
-
-        def block(conv_ids, reason):
-            for i in conv_ids:
-                blocked.setdefault(i, reason)
-
+        t = _Tracer(self)
+        origins = {k: np.full(self.shapes[k][-1], _NO_ORIGIN, np.int64) for k in self.input_keys}
         for call in self.calls:
-            layer = call.layer
             ins = [origins[k] for k in call.inputs]
-            fed = set().union(*(sources(o) for o in ins)) if ins else set()
-            for i in fed:
-                consumers.setdefault(i, set()).add(layer.name)
-            rule = channel_rule(layer, len(self.shapes[call.inputs[0]]) if call.inputs else 0)
-            if rule is None or (fed and not _channels_last(layer)):
-                if fed:
-                    block(fed, f"its channels reach layer '{layer.name}' of class "
-                               f"{type(layer).__name__}, which the rebuilder cannot slice")
-                outs = [np.full(self.shapes[k][-1], NO_ORIGIN, np.int64) for k in call.outputs]
-            elif rule == "aligned":
-                first = ins[0]
-                for other in ins[1:]:
-                    if other.shape != first.shape:
-                        raise ValueError(f"Layer '{layer.name}' merges tensors of different widths.")
-                    for a, b in zip(first, other):
-                        if (a < 0) != (b < 0):
-                            block(sources(np.array([a, b])),
-                                  f"layer '{layer.name}' adds its channels to channels that "
-                                  "cannot be pruned")
-                        elif a >= 0 and (a % _STRIDE) != (b % _STRIDE):
-                            block(sources(np.array([a, b])),
-                                  f"layer '{layer.name}' mixes filters of different indices")
-                        elif a >= 0:
-                            ra, rb = find(a // _STRIDE), find(b // _STRIDE)
-                            parent[rb] = ra
-                outs = [first.copy()]
-            elif rule == "concat":
-                outs = [np.concatenate(ins)]
-            elif rule == "flatten":
-                spatial = int(np.prod(self.shapes[call.inputs[0]][1:-1]))
-                outs = [np.tile(ins[0], spatial)]
-            elif rule == "depthwise":
-                outs = [np.repeat(ins[0], layer.depth_multiplier)]
-            elif rule == "passthrough":
-                outs = [ins[0].copy()]
-            elif rule == "producer":
-                i = len(convs)
-                convs.append(call)
-                parent[i] = i
-                filters = self.shapes[call.outputs[0]][-1]
-                outs = [i * _STRIDE + np.arange(filters, dtype=np.int64)]
-            else:  # "consumer": Dense and other weighted layers that absorb channels
-                outs = [np.full(self.shapes[k][-1], NO_ORIGIN, np.int64) for k in call.outputs]
+            outs = t.run(call, ins)
             for k, o in zip(call.outputs, outs):
                 origins[k] = o
-
         at_output = set()
         for k in self.output_keys:
             # The classifier is never pruned: channels that reach a model output stay.
-            at_output |= sources(origins[k])
-            block(sources(origins[k]), "its channels reach a model output")
+            at_output |= _sources(origins[k])
+            t.block(_sources(origins[k]), "its channels reach a model output")
+        self.origins = origins
+        self._finish(t, at_output)
 
-        groups = {}
-        for i in range(len(convs)):
-            groups.setdefault(find(i), []).append(i)
+    def _finish(self, t, at_output):
+        convs, blocked = t.convs, t.blocked
+        n = len(convs)
+        roots = [np.array([t.find(i * _STRIDE + f) for f in range(t.filters[i])], np.int64)
+                 for i in range(n)]
+        # Convs are in one group when any of their channels are tied.
+        group_of = list(range(n))
+
+        def gfind(i):
+            while group_of[i] != i:
+                group_of[i] = group_of[group_of[i]]
+                i = group_of[i]
+            return i
+
+        first_conv = {}
+        for i in range(n):
+            for r in roots[i].tolist():
+                j = first_conv.setdefault(r, i)
+                if gfind(j) != gfind(i):
+                    group_of[gfind(i)] = gfind(j)
+        members = {}
+        for i in range(n):
+            members.setdefault(gfind(i), []).append(i)
+        class_of, n_classes, segments = {}, {}, {}
+        for g, ms in members.items():
+            index = {}
+            for i in ms:
+                class_of[i] = np.array([index.setdefault(r, len(index)) for r in roots[i].tolist()])
+            n_classes[g] = len(index)
+            # Grouped convolutions: label each class with its group (segment).
+            for ids, count, what in t.segments:
+                tracked = ids >= 0
+                if not tracked.any():
+                    continue
+                fed = _sources(ids)
+                if gfind(next(iter(fed))) != g:
+                    continue
+                reason = None
+                if not tracked.all() or len({gfind(i) for i in fed}) > 1:
+                    reason = f"{what} mixes channels of several groups of convs"
+                else:
+                    cls = np.array([index[t.find(int(c))] for c in ids])
+                    if len(set(cls.tolist())) != len(ids) or len(ids) != len(index) or \
+                            len(ids) % count:
+                        reason = f"{what} reads channels that cannot be split into {count} equal groups"
+                    else:
+                        labels = np.empty(len(index), np.int64)
+                        labels[cls] = np.arange(len(ids)) // (len(ids) // count)
+                        if g in segments and not np.array_equal(segments[g], labels):
+                            reason = f"{what} groups channels differently from another grouped conv"
+                        segments[g] = labels
+                if reason:
+                    t.block(fed, reason)
         # A blocked member blocks its whole group: the indices must stay aligned.
-        for members in groups.values():
-            culprit = next((i for i in members if i in blocked), None)
+        for ms in members.values():
+            culprit = next((i for i in ms if i in blocked), None)
             if culprit is not None:
-                for i in members:
+                for i in ms:
                     blocked.setdefault(i, f"it is tied to '{convs[culprit].layer.name}', "
                                           f"which cannot be pruned: {blocked[culprit]}")
 
-        self.origins = origins
         self.conv_layers = []
+        self._channel_groups = {}
         for i, call in enumerate(convs):
             layer = call.layer
-            members = groups[find(i)]
+            ms = members[gfind(i)]
             self.conv_layers.append(ConvLayer(
                 name=layer.name,
                 layer=layer,
                 index=i,
-                filters=int(self.shapes[call.outputs[0]][-1]),
-                kernel_size=tuple(layer.kernel_size),
-                consumers=sorted(consumers.get(i, ())),
-                group=tuple(convs[j].layer.name for j in members),
+                filters=t.filters[i],
+                kernel_size=tuple(getattr(layer, "kernel_size", ())),
+                consumers=sorted(t.consumers.get(i, ())),
+                group=tuple(convs[j].layer.name for j in ms),
                 blocked_by=blocked.get(i, ""),
-                feeds_output=bool(at_output & set(members)),
+                feeds_output=bool(at_output & set(ms)),
             ))
+        for g, ms in members.items():
+            names = tuple(convs[j].layer.name for j in ms)
+            info = ChannelGroup(names, {convs[j].layer.name: class_of[j] for j in ms},
+                                n_classes[g], segments.get(g))
+            for name in names:
+                self._channel_groups[name] = info
         self._conv_by_name = {c.name: c for c in self.conv_layers}
 
     # ------------------------------------------------------------------ query
@@ -345,6 +317,40 @@ class CNNModel:
         inputs = inputs if isinstance(inputs, (list, tuple)) else [inputs]
         return self.walk(inputs, lambda call, a, kw: call.layer(*a, **kw), output_keys)
 
+    def channel_group(self, name):
+        """The `ChannelGroup` of conv `name`: its tied convs and how their filters match."""
+        return self._channel_groups[self.conv(name).name]
+
+    def channel_selector(self, keep):
+        """A function: tensor key -> indices of its channels that survive `keep`
+        ({conv name: kept filter indices}), or None when all of them do."""
+        removed = [self.conv(n).index * _STRIDE +
+                   np.setdiff1d(np.arange(self.conv(n).filters), np.asarray(k, np.int64))
+                   for n, k in keep.items()]
+        removed = np.concatenate(removed) if removed else np.zeros(0, np.int64)
+
+        def kept(key):
+            mask = ~np.isin(self.origins[key], removed)
+            return None if mask.all() else np.nonzero(mask)[0]
+
+        return kept
+
+    def channel_positions(self, key, name, filters):
+        """Positions in tensor `key` of the channels made by `filters` of conv `name`."""
+        conv = self.conv(name)
+        ids = conv.index * _STRIDE + np.asarray(filters, np.int64)
+        return np.nonzero(np.isin(self.origins[key], ids))[0]
+
+    @property
+    def fingerprint(self):
+        """A short hash of the convolutions' names, filter counts and kernel shapes:
+        two models with the same fingerprint accept the same plans."""
+        text = ";".join(
+            f"{c.name}:{c.filters}:{tuple(c.layer.kernel.shape) if hasattr(c.layer, 'kernel') else ()}"
+            for c in self.conv_layers
+        )
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
     def summary(self):
         rows = [f"{'#':>3} {'layer':<24} {'filters':>7} {'kernel':<10} status"]
         for c in self.conv_layers:
@@ -352,27 +358,6 @@ class CNNModel:
             status = "prunable" + tied if c.prunable else f"blocked: {c.blocked_by}"
             rows.append(f"{c.index:>3} {c.name:<24} {c.filters:>7} {str(c.kernel_size):<10} {status}")
         return "\n".join(rows)
-
-
-def channel_rule(layer, ndim):
-    """How a layer maps channels from its `ndim`-rank input to its outputs (None: unsupported)."""
-    if is_producer(layer):
-        return "producer"
-    if isinstance(layer, keras.layers.DepthwiseConv2D):
-        return "depthwise"
-    if isinstance(layer, keras.layers.BatchNormalization):
-        return "passthrough" if layer.axis in (-1, ndim - 1) else None
-    if isinstance(layer, PASSTHROUGH_CLASSES):
-        return "passthrough"
-    if isinstance(layer, keras.layers.Flatten):
-        return "flatten"
-    if isinstance(layer, keras.layers.Concatenate):
-        return "concat" if layer.axis in (-1, ndim - 1) else None
-    if isinstance(layer, ALIGNED_MERGE_CLASSES):
-        return "aligned"
-    if isinstance(layer, keras.layers.Dense):
-        return "consumer"
-    return None
 
 
 def _functional(model):
@@ -391,3 +376,121 @@ def _functional(model):
             "Sequential and Functional models (nested or not) have a graph to prune."
         )
     return model
+
+
+def _sources(origin):
+    """Indices of the convs that made the channels labelled `origin`."""
+    o = origin[origin >= 0]
+    return set((o // _STRIDE).tolist())
+
+
+class _Tracer:
+    """Runs every call's handler over channel labels, collecting convs, ties,
+    grouped-conv constraints and the reasons convs cannot be pruned."""
+
+    def __init__(self, cnn):
+        self.cnn = cnn
+        self.convs, self.filters = [], []
+        self.parent = {}  # union-find over channel labels
+        self.blocked = {}  # conv index -> reason
+        self.consumers = {}  # conv index -> set of layer names
+        self.segments = []  # (labels, groups, what)
+
+    def find(self, c):
+        parent = self.parent
+        root = c
+        while parent.get(root, root) != root:
+            root = parent[root]
+        while parent.get(c, c) != root:
+            parent[c], c = root, parent[c]
+        return root
+
+    def block(self, conv_ids, reason):
+        for i in conv_ids:
+            self.blocked.setdefault(i, reason)
+
+    def run(self, call, ins):
+        for i in set().union(*(_sources(o) for o in ins)) if ins else ():
+            self.consumers.setdefault(i, set()).add(call.layer.name)
+        ctx = _Context(self, call, ins)
+        outs = handler_for(call.layer).channels(call.layer, ctx)
+        if len(outs) != len(call.outputs) or any(
+                len(o) != ctx.out_shapes[j][-1] for j, o in enumerate(outs)):
+            raise ValueError(
+                f"The handler of layer '{call.layer.name}' of class {type(call.layer).__name__} "
+                f"returned channels for shapes {[len(o) for o in outs]}; its outputs have "
+                f"{[s[-1] for s in ctx.out_shapes]} channels."
+            )
+        return [np.asarray(o, np.int64) for o in outs]
+
+
+class _Context:
+    """What a handler sees of one call: its inputs' channel labels and shapes, and
+    the operations it may ask for. The labels are opaque to it."""
+
+    def __init__(self, tracer, call, ins):
+        self._t = tracer
+        self._call = call
+        self.node = call.node
+        self.inputs = ins
+        self.in_shapes = [tracer.cnn.shapes[k] for k in call.inputs]
+        self.out_shapes = [tracer.cnn.shapes[k] for k in call.outputs]
+        self.allow_inexact = tracer.cnn.allow_inexact
+
+    @property
+    def _name(self):
+        return f"layer '{self._call.layer.name}' of class {type(self._call.layer).__name__}"
+
+    @staticmethod
+    def tracked(labels):
+        """True when some of these channels come from a prunable convolution."""
+        return bool((np.asarray(labels) >= 0).any())
+
+    @staticmethod
+    def untracked(n):
+        """Labels for `n` channels that no convolution's pruning touches."""
+        return np.full(int(n), _NO_ORIGIN, np.int64)
+
+    def new_filters(self):
+        """Makes this call's layer a prunable producer; labels of its output filters."""
+        t, layer = self._t, self._call.layer
+        if any(c.layer is layer for c in t.convs):
+            raise ValueError(f"Shared convolution '{layer.name}' is called more than once; "
+                             "only layers called once can be pruned.")
+        i, n = len(t.convs), int(self.out_shapes[0][-1])
+        t.convs.append(self._call)
+        t.filters.append(n)
+        return i * _STRIDE + np.arange(n, dtype=np.int64)
+
+    def tie(self, arrays):
+        """Channel j of every array must be kept or removed together."""
+        arrays = [np.asarray(a) for a in arrays]
+        for other in arrays[1:]:
+            for a, b in zip(arrays[0].tolist(), other.tolist()):
+                if (a < 0) != (b < 0):
+                    self._t.block(_sources(np.array([a, b])),
+                                  f"{self._name} mixes its channels elementwise with channels "
+                                  "that do not come from a prunable convolution")
+                elif a >= 0:
+                    ra, rb = self._t.find(a), self._t.find(b)
+                    if ra != rb:
+                        self._t.parent[rb] = ra
+
+    def segment(self, labels, groups, what):
+        """These channels split into `groups` equal runs that must keep equal counts."""
+        self._t.segments.append((np.asarray(labels, np.int64), int(groups), what))
+
+    def block(self, reason):
+        """No conv whose channels reach this call can be pruned; untracked outputs."""
+        self._t.block(set().union(*(_sources(o) for o in self.inputs)), reason)
+        return [self.untracked(s[-1]) for s in self.out_shapes]
+
+    def inexact(self, reason):
+        """True when the model allows an inexact pass here (it is recorded); else
+        blocks the convs reaching this call with `reason` and returns False."""
+        if self.allow_inexact:
+            if self._call.layer.name not in self._t.cnn.inexact_layers:
+                self._t.cnn.inexact_layers.append(self._call.layer.name)
+            return True
+        self.block(reason)
+        return False

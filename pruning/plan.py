@@ -35,7 +35,11 @@ def n_kept(filters, ratio, round_to=1):
 
 def resolve_ratios(cnn, ratio, exclude=()):
     """Per-conv ratios {name: ratio} from a number, a list (one per conv, model order)
-    or a dict by name. Excluded and blocked convs get 0."""
+    or a dict by name. Excluded and blocked convs get 0.
+
+    A single number prunes every prunable conv and skips the blocked ones (see
+    `skipped_convs`); a list or dict that gives a blocked conv a ratio is an error.
+    """
     names = [c.name for c in cnn.conv_layers]
     for name in exclude:
         cnn.conv(name)  # raises for an unknown name
@@ -52,9 +56,7 @@ def resolve_ratios(cnn, ratio, exclude=()):
         ratios = {n: check_ratio(r, f"ratio[{i}]") for i, (n, r) in enumerate(zip(names, ratio))}
     else:
         r = check_ratio(ratio)
-        # A uniform ratio skips the classifier side; a conv blocked by a layer the
-        # rebuilder cannot handle is an error below (exclude it to go on).
-        ratios = {c.name: (0.0 if c.feeds_output else r) for c in cnn.conv_layers}
+        ratios = {c.name: (r if c.prunable else 0.0) for c in cnn.conv_layers}
     excluded = set(exclude)
     for c in cnn.conv_layers:
         if excluded & set(c.group):
@@ -66,34 +68,69 @@ def resolve_ratios(cnn, ratio, exclude=()):
     return ratios
 
 
+def skipped_convs(cnn):
+    """{conv name: reason} for every conv a uniform ratio leaves whole."""
+    return {c.name: c.blocked_by for c in cnn.conv_layers if not c.prunable}
+
+
+def _select(group, scores, rate, round_to):
+    """Kept filter indices per member of a `ChannelGroup` for one ratio.
+
+    Tied filters form classes; a class is scored by the sum of its members'
+    scores, and the best `n_kept(n_classes)` classes survive (an equal count in
+    every segment for grouped convolutions). Among equal scores the lower class
+    index is kept.
+    """
+    total = np.zeros(group.n_classes)
+    for name in group.names:
+        total += np.bincount(group.classes[name], weights=scores[name], minlength=group.n_classes)
+    if group.segments is None:
+        k = n_kept(group.n_classes, rate, round_to)
+        chosen = np.argsort(-total, kind="stable")[:k]
+    else:
+        n_seg = int(group.segments.max()) + 1
+        per = n_kept(group.n_classes // n_seg, rate, round_to)
+        chosen = np.concatenate([
+            np.nonzero(group.segments == s)[0][
+                np.argsort(-total[group.segments == s], kind="stable")[:per]]
+            for s in range(n_seg)
+        ])
+    return {n: np.nonzero(np.isin(group.classes[n], chosen))[0] for n in group.names}
+
+
 class PrunePlan:
     """Kept filter indices per convolution layer.
 
     Args:
         keep: {layer name: kept filter indices}. Layers not named keep all filters.
-        filters: {layer name: filter count before pruning}, for reports and checks.
-        meta: free JSON-serialisable details (ranker, ratios...).
+        filters: {layer name: filter count before pruning}, checked against the model.
+        meta: free JSON-serialisable details (ranker, ratios, skipped convs...).
+        fingerprint: `CNNModel.fingerprint` of the model the plan was made for, or None.
     """
 
-    def __init__(self, keep, filters=None, meta=None):
+    def __init__(self, keep, filters=None, meta=None, fingerprint=None):
         self.keep = {name: sorted(int(i) for i in idx) for name, idx in keep.items()}
         self.filters = dict(filters or {})
         self.meta = dict(meta or {})
+        self.fingerprint = fingerprint
 
     # --------------------------------------------------------------- builders
     @classmethod
-    def from_scores(cls, model, scores, ratio, exclude=(), meta=None, round_to=1):
+    def from_scores(cls, model, scores, ratio, exclude=(), meta=None, round_to=1,
+                    allow_inexact=False):
         """Keeps the highest-scoring filters of each conv.
 
         Args:
             model: a keras.Model or CNNModel.
             scores: {conv name: one score per filter}; higher means keep.
-            ratio: a number in [0, 1) for every prunable conv, a list with one per
-                conv in model order, or a dict by name. Removes int(ratio * filters).
+            ratio: a number in [0, 1) for every prunable conv (blocked convs are
+                skipped and listed in `meta["skipped"]`), a list with one per conv in
+                model order, or a dict by name. Removes int(ratio * filters).
             exclude: conv names that keep all their filters.
             round_to: round kept counts to a multiple of this (see `n_kept`).
+            allow_inexact: also prune convs feeding LayerNormalization (see `CNNModel`).
         """
-        cnn = model if isinstance(model, CNNModel) else CNNModel(model)
+        cnn = _cnn(model, allow_inexact)
         ratios = resolve_ratios(cnn, ratio, exclude)
         keep, filters = {}, {}
         for group in cnn.groups:
@@ -107,7 +144,7 @@ class PrunePlan:
             rate = rates.pop()
             if rate == 0:
                 continue
-            total = None
+            checked = {}
             for m in members:
                 if m.name not in scores:
                     raise ValueError(f"No scores for layer '{m.name}'. Received scores for: "
@@ -116,27 +153,45 @@ class PrunePlan:
                 if s.shape[0] != m.filters:
                     raise ValueError(f"Expected {m.filters} scores for layer '{m.name}'. "
                                      f"Received: {s.shape[0]}")
-                total = s if total is None else total + s  # a group is scored by its sum
-            k = n_kept(members[0].filters, rate, round_to)
-            # Stable sort on -score: among equal scores the lower index is kept.
-            kept = np.sort(np.argsort(-total, kind="stable")[:k])
-            for m in members:
-                keep[m.name] = kept
-                filters[m.name] = m.filters
+                checked[m.name] = s
+            for name, kept in _select(cnn.channel_group(group[0]), checked, rate, round_to).items():
+                keep[name] = kept
+                filters[name] = cnn.conv(name).filters
         meta = {"ratios": ratios, "exclude": list(exclude), "round_to": round_to, **(meta or {})}
-        return cls(keep, filters, meta)
+        if not isinstance(ratio, (dict, list, tuple, np.ndarray)):
+            meta.setdefault("skipped", skipped_convs(cnn))
+        if cnn.allow_inexact:
+            meta["allow_inexact"] = True
+        return cls(keep, filters, meta, cnn.fingerprint)
 
     @classmethod
-    def from_indices(cls, model, keep, meta=None):
+    def from_indices(cls, model, keep, meta=None, allow_inexact=False):
         """A plan from explicit kept indices, checked against the model."""
-        cnn = model if isinstance(model, CNNModel) else CNNModel(model)
-        plan = cls(keep, {n: cnn.conv(n).filters for n in keep}, meta)
+        cnn = _cnn(model, allow_inexact)
+        meta = dict(meta or {})
+        if cnn.allow_inexact:
+            meta["allow_inexact"] = True
+        plan = cls(keep, {n: cnn.conv(n).filters for n in keep}, meta, cnn.fingerprint)
         plan.validate(cnn)
         return plan
 
     # ------------------------------------------------------------- checking
     def validate(self, cnn):
         """Raises ValueError unless this plan can be applied to `cnn`."""
+        for name, count in self.filters.items():
+            conv = cnn.conv(name)
+            if int(count) != conv.filters:
+                raise ValueError(
+                    f"This plan was made for another model: layer '{name}' had {count} filters "
+                    f"there and has {conv.filters} here. Received: a plan for fingerprint "
+                    f"{self.fingerprint}, model fingerprint {cnn.fingerprint}"
+                )
+        if self.fingerprint and self.fingerprint != cnn.fingerprint:
+            raise ValueError(
+                "This plan was made for another model (its convolutions' names, filter counts "
+                f"or kernel shapes differ). Expected fingerprint {cnn.fingerprint}. "
+                f"Received: fingerprint={self.fingerprint}"
+            )
         for name, idx in self.keep.items():
             conv = cnn.conv(name)
             if len(idx) < conv.filters and not conv.prunable:
@@ -148,14 +203,33 @@ class PrunePlan:
                     f"Expected distinct filter indices in [0, {conv.filters}) for layer '{name}'. "
                     f"Received: {idx[:8]}{'...' if len(idx) > 8 else ''}"
                 )
-            for other in conv.group:
-                mine = self.keep.get(name)
-                theirs = self.keep.get(other, list(range(cnn.conv(other).filters)))
-                if theirs != mine:
-                    raise ValueError(
-                        f"Layers '{name}' and '{other}' are tied by an elementwise merge and must "
-                        "keep the same filter indices."
-                    )
+        for group in cnn.groups:
+            self._check_group(cnn, cnn.channel_group(group[0]))
+
+    def _check_group(self, cnn, group):
+        """Tied filters (one class) are kept or removed together in every member."""
+        kept = {}
+        for name in group.names:
+            idx = self.keep.get(name, range(cnn.conv(name).filters))
+            kept[name] = set(group.classes[name][list(idx)].tolist())
+        union = set().union(*kept.values())
+        for name in group.names:
+            missing = union - kept[name]
+            if missing:
+                other = next(n for n in group.names if kept[n] & missing)
+                raise ValueError(
+                    f"Layers '{other}' and '{name}' are tied by an elementwise merge and must "
+                    "keep the same filter indices (the filters that meet in the merge)."
+                )
+        if group.segments is not None:
+            counts = np.bincount(group.segments[sorted(union)],
+                                 minlength=int(group.segments.max()) + 1)
+            if len(set(counts.tolist())) > 1:
+                raise ValueError(
+                    f"Layers {', '.join(group.names)} feed or form a grouped convolution and must "
+                    f"keep the same number of filters in every group. Received per group: "
+                    f"{counts.tolist()}"
+                )
 
     # ---------------------------------------------------------------- views
     def __repr__(self):
@@ -164,20 +238,45 @@ class PrunePlan:
 
     # ------------------------------------------------------------------ json
     def to_dict(self):
-        return {"keep": self.keep, "filters": self.filters, "meta": self.meta}
+        d = {"keep": self.keep, "filters": self.filters, "meta": self.meta}
+        if self.fingerprint:
+            d["fingerprint"] = self.fingerprint
+        return d
 
     @classmethod
-    def from_dict(cls, d):
+    def from_dict(cls, d, source="plan"):
+        if not isinstance(d, dict):
+            raise ValueError(f"Expected {source} to hold a JSON object with a 'keep' mapping. "
+                             f"Received: a JSON {type(d).__name__}")
         if "keep" not in d:
-            raise ValueError(f"Expected a plan with a 'keep' mapping. Received keys: {sorted(d)}")
-        return cls(d["keep"], d.get("filters"), d.get("meta"))
+            raise ValueError(f"Expected {source} to hold a 'keep' mapping. Received keys: {sorted(d)}")
+        keep = d["keep"]
+        if not isinstance(keep, dict) or not all(
+                isinstance(v, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in v)
+                for v in keep.values()):
+            raise ValueError(
+                f"Expected 'keep' in {source} to map layer names to lists of filter indices. "
+                f"Received: keep={str(keep)[:80]}"
+            )
+        filters = d.get("filters") or {}
+        if not isinstance(filters, dict):
+            raise ValueError(f"Expected 'filters' in {source} to map layer names to filter counts. "
+                             f"Received: filters={str(filters)[:80]}")
+        meta = d.get("meta") or {}
+        if not isinstance(meta, dict):
+            raise ValueError(f"Expected 'meta' in {source} to be an object. Received: meta={meta!r}")
+        return cls(keep, filters, meta, d.get("fingerprint"))
 
     def to_json(self):
         return json.dumps(self.to_dict(), indent=1)
 
     @classmethod
-    def from_json(cls, text):
-        return cls.from_dict(json.loads(text))
+    def from_json(cls, text, source="plan"):
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"Expected {source} to hold JSON. Received invalid JSON: {e}") from None
+        return cls.from_dict(d, source)
 
     def save(self, path):
         with open(path, "w") as f:
@@ -185,5 +284,18 @@ class PrunePlan:
 
     @classmethod
     def load(cls, path):
-        with open(path) as f:
-            return cls.from_json(f.read())
+        """Reads a plan saved by `save`; every problem is one ValueError naming `path`."""
+        try:
+            with open(path) as f:
+                text = f.read()
+        except FileNotFoundError:
+            raise ValueError(f"Plan file not found. Received: path={str(path)!r}") from None
+        except (IsADirectoryError, PermissionError, UnicodeDecodeError) as e:
+            raise ValueError(f"Cannot read plan file {str(path)!r}: {e}") from None
+        return cls.from_json(text, source=f"plan file {str(path)!r}")
+
+
+def _cnn(model, allow_inexact=False):
+    if isinstance(model, CNNModel) and model.allow_inexact >= bool(allow_inexact):
+        return model
+    return CNNModel(model, allow_inexact=allow_inexact)

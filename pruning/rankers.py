@@ -11,7 +11,8 @@ import os
 
 import numpy as np
 
-from pruning.graph import CNNModel, is_producer
+from pruning.graph import CNNModel
+from pruning.handlers import filter_kernel as _handler_filter_kernel
 
 RANKERS = {}
 
@@ -63,12 +64,10 @@ def _cnn(model):
 
 
 def filter_kernel(layer):
-    """The kernel whose last axis indexes the output filters: Conv's kernel, or the
-    pointwise kernel of a SeparableConv2D."""
-    if not is_producer(layer):
-        raise ValueError(f"Layer '{layer.name}' of class {type(layer).__name__} has no filters to rank.")
-    weights = layer.get_weights()
-    return weights[1] if type(layer).__name__ == "SeparableConv2D" else weights[0]
+    """The kernel whose last axis indexes the output filters, as the layer's handler
+    says (Conv's kernel, SeparableConv's pointwise kernel, Conv*Transpose's kernel
+    with its axes swapped...)."""
+    return _handler_filter_kernel(layer)
 
 
 @register_ranker

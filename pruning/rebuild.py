@@ -4,41 +4,40 @@ The new model is an ordinary Functional model built from the old layers' configs
 (with smaller `filters`), so it saves to `.keras` and loads anywhere without custom
 objects. Nested models are inlined: the result is one flat graph whose layers keep
 their names. Every tensor's kept channels are derived from where its channels come
-from (`CNNModel.origins`), so a selection flows through pooling, activations,
-BatchNormalization, Flatten, Concatenate and Add into the next weighted layer.
+from (`CNNModel.channel_selector`), and each layer is rebuilt and sliced by its
+handler (`pruning.handlers`), so a selection flows through pooling, activations,
+BatchNormalization, Flatten, Concatenate, Add and keras.ops into the next weighted layer.
 """
+
+import warnings
 
 import keras
 import numpy as np
 
-from pruning.graph import _STRIDE, CNNModel, _is_conv, is_producer
+from pruning.graph import CNNModel
+from pruning.handlers import handler_for
 from pruning.plan import PrunePlan
 
 
-def prune(model, plan):
+def prune(model, plan, allow_inexact=False):
     """Returns a new model without the filters `plan` removes (weights copied).
 
     Args:
         model: a built keras.Model (or CNNModel).
         plan: a `PrunePlan`, or a dict {conv name: kept indices}.
+        allow_inexact: also prune convs that feed layers whose output then changes
+            (LayerNormalization over channels). The change on a random batch is
+            measured and reported with a warning.
     """
-    cnn = model if isinstance(model, CNNModel) else CNNModel(model)
     if not isinstance(plan, PrunePlan):
         plan = PrunePlan(plan)
+    allow_inexact = bool(allow_inexact or plan.meta.get("allow_inexact"))
+    cnn = model if isinstance(model, CNNModel) and model.allow_inexact >= allow_inexact \
+        else CNNModel(model, allow_inexact=allow_inexact)
     plan.validate(cnn)  # every error is raised here, before anything is built
-    keep = {cnn.conv(n).index: np.asarray(k) for n, k in plan.keep.items()
-            if len(k) < cnn.conv(n).filters}
-
-    def kept(key):
-        """Indices of the channels of tensor `key` that survive, or None for all."""
-        origin = cnn.origins[key]
-        conv_ids = np.where(origin >= 0, origin // _STRIDE, -1)
-        mask = np.ones(origin.shape[0], bool)
-        for i, k in keep.items():
-            sel = conv_ids == i
-            if sel.any():
-                mask[sel] = np.isin(origin[sel] % _STRIDE, k)
-        return None if mask.all() else np.nonzero(mask)[0]
+    keep = {n: np.asarray(k) for n, k in plan.keep.items() if len(k) < cnn.conv(n).filters}
+    kept = cnn.channel_selector(keep)
+    producers = {c.layer.name for c in cnn.conv_layers}
 
     new_inputs = [
         keras.Input(shape=cnn.shapes[k][1:], dtype=dt, name=name)
@@ -46,14 +45,14 @@ def prune(model, plan):
     ]
     built = {}  # id(old layer) -> (new layer, input selection signature)
     used_names = set(cnn.input_names)
+    touched = []  # inexact layers that lose channels
 
     def call_fn(call, args, kwargs):
         layer = call.layer
         in_keep = kept(call.inputs[0]) if call.inputs else None
-        out_keep = None
-        if is_producer(layer):
-            conv = cnn.conv(layer.name)
-            out_keep = keep.get(conv.index)
+        out_keep = keep.get(layer.name) if layer.name in producers else None
+        if in_keep is not None and layer.name in cnn.inexact_layers:
+            touched.append(layer.name)
         signature = (None if in_keep is None else in_keep.tobytes(),
                      None if out_keep is None else out_keep.tobytes())
         if id(layer) in built:
@@ -61,22 +60,37 @@ def prune(model, plan):
             if sig != signature:
                 raise ValueError(f"Shared layer '{layer.name}' is called on tensors pruned differently.")
             return new(*args, **kwargs)
-        config = layer.get_config()
-        if out_keep is not None:
-            config["filters"] = int(len(out_keep))
-        config["name"] = _unique(layer.name, used_names)
-        new = type(layer).from_config(config)
-        outputs = new(*args, **kwargs)
-        new.set_weights(slice_weights(layer, in_keep, out_keep))
+        new, outputs = handler_for(layer).rebuild(
+            layer, args, kwargs, in_keep, out_keep, _unique(layer.name, used_names))
         built[id(layer)] = (new, signature)
         return outputs
 
     outputs = cnn.walk(new_inputs, call_fn)
-    return keras.Model(
+    pruned = keras.Model(
         inputs=new_inputs[0] if len(new_inputs) == 1 else new_inputs,
         outputs=outputs[0] if len(outputs) == 1 else outputs,
         name=cnn.model.name,
     )
+    if touched:
+        change = output_change(cnn.model, pruned)
+        warnings.warn(
+            f"Pruned inexactly through {', '.join(touched)}: the outputs changed by "
+            f"{change:.3g} (max abs difference relative to the output scale, one random batch).",
+            stacklevel=2,
+        )
+    return pruned
+
+
+def output_change(model, pruned, batch_size=2, seed=0):
+    """Max abs difference of the two models' outputs on one random normal batch,
+    relative to the largest abs output of `model`."""
+    shape = tuple(model.inputs[0].shape[1:])
+    x = np.random.default_rng(seed).normal(size=(batch_size, *shape)).astype("float32")
+    a = np.concatenate([np.ravel(keras.ops.convert_to_numpy(t))
+                        for t in keras.tree.flatten(model(x, training=False))])
+    b = np.concatenate([np.ravel(keras.ops.convert_to_numpy(t))
+                        for t in keras.tree.flatten(pruned(x, training=False))])
+    return float(np.max(np.abs(a - b)) / max(float(np.max(np.abs(a))), 1e-12))
 
 
 def inline(model):
@@ -87,39 +101,7 @@ def inline(model):
 def slice_weights(layer, in_keep, out_keep):
     """`layer`'s weights restricted to input channels `in_keep` and filters `out_keep`
     (None: all). The order is that of `layer.get_weights()`."""
-    weights = layer.get_weights()
-    if in_keep is None and out_keep is None:
-        return weights
-
-    def take(w, idx, axis):
-        return w if idx is None else np.take(w, idx, axis=axis)
-
-    if _is_conv(layer):  # kernel (*spatial, in, out), bias (out,)
-        out = [take(take(weights[0], in_keep, -2), out_keep, -1)]
-        return out + [take(b, out_keep, 0) for b in weights[1:]]
-    if isinstance(layer, keras.layers.SeparableConv2D):
-        # depthwise (h, w, in, m), pointwise (1, 1, in * m, out), bias (out,)
-        m = layer.depth_multiplier
-        rows = None if in_keep is None else _expand(in_keep, m)
-        out = [take(weights[0], in_keep, 2), take(take(weights[1], rows, 2), out_keep, -1)]
-        return out + [take(b, out_keep, 0) for b in weights[2:]]
-    if isinstance(layer, keras.layers.DepthwiseConv2D):  # kernel (h, w, in, m), bias (in * m,)
-        m = layer.depth_multiplier
-        return [take(weights[0], in_keep, 2)] + [take(b, _expand(in_keep, m), 0) for b in weights[1:]]
-    if isinstance(layer, keras.layers.BatchNormalization):  # gamma, beta, mean, var: (C,)
-        return [take(w, in_keep, 0) for w in weights]
-    if isinstance(layer, keras.layers.Dense):  # kernel (in, units), bias (units,)
-        return [take(weights[0], in_keep, 0)] + weights[1:]
-    if weights:
-        raise ValueError(
-            f"Cannot slice the weights of layer '{layer.name}' of class {type(layer).__name__}."
-        )
-    return weights
-
-
-def _expand(idx, multiplier):
-    """Channel c with depth multiplier m becomes rows c*m .. c*m+m-1."""
-    return (np.asarray(idx)[:, None] * multiplier + np.arange(multiplier)).reshape(-1)
+    return handler_for(layer).slice_weights(layer, layer.get_weights(), in_keep, out_keep)
 
 
 def _unique(name, used):

@@ -2,27 +2,10 @@
 
 import time
 
-import keras
 import numpy as np
 
-from pruning.graph import CNNModel, _is_conv
-
-
-def layer_macs(layer, in_shape, out_shape):
-    """Multiply-accumulates of one call for one input example (biases, BN and
-    activations not counted)."""
-    if _is_conv(layer):
-        spatial = int(np.prod(out_shape[1:-1]))
-        return spatial * int(np.prod(layer.kernel_size)) * in_shape[-1] * out_shape[-1]
-    if isinstance(layer, keras.layers.SeparableConv2D):
-        spatial = int(np.prod(out_shape[1:-1]))
-        mid = in_shape[-1] * layer.depth_multiplier
-        return spatial * (int(np.prod(layer.kernel_size)) * mid + mid * out_shape[-1])
-    if isinstance(layer, keras.layers.DepthwiseConv2D):
-        return int(np.prod(out_shape[1:])) * int(np.prod(layer.kernel_size))
-    if isinstance(layer, keras.layers.Dense):
-        return int(np.prod(in_shape[1:])) * out_shape[-1]
-    return 0
+from pruning.graph import CNNModel
+from pruning.handlers import layer_macs
 
 
 def _count(weights):
@@ -43,8 +26,8 @@ def layer_stats(model):
             "layer": layer.name,
             "class": type(layer).__name__,
             "output_shape": list(out_shape[1:]),
-            "trainable_params": _count(layer.trainable_weights) if first else 0,
-            "params": _count(layer.weights) if first else 0,
+            "trainable_params": _count(getattr(layer, "trainable_weights", ())) if first else 0,
+            "params": _count(getattr(layer, "weights", ())) if first else 0,
             "macs": layer_macs(layer, in_shape, out_shape),
         })
     return rows
@@ -64,22 +47,20 @@ def model_stats(model):
 def measure_latency(model, batch_size=1, runs=20, warmup=3, input_shape=None, progress=None):
     """Median and 90th-percentile milliseconds of one inference call on random inputs.
 
-    The call goes through one compiled `tf.function`, so graph tracing is excluded
-    (it happens in the warm-up runs).
+    The call is Keras' compiled predict step (`predict_on_batch`: a tf.function on
+    TensorFlow, jax.jit on JAX, eager on PyTorch), so tracing and compilation are
+    excluded (they happen in the warm-up runs). Works on every Keras backend.
     """
-    import tensorflow as tf
-
     shape = input_shape or tuple(model.inputs[0].shape[1:])
     if any(d is None for d in shape):
         raise ValueError(f"Latency needs a fixed input shape. Received: input_shape={shape}")
-    x = tf.random.uniform((batch_size, *shape), seed=0)
-    fn = tf.function(lambda t: model(t, training=False))
+    x = np.random.default_rng(0).random((batch_size, *shape), dtype=np.float32)
     for _ in range(warmup):
-        keras.tree.map_structure(lambda t: t.numpy(), fn(x))
+        model.predict_on_batch(x)
     times = []
     for _ in range(runs):
         start = time.perf_counter()
-        keras.tree.map_structure(lambda t: t.numpy(), fn(x))
+        model.predict_on_batch(x)  # returns numpy arrays: the work has finished
         times.append((time.perf_counter() - start) * 1000.0)
         if progress:
             progress(1)

@@ -103,9 +103,8 @@ def _zero_then_prune(model, seed):
         # Zero the BN that follows (gamma and beta) so the removed channels are exactly 0.
         for call in cnn.calls:
             if isinstance(call.layer, keras.layers.BatchNormalization) and \
-                    cnn.origins[call.inputs[0]].size and call.layer.name in conv.consumers:
-                origin = cnn.origins[call.inputs[0]]
-                pos = np.nonzero(np.isin(origin, conv.index * (1 << 24) + removed))[0]
+                    call.layer.name in conv.consumers:
+                pos = cnn.channel_positions(call.inputs[0], conv.name, removed)
                 bn = call.layer.get_weights()
                 bn[0][pos] = 0
                 bn[1][pos] = 0
@@ -191,7 +190,10 @@ def test_unsupported_layer_is_named_before_building():
     cnn = CNNModel(keras.Model(inp, keras.layers.Dense(2)(x)))
     assert "'ln' of class LayerNormalization" in cnn.conv("c1").blocked_by
     with pytest.raises(ValueError, match="'c1' cannot be pruned.*'ln' of class LayerNormalization"):
-        PrunePlan.from_scores(cnn, get_ranker("l1").rank_all(cnn), 0.5)
+        PrunePlan.from_scores(cnn, get_ranker("l1").rank_all(cnn), {"c1": 0.5})
+    # A uniform ratio skips it and says why.
+    plan = PrunePlan.from_scores(cnn, get_ranker("l1").rank_all(cnn), 0.5)
+    assert plan.keep == {} and "LayerNormalization" in plan.meta["skipped"]["c1"]
     with pytest.raises(ValueError, match="LayerNormalization"):
         prune(cnn, {"c1": [0, 1]})
 

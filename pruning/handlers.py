@@ -1,0 +1,519 @@
+"""One handler per layer kind, kept in a table keyed by class.
+
+A handler says everything the engine needs to know about one kind of layer or
+operation (Torch-Pruning keeps its per-op index mappings and prune functions the
+same way):
+
+* `channels(layer, ctx)`: how channels map from its inputs to its outputs;
+* `config(...)` and `slice_weights(...)`: how to rebuild it with fewer channels;
+* `macs(...)`: its multiply-accumulates;
+* `filter_kernel(layer)`: for producers, the kernel whose last axis indexes its filters.
+
+Channels travel as integer arrays, one label per channel of a tensor (last axis).
+A handler treats the labels as opaque: it only moves them around (concatenate,
+repeat, tile) and asks the context `ctx` to create, tie, segment or block them.
+What a label means is private to `pruning.graph`.
+
+Teach the engine a custom layer without editing the package:
+
+    class MyScaleHandler(pruning.handlers.ChannelwiseHandler):
+        size_keys = ("units",)            # config entries that hold the channel count
+
+    pruning.register_layer_handler(MyScale, MyScaleHandler())
+"""
+
+import keras
+import numpy as np
+
+_HANDLERS = {}  # class -> handler instance
+
+
+def register_layer_handler(layer_class, handler):
+    """Makes `handler` (a `LayerHandler`) handle `layer_class` and its subclasses.
+
+    `layer_class` is a Keras layer or operation class (for example a custom layer).
+    A later registration for the same class replaces the earlier one; the most
+    derived registered class of a layer wins.
+    """
+    if not isinstance(layer_class, type):
+        raise ValueError(f"Expected a layer class. Received: layer_class={layer_class!r}")
+    if not isinstance(handler, LayerHandler):
+        raise ValueError(
+            f"Expected a pruning.handlers.LayerHandler instance. Received: handler={handler!r}"
+        )
+    _HANDLERS[layer_class] = handler
+    return handler
+
+
+def get_layer_handler(layer):
+    """The handler registered for `layer`'s class or its nearest base class, or None."""
+    for cls in type(layer).__mro__:
+        if cls in _HANDLERS:
+            return _HANDLERS[cls]
+    return None
+
+
+def handler_for(layer):
+    """The registered handler of `layer`, or the default one for unknown layers/operations."""
+    handler = get_layer_handler(layer)
+    if handler is not None:
+        return handler
+    return _UNKNOWN_LAYER if isinstance(layer, keras.layers.Layer) else _UNKNOWN_OP
+
+
+def filter_kernel(layer):
+    """The kernel of a producer with its output filters on the last axis."""
+    return handler_for(layer).filter_kernel(layer)
+
+
+def layer_macs(layer, in_shape, out_shape):
+    """Multiply-accumulates of one call for one input example (biases, BN and
+    activations not counted); 0 for a layer kind without a handler."""
+    handler = get_layer_handler(layer)
+    return int(handler.macs(layer, in_shape, out_shape)) if handler is not None else 0
+
+
+def _take(w, idx, axis):
+    return w if idx is None else np.take(w, idx, axis=axis)
+
+
+def _expand(idx, multiplier):
+    """Channel c with depth multiplier m becomes rows c*m .. c*m+m-1."""
+    return (np.asarray(idx)[:, None] * multiplier + np.arange(multiplier)).reshape(-1)
+
+
+def _channel_axis_is_last(layer, ndim):
+    axis = getattr(layer, "axis", -1)
+    if isinstance(axis, (list, tuple)):
+        if len(axis) != 1:
+            return False
+        axis = axis[0]
+    return axis in (-1, ndim - 1)
+
+
+# --------------------------------------------------------------------- base
+class LayerHandler:
+    """How one kind of layer maps, slices and counts channels.
+
+    The defaults describe a weightless layer that the engine knows nothing about:
+    its outputs carry no prunable channels, and any convolution whose channels
+    reach it cannot be pruned.
+    """
+
+    def channels(self, layer, ctx):
+        """A list with one channel-label array per output of this call."""
+        if any(ctx.tracked(x) for x in ctx.inputs):
+            return ctx.block(f"its channels reach layer '{layer.name}' of class "
+                             f"{type(layer).__name__}, which the rebuilder cannot slice")
+        return [ctx.untracked(s[-1]) for s in ctx.out_shapes]
+
+    def config(self, layer, config, in_keep, out_keep):
+        """`layer.get_config()` adapted to kept input channels / output filters (None: all)."""
+        return config
+
+    def slice_weights(self, layer, weights, in_keep, out_keep):
+        """`weights` (as `layer.get_weights()`) restricted to the kept channels."""
+        if weights and (in_keep is not None or out_keep is not None):
+            raise ValueError(
+                f"Cannot slice the weights of layer '{layer.name}' of class {type(layer).__name__}."
+            )
+        return weights
+
+    def macs(self, layer, in_shape, out_shape):
+        return 0
+
+    def filter_kernel(self, layer):
+        raise ValueError(
+            f"Layer '{layer.name}' of class {type(layer).__name__} has no filters to rank."
+        )
+
+    def rebuild(self, layer, args, kwargs, in_keep, out_keep, name):
+        """A new layer with the kept channels, called on `args`: (new layer, outputs)."""
+        config = self.config(layer, layer.get_config(), in_keep, out_keep)
+        config["name"] = name
+        new = type(layer).from_config(config)
+        outputs = new(*args, **kwargs)
+        new.set_weights(self.slice_weights(layer, layer.get_weights(), in_keep, out_keep))
+        return new, outputs
+
+
+class PassthroughHandler(LayerHandler):
+    """Acts on each channel alone and holds no per-channel weights: activations,
+    pooling, padding, dropout, upsampling. A selection passes through unchanged."""
+
+    def channels(self, layer, ctx):
+        if getattr(layer, "data_format", "channels_last") != "channels_last":
+            return LayerHandler.channels(self, layer, ctx)
+        return [ctx.inputs[0]]
+
+
+class ChannelwiseHandler(PassthroughHandler):
+    """Holds per-channel vectors on the last axis (BatchNormalization, LayerScale).
+
+    Args:
+        size_keys: config entries that hold the channel count, rewritten on rebuild.
+        exact: False for layers whose output depends on which other channels exist
+            (LayerNormalization): they pass a selection only with `allow_inexact`.
+    """
+
+    def __init__(self, size_keys=(), exact=True):
+        self.size_keys = tuple(size_keys)
+        self.exact = exact
+
+    def channels(self, layer, ctx):
+        if ctx.tracked(ctx.inputs[0]):
+            if not _channel_axis_is_last(layer, len(ctx.in_shapes[0])):
+                return ctx.block(f"layer '{layer.name}' of class {type(layer).__name__} "
+                                 "acts on an axis other than the channels")
+            if not self.exact and not ctx.inexact(
+                    f"layer '{layer.name}' of class {type(layer).__name__} normalizes over the "
+                    "channels, so removing channels changes its output (pass allow_inexact=True "
+                    "to prune anyway and measure the change)"):
+                return [ctx.untracked(ctx.out_shapes[0][-1])]
+        return [ctx.inputs[0]]
+
+    def config(self, layer, config, in_keep, out_keep):
+        if in_keep is not None:
+            for key in self.size_keys:
+                config[key] = int(len(in_keep))
+        return config
+
+    def slice_weights(self, layer, weights, in_keep, out_keep):
+        return [_take(w, in_keep, -1) if w.ndim else w for w in weights]
+
+
+class ReshapeHandler(LayerHandler):
+    """A Reshape that keeps the channel axis last and its size unchanged (the
+    squeeze-and-excitation `Reshape((1, 1, C))`) passes the selection through."""
+
+    def channels(self, layer, ctx):
+        x = ctx.inputs[0]
+        if len(x) == ctx.out_shapes[0][-1] and len(ctx.in_shapes[0]) > 1:
+            return [x]
+        return LayerHandler.channels(self, layer, ctx)
+
+    def config(self, layer, config, in_keep, out_keep):
+        if in_keep is not None:
+            config["target_shape"] = (*tuple(config["target_shape"])[:-1], int(len(in_keep)))
+        return config
+
+
+class FlattenHandler(LayerHandler):
+    """Flatten of (..., C) repeats the channel labels once per spatial position."""
+
+    def channels(self, layer, ctx):
+        spatial = int(np.prod(ctx.in_shapes[0][1:-1]))
+        if len(ctx.in_shapes[0]) > 2 and getattr(layer, "data_format", "channels_last") \
+                != "channels_last" and ctx.tracked(ctx.inputs[0]):
+            return ctx.block(f"layer '{layer.name}' flattens channels-first maps")
+        return [np.tile(ctx.inputs[0], spatial)]
+
+
+class ConcatenateHandler(LayerHandler):
+    """Concatenate on the channel axis joins the labels; on any other axis, channel i
+    of every input becomes channel i of the output, so the inputs are tied."""
+
+    def axis(self, layer, ctx):
+        return getattr(layer, "axis", -1)
+
+    def channels(self, layer, ctx):
+        ndim = len(ctx.in_shapes[0])
+        if self.axis(layer, ctx) in (-1, ndim - 1):
+            return [np.concatenate(ctx.inputs)]
+        ctx.tie(ctx.inputs)
+        return [ctx.inputs[0]]
+
+
+class ElementwiseHandler(LayerHandler):
+    """Add, Subtract, Multiply, Maximum...: channel i of every input meets channel i of
+    the others (after broadcasting), so the convolutions feeding them are tied
+    channel by channel. A size-1 channel axis broadcasts and ties nothing."""
+
+    def channels(self, layer, ctx):
+        width = ctx.out_shapes[0][-1]
+        full = [x for x in ctx.inputs if len(x) == width]
+        ctx.tie(full)
+        return [full[0] if full else ctx.untracked(width)]
+
+
+# ------------------------------------------------------------------ weighted
+class ConvHandler(LayerHandler):
+    """Conv1D/2D/3D, kernel (*spatial, in / groups, out).
+
+    Grouped convolutions (1 < groups): their filters are pruned by an equal count
+    in every group, and their input channels may be sliced only by an equal count
+    per group as well (the producer upstream is then pruned per group). With
+    `groups == in channels` the convolution is depthwise: channels pass through.
+    """
+
+    def _groups(self, layer):
+        return int(getattr(layer, "groups", 1) or 1)
+
+    def _depthwise(self, layer):
+        # groups == in channels, i.e. one input channel per group.
+        return self._groups(layer) > 1 and layer.kernel.shape[-2] == 1
+
+    def channels(self, layer, ctx):
+        if getattr(layer, "data_format", "channels_last") != "channels_last":
+            if ctx.tracked(ctx.inputs[0]):
+                return ctx.block(f"its channels reach layer '{layer.name}', which is channels-first")
+            return [ctx.untracked(ctx.out_shapes[0][-1])]
+        g = self._groups(layer)
+        if self._depthwise(layer):
+            return [np.repeat(ctx.inputs[0], layer.filters // g)]
+        if g > 1:
+            ctx.segment(ctx.inputs[0], g, f"grouped conv '{layer.name}' (groups={g})")
+            out = ctx.new_filters()
+            ctx.segment(out, g, f"grouped conv '{layer.name}' (groups={g})")
+            return [out]
+        return [ctx.new_filters()]
+
+    def config(self, layer, config, in_keep, out_keep):
+        g = self._groups(layer)
+        if in_keep is not None and self._depthwise(layer):
+            m = layer.filters // g
+            config["groups"] = int(len(in_keep))
+            config["filters"] = int(len(in_keep)) * m
+        elif out_keep is not None:
+            config["filters"] = int(len(out_keep))
+        return config
+
+    def slice_weights(self, layer, weights, in_keep, out_keep):
+        g = self._groups(layer)
+        if g == 1:
+            out = [_take(_take(weights[0], in_keep, -2), out_keep, -1)]
+            return out + [_take(b, out_keep, 0) for b in weights[1:]]
+        cin, filters = weights[0].shape[-2] * g, layer.filters
+        if self._depthwise(layer):  # kernel (*spatial, 1, C*m)
+            rows = None if in_keep is None else _expand(in_keep, filters // g)
+            return [_take(weights[0], rows, -1)] + [_take(b, rows, 0) for b in weights[1:]]
+        return _slice_grouped(weights, g, cin, filters, in_keep, out_keep)
+
+    def macs(self, layer, in_shape, out_shape):
+        spatial = int(np.prod(out_shape[1:-1]))
+        return spatial * int(np.prod(layer.kernel_size)) * (in_shape[-1] // self._groups(layer)) \
+            * out_shape[-1]
+
+    def filter_kernel(self, layer):
+        if self._depthwise(layer):
+            return LayerHandler.filter_kernel(self, layer)
+        return layer.get_weights()[0]
+
+
+def _slice_grouped(weights, groups, cin, filters, in_keep, out_keep):
+    """Slices a grouped kernel (*spatial, cin/g, filters) group by group: each group
+    keeps its own input channels (an equal count everywhere) and its own filters."""
+    in_keep = np.arange(cin) if in_keep is None else np.asarray(in_keep)
+    out_keep = np.arange(filters) if out_keep is None else np.asarray(out_keep)
+    cin_g, f_g = cin // groups, filters // groups
+    kernel, parts = weights[0], []
+    for g in range(groups):
+        rows = in_keep[(in_keep // cin_g) == g] - g * cin_g
+        cols = out_keep[(out_keep // f_g) == g]
+        parts.append(np.take(np.take(kernel, rows, axis=-2), cols, axis=-1))
+    return [np.concatenate(parts, axis=-1)] + [np.take(b, out_keep, 0) for b in weights[1:]]
+
+
+class ConvTransposeHandler(ConvHandler):
+    """Conv1D/2D/3DTranspose, kernel (*spatial, out, in)."""
+
+    def channels(self, layer, ctx):
+        if getattr(layer, "data_format", "channels_last") != "channels_last":
+            return LayerHandler.channels(self, layer, ctx)
+        return [ctx.new_filters()]
+
+    def slice_weights(self, layer, weights, in_keep, out_keep):
+        out = [_take(_take(weights[0], in_keep, -1), out_keep, -2)]
+        return out + [_take(b, out_keep, 0) for b in weights[1:]]
+
+    def macs(self, layer, in_shape, out_shape):
+        # Every input pixel scatters a kernel-sized patch into every output channel.
+        spatial = int(np.prod(in_shape[1:-1]))
+        return spatial * int(np.prod(layer.kernel_size)) * in_shape[-1] * out_shape[-1]
+
+    def filter_kernel(self, layer):
+        return np.moveaxis(layer.get_weights()[0], -2, -1)
+
+
+class SeparableConvHandler(ConvHandler):
+    """SeparableConv1D/2D: depthwise (*spatial, in, m), pointwise (*1, in*m, out)."""
+
+    def channels(self, layer, ctx):
+        if getattr(layer, "data_format", "channels_last") != "channels_last":
+            return LayerHandler.channels(self, layer, ctx)
+        return [ctx.new_filters()]
+
+    def config(self, layer, config, in_keep, out_keep):
+        if out_keep is not None:
+            config["filters"] = int(len(out_keep))
+        return config
+
+    def slice_weights(self, layer, weights, in_keep, out_keep):
+        m = layer.depth_multiplier
+        rows = None if in_keep is None else _expand(in_keep, m)
+        out = [_take(weights[0], in_keep, -2), _take(_take(weights[1], rows, -2), out_keep, -1)]
+        return out + [_take(b, out_keep, 0) for b in weights[2:]]
+
+    def macs(self, layer, in_shape, out_shape):
+        spatial = int(np.prod(out_shape[1:-1]))
+        mid = in_shape[-1] * layer.depth_multiplier
+        return spatial * (int(np.prod(layer.kernel_size)) * mid + mid * out_shape[-1])
+
+    def filter_kernel(self, layer):
+        return layer.get_weights()[1]
+
+
+class DepthwiseConvHandler(LayerHandler):
+    """DepthwiseConv1D/2D: kernel (*spatial, in, m), bias (in*m,). Channel c becomes
+    outputs c*m .. c*m+m-1, so a selection passes through (expanded by m)."""
+
+    def channels(self, layer, ctx):
+        if getattr(layer, "data_format", "channels_last") != "channels_last":
+            return LayerHandler.channels(self, layer, ctx)
+        return [np.repeat(ctx.inputs[0], layer.depth_multiplier)]
+
+    def slice_weights(self, layer, weights, in_keep, out_keep):
+        m = layer.depth_multiplier
+        return [_take(weights[0], in_keep, -2)] + \
+            [_take(b, None if in_keep is None else _expand(in_keep, m), 0) for b in weights[1:]]
+
+    def macs(self, layer, in_shape, out_shape):
+        return int(np.prod(out_shape[1:])) * int(np.prod(layer.kernel_size))
+
+
+class DenseHandler(LayerHandler):
+    """Dense, kernel (in, units). On a flat input it absorbs the channels (rows are
+    sliced, its units are never pruned: that is the classifier side). On a feature
+    map (rank > 2) it is a pointwise convolution, and its units are filters."""
+
+    def channels(self, layer, ctx):
+        if len(ctx.in_shapes[0]) > 2:
+            return [ctx.new_filters()]
+        return [ctx.untracked(ctx.out_shapes[0][-1])]
+
+    def config(self, layer, config, in_keep, out_keep):
+        if out_keep is not None:
+            config["units"] = int(len(out_keep))
+        return config
+
+    def slice_weights(self, layer, weights, in_keep, out_keep):
+        return [_take(_take(weights[0], in_keep, 0), out_keep, 1)] + \
+            [_take(b, out_keep, 0) for b in weights[1:]]
+
+    def macs(self, layer, in_shape, out_shape):
+        return int(np.prod(in_shape[1:])) * out_shape[-1]
+
+    def filter_kernel(self, layer):
+        return layer.get_weights()[0]
+
+
+# ---------------------------------------------------------------- operations
+class OpHandler(LayerHandler):
+    """Keras operations in a Functional graph (`x + y`, `keras.ops.relu(x)`): no
+    weights, rebuilt as a fresh operation of the same class and config."""
+
+    def rebuild(self, op, args, kwargs, in_keep, out_keep, name):
+        try:
+            config = op.get_config()
+            config["name"] = name
+            new = type(op).from_config(config)
+        except (NotImplementedError, TypeError, ValueError):
+            new = op  # an operation without a config: its call does not depend on channels
+        return new, new(*args, **kwargs)
+
+
+def _constants(ctx):
+    """Non-tensor arguments of a call that have more than one element."""
+    leaves = keras.tree.flatten((ctx.node.arguments.args, ctx.node.arguments.kwargs))
+    return [v for v in leaves if not isinstance(v, keras.KerasTensor)
+            and hasattr(v, "shape") and int(np.prod(v.shape)) > 1]
+
+
+class ElementwiseOpHandler(OpHandler, ElementwiseHandler):
+    """Binary and unary elementwise operations; a scalar argument passes through,
+    a constant array could hold per-channel values and blocks."""
+
+    def channels(self, layer, ctx):
+        if _constants(ctx):
+            return LayerHandler.channels(self, layer, ctx)
+        return ElementwiseHandler.channels(self, layer, ctx)
+
+
+class ConcatenateOpHandler(OpHandler, ConcatenateHandler):
+    def axis(self, layer, ctx):
+        return getattr(layer, "axis", -1)
+
+
+class ScaledAddHandler(ElementwiseHandler):
+    """keras.applications' InceptionResNetV2 `CustomScaleLayer`: inputs[0] + inputs[1] * scale."""
+
+
+_UNKNOWN_LAYER = LayerHandler()
+_UNKNOWN_OP = OpHandler()
+
+
+# -------------------------------------------------------------------- table
+def _register_defaults():
+    L = keras.layers
+    passthrough = PassthroughHandler()
+    for name in (
+        "Activation", "ReLU", "LeakyReLU", "ELU", "Identity",
+        "ActivityRegularization", "Dropout", "SpatialDropout1D", "SpatialDropout2D",
+        "SpatialDropout3D", "GaussianNoise", "GaussianDropout", "AlphaDropout",
+        "MaxPooling1D", "MaxPooling2D", "MaxPooling3D",
+        "AveragePooling1D", "AveragePooling2D", "AveragePooling3D",
+        "GlobalAveragePooling1D", "GlobalAveragePooling2D", "GlobalAveragePooling3D",
+        "GlobalMaxPooling1D", "GlobalMaxPooling2D", "GlobalMaxPooling3D",
+        "ZeroPadding1D", "ZeroPadding2D", "ZeroPadding3D",
+        "Cropping1D", "Cropping2D", "Cropping3D",
+        "UpSampling1D", "UpSampling2D", "UpSampling3D",
+    ):
+        if hasattr(L, name):
+            register_layer_handler(getattr(L, name), passthrough)
+    for cls in (L.Conv1D, L.Conv2D, L.Conv3D):
+        register_layer_handler(cls, ConvHandler())
+    for name in ("Conv1DTranspose", "Conv2DTranspose", "Conv3DTranspose"):
+        register_layer_handler(getattr(L, name), ConvTransposeHandler())
+    for name in ("SeparableConv1D", "SeparableConv2D"):
+        register_layer_handler(getattr(L, name), SeparableConvHandler())
+    for name in ("DepthwiseConv1D", "DepthwiseConv2D"):
+        register_layer_handler(getattr(L, name), DepthwiseConvHandler())
+    register_layer_handler(L.Dense, DenseHandler())
+    register_layer_handler(L.BatchNormalization, ChannelwiseHandler())
+    register_layer_handler(L.LayerNormalization, ChannelwiseHandler(exact=False))
+    register_layer_handler(L.Reshape, ReshapeHandler())
+    register_layer_handler(L.Flatten, FlattenHandler())
+    register_layer_handler(L.Concatenate, ConcatenateHandler())
+    elementwise = ElementwiseHandler()
+    for cls in (L.Add, L.Subtract, L.Multiply, L.Average, L.Maximum, L.Minimum):
+        register_layer_handler(cls, elementwise)
+
+    # keras.ops nodes of Functional graphs (there is no public path to their classes).
+    from keras.src.ops import nn as ops_nn
+    from keras.src.ops import numpy as ops_np
+
+    op = ElementwiseOpHandler()
+    for module, names in (
+        (ops_np, ("Add", "Subtract", "Multiply", "Divide", "TrueDivide", "Maximum", "Minimum",
+                  "Absolute", "Abs", "Negative", "Square", "Sqrt", "Exp", "Log", "Tanh", "Sign",
+                  "Clip", "Power", "Reciprocal", "Copy")),
+        (ops_nn, ("Relu", "Relu6", "Sigmoid", "HardSigmoid", "Silu", "Swish", "HardSilu",
+                  "HardSwish", "Gelu", "Elu", "Selu", "LeakyRelu", "Softplus", "Softsign",
+                  "Tanh", "Mish", "Celu", "LogSigmoid")),
+    ):
+        for name in names:
+            if hasattr(module, name):
+                register_layer_handler(getattr(module, name), op)
+    register_layer_handler(ops_np.Concatenate, ConcatenateOpHandler())
+
+    # keras.applications' own custom layers.
+    try:
+        from keras.src.applications.convnext import LayerScale
+        from keras.src.applications.inception_resnet_v2 import CustomScaleLayer
+    except ImportError:  # pragma: no cover - older Keras
+        return
+    register_layer_handler(CustomScaleLayer, ScaledAddHandler())
+    register_layer_handler(LayerScale, ChannelwiseHandler(size_keys=("projection_dim",)))
+
+
+_register_defaults()
