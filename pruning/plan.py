@@ -214,7 +214,7 @@ class PrunePlan:
             kept[name] = set(group.classes[name][list(idx)].tolist())
         union = set().union(*kept.values())
         for name in group.names:
-            missing = union - kept[name]
+            missing = (union & set(group.classes[name].tolist())) - kept[name]
             if missing:
                 other = next(n for n in group.names if kept[n] & missing)
                 raise ValueError(
