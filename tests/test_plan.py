@@ -79,3 +79,53 @@ def test_bad_names_and_lengths():
         PrunePlan.from_indices(cnn, {"conv1": [0, 8]})
     with pytest.raises(ValueError, match="No scores for layer 'conv1'"):
         PrunePlan.from_scores(cnn, {}, 0.5)
+
+
+def test_plan_for_another_model_is_refused(tmp_path):
+    small = CNNModel(vgg16_bn_cifar(10, width=0.0625))
+    wide = CNNModel(vgg16_bn_cifar(10, width=0.125))
+    plan = PrunePlan.from_scores(small, get_ranker("l1").rank_all(small), 0.5)
+    path = tmp_path / "plan.json"
+    plan.save(str(path))
+    with pytest.raises(ValueError, match="another model: layer 'conv1' had 4 filters there and has 8 here"):
+        prune(wide, PrunePlan.load(str(path)))
+    # Same names and filter counts, other kernels: the fingerprint tells them apart.
+    def build(k):
+        inp = keras.Input((8, 8, 3))
+        x = keras.layers.Conv2D(4, k, padding="same", name="c")(inp)
+        return CNNModel(keras.Model(inp, keras.layers.Dense(2)(keras.layers.Flatten()(x))))
+    plan = PrunePlan.from_indices(build(3), {"c": [0, 1]})
+    with pytest.raises(ValueError, match="another model.*fingerprint"):
+        prune(build(5), plan)
+    assert prune(build(3), plan).get_layer("c").filters == 2
+
+
+@pytest.mark.parametrize("text,match", [
+    (None, "Plan file not found"),
+    ("[1, 2]", "a JSON object with a 'keep' mapping. Received: a JSON list"),
+    ('{"keep": [1, 2]}', "Expected 'keep' in plan file .* to map layer names to lists"),
+    ('{"keep": {"conv1": [0, 1]', "Expected plan file .* to hold JSON. Received invalid JSON"),
+    ('{"kept": {}}', "to hold a 'keep' mapping"),
+])
+def test_bad_plan_files_name_the_file(tmp_path, text, match):
+    path = tmp_path / "plan.json"
+    if text is not None:
+        path.write_text(text)
+    with pytest.raises(ValueError, match=match) as info:
+        PrunePlan.load(str(path))
+    assert str(path) in str(info.value)
+
+
+def test_uniform_ratio_skips_blocked_convs_and_lists_them():
+    inp = keras.Input((8, 8, 3))
+    a = keras.layers.Conv2D(4, 3, padding="same", name="a")(inp)
+    b = keras.layers.Conv2D(4, 3, padding="same", name="b")(inp)
+    x = keras.layers.Concatenate()([keras.layers.LayerNormalization(name="ln")(a), b])
+    out = keras.layers.Conv2D(2, 1, name="head")(x)
+    cnn = CNNModel(keras.Model(inp, out))
+    plan = PrunePlan.from_scores(cnn, get_ranker("l1").rank_all(cnn), 0.5)
+    assert list(plan.keep) == ["b"]
+    assert set(plan.meta["skipped"]) == {"a", "head"}
+    assert "model output" in plan.meta["skipped"]["head"]
+    with pytest.raises(ValueError, match="Layer 'a' cannot be pruned"):
+        PrunePlan.from_scores(cnn, get_ranker("l1").rank_all(cnn), [0.5, 0.5, 0.0])
