@@ -169,7 +169,8 @@ class ChannelwiseHandler(PassthroughHandler):
                     f"layer '{layer.name}' of class {type(layer).__name__} normalizes over the "
                     "channels, so removing channels changes its output (pass allow_inexact=True "
                     "to prune anyway and measure the change)"):
-                return [ctx.untracked(ctx.out_shapes[0][-1])]
+                # Keep the labels: convs tied to these downstream are blocked for this reason.
+                return [ctx.inputs[0]]
         return [ctx.inputs[0]]
 
     def config(self, layer, config, in_keep, out_keep):
