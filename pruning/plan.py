@@ -95,6 +95,10 @@ def _select(group, scores, rate, round_to):
                 np.argsort(-total[group.segments == s], kind="stable")[:per]]
             for s in range(n_seg)
         ])
+    for name in group.names:
+        if not np.isin(group.classes[name], chosen).any():
+            # Every conv keeps at least one filter: its best class stays as well.
+            chosen = np.append(chosen, group.classes[name][np.argmax(total[group.classes[name]])])
     return {n: np.nonzero(np.isin(group.classes[n], chosen))[0] for n in group.names}
 
 

@@ -110,9 +110,9 @@ def _zero_then_prune(model, seed):
                 bn[1][pos] = 0
                 call.layer.set_weights(bn)
     x = np.random.default_rng(seed).normal(size=(4, *model.inputs[0].shape[1:])).astype("float32")
-    before = np.asarray(model(x))
+    before = keras.ops.convert_to_numpy(model(x))
     pruned = prune(cnn, plan)
-    return before, np.asarray(pruned(x)), model, pruned, plan
+    return before, keras.ops.convert_to_numpy(pruned(x)), model, pruned, plan
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
