@@ -260,18 +260,32 @@ def iter_batches(data):
         yield np.asarray(x)
 
 
-def save_scores(scores, cnn, folder):
-    """Writes `rank_conv{i}.npy` (i = 1-based conv position) per layer into `folder`."""
+def score_file(ranker, index):
+    """File name of conv `index`'s (0-based) scores: `rank_conv{i}.npy` for HRank (the
+    name HRank's own code uses: the scores are feature-map ranks), `{ranker}_conv{i}.npy`
+    for any other ranker (`l1_conv3.npy` holds L1 norms, not ranks)."""
+    name = getattr(ranker, "name", ranker) or "hrank"
+    return f"{'rank' if name == 'hrank' else name}_conv{index + 1}.npy"
+
+
+def save_scores(scores, cnn, folder, ranker="hrank"):
+    """Writes one `score_file(ranker, i)` per layer into `folder` (i: the conv's position)."""
     os.makedirs(folder, exist_ok=True)
     for name, s in scores.items():
-        np.save(os.path.join(folder, f"rank_conv{cnn.conv(name).index + 1}.npy"), np.asarray(s))
+        np.save(os.path.join(folder, score_file(ranker, cnn.conv(name).index)), np.asarray(s))
 
 
-def load_scores(cnn, folder, layers=None):
-    """{name: scores} from `rank_conv{i}.npy` files, or None if any is missing."""
+def load_scores(cnn, folder, layers=None, ranker="hrank"):
+    """{name: scores} from `score_file(ranker, i)` files, or None if any is missing.
+
+    Folders written before the files were named by ranker hold `rank_conv{i}.npy` for
+    every ranker; those are read when the ranker's own files are absent.
+    """
     out = {}
     for conv in [cnn.conv(l) for l in (layers or cnn.conv_layers)]:
-        path = os.path.join(folder, f"rank_conv{conv.index + 1}.npy")
+        path = os.path.join(folder, score_file(ranker, conv.index))
+        if not os.path.exists(path):
+            path = os.path.join(folder, score_file("hrank", conv.index))
         if not os.path.exists(path):
             return None
         s = np.load(path)
