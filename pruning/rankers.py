@@ -207,7 +207,20 @@ def feature_map_ranks(fmap):
     if fmap.ndim != 4:
         raise ValueError(f"Expected feature maps of rank 3 or 4. Received: shape={fmap.shape}")
     b, h, w, c = fmap.shape
-    mats = np.transpose(fmap, (0, 3, 1, 2)).reshape(b * c, h, w)
+    # Chunks of about CHUNK_BYTES of float64 keep every temporary in cache: on whole
+    # layers, allocating and faulting in fresh 100 MB arrays cost more than the maths.
+    step = max(1, CHUNK_BYTES // (8 * h * w * c))
+    return np.concatenate([_chunk_ranks(np.transpose(fmap[i:i + step], (0, 3, 1, 2)))
+                           for i in range(0, b, step)])
+
+
+CHUNK_BYTES = 2 << 20
+
+
+def _chunk_ranks(maps):
+    """feature_map_ranks of (batch, C, H, W) float32 maps -> (batch, C)."""
+    b, c, h, w = maps.shape
+    mats = maps.reshape(b * c, h, w)
     ranks = np.zeros(b * c, np.int64)
     live = np.flatnonzero(mats.reshape(b * c, -1).any(axis=1))  # all-zero maps: rank 0
     if not live.size:
@@ -216,15 +229,18 @@ def feature_map_ranks(fmap):
     if h > w:
         a = np.swapaxes(a, 1, 2)
     gram = a @ np.swapaxes(a, 1, 2)
+    k = gram.shape[-1]
     diag = np.diagonal(gram, axis1=1, axis2=2)
     zero_rows = diag == 0
     rel = max(h, w) * np.finfo(np.float32).eps  # numpy's tol / S.max()
     # Both the trace and the largest absolute row sum bound S.max()^2 from above, so
     # the shift is at least (RANK_BAND * tol)^2.
     top = np.minimum(diag.sum(axis=1), np.abs(gram).sum(axis=2).max(axis=1))
-    shifted = gram - (top * (RANK_BAND * rel) ** 2)[:, None, None] * np.eye(gram.shape[-1])
-    # A zero row of A is a zero row and column of G: set it aside with a unit pivot.
-    shifted[:, np.arange(gram.shape[-1]), np.arange(gram.shape[-1])] += zero_rows * (top[:, None] + 1)
+    shifted = gram.copy()
+    # Subtract the shift; a zero row of A is a zero row and column of G: set it aside
+    # with a positive pivot.
+    shifted[:, np.arange(k), np.arange(k)] += zero_rows * (top[:, None] + 1) - (
+        top * (RANK_BAND * rel) ** 2)[:, None]
     certain = _cholesky_succeeds(shifted)
     ranks[live[certain]] = np.count_nonzero(~zero_rows[certain], axis=1)
     rest = np.flatnonzero(~certain)
