@@ -65,11 +65,16 @@ def fold_batchnorm(model, fuse_activations=True):
             return replace[id(call)](args[0])
         return call.layer(*args, **kwargs)
 
-    inputs = [keras.Input(cnn.shapes[k][1:], dtype=d, name=n)
-              for k, d, n in zip(cnn.input_keys, cnn.input_dtypes, cnn.input_names)]
+    inputs = symbolic_inputs(cnn)
     outputs = cnn.walk(inputs, call_fn)
     return keras.Model(inputs if len(inputs) > 1 else inputs[0],
                        outputs if len(outputs) > 1 else outputs[0], name=f"{model.name}_folded")
+
+
+def symbolic_inputs(cnn):
+    """Fresh `keras.Input`s like the model's, to re-call its traced graph on."""
+    return [keras.Input(cnn.shapes[k][1:], dtype=d, name=n)
+            for k, d, n in zip(cnn.input_keys, cnn.input_dtypes, cnn.input_names)]
 
 
 def _foldable_bn(layer, ndim):

@@ -174,8 +174,9 @@ class HRankRanker(Ranker):
 def feature_probe(cnn, keys):
     """A multi-output `keras.Model` returning the traced tensors `keys` (backend-neutral:
     the graph is re-called on fresh inputs, so nested models are reached too)."""
-    inputs = [keras.Input(cnn.shapes[k][1:], dtype=d, name=n)
-              for k, d, n in zip(cnn.input_keys, cnn.input_dtypes, cnn.input_names)]
+    from pruning.export import symbolic_inputs
+
+    inputs = symbolic_inputs(cnn)
     outputs = cnn.forward(inputs, keys)
     return keras.Model(inputs if len(inputs) > 1 else inputs[0], outputs, name="feature_probe")
 
