@@ -21,6 +21,10 @@ import tempfile
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# On a loaded machine, spinning OpenMP threads (torch) starve everything else: batch-1
+# torch calls took 1.1 s instead of 0.15 s at load 11 on 2 cores. Recorded in the table.
+if os.getloadavg()[0] > (os.cpu_count() or 1):
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import click  # noqa: E402
@@ -244,7 +248,7 @@ def main(ratios, batches, rounds, runs, variants, out):
         f"{keras.__version__}" + (f", torch {__import__('torch').__version__}, torch-pruning "
                                   f"{__import__('torch_pruning').__version__}" if "torch" in wanted else "")
         + f". Load average (1, 5, 15 min) per phase: {'; '.join(', '.join(f'{v:.1f}' for v in l) for l in load)}. "
-        f"Median ms per call ({runs} calls x {rounds} interleaved rounds). Speed-up / MAC cut = "
+        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}. Median ms per call ({runs} calls x {rounds} interleaved rounds). Speed-up / MAC cut = "
         "(unpruned ms / ms) / (unpruned MACs / MACs) of the same framework; 1.0 means time falls as fast as MACs.",
         f"Command: `{cmd}`" + (f". Skipped: {', '.join(skipped)}" if skipped else ""),
         "",
