@@ -95,7 +95,9 @@ def saved_model_runner(model, batch, folder):
 
     from pruning.export import export_saved_model
 
-    loaded = tf.saved_model.load(export_saved_model(model, folder))
+    if not os.path.exists(folder):
+        export_saved_model(model, folder)
+    loaded = tf.saved_model.load(folder)
     x = tf.random.uniform((batch, *model.inputs[0].shape[1:]), seed=0)
     return lambda: loaded.serve(x).numpy()
 
@@ -105,7 +107,9 @@ def litert_runner(model, batch, path):
 
     from pruning.export import export_litert
 
-    interp = Interpreter(model_path=export_litert(model, path), num_threads=os.cpu_count())
+    if not os.path.exists(path):
+        export_litert(model, path)
+    interp = Interpreter(model_path=path, num_threads=os.cpu_count())
     inp = interp.get_input_details()[0]
     interp.resize_tensor_input(inp["index"], (batch, *model.inputs[0].shape[1:]))
     interp.allocate_tensors()
@@ -216,9 +220,9 @@ def main(ratios, batches, rounds, runs, variants, out):
             if v in ("torch",):
                 runners[(v, r)] = torch_runner(m, b)
             elif v == "savedmodel":
-                runners[(v, r)] = saved_model_runner(m, b, os.path.join(tmp, f"sm_{r}_{b}"))
+                runners[(v, r)] = saved_model_runner(m, b, os.path.join(tmp, f"sm_{r}"))
             elif v == "litert":
-                runners[(v, r)] = litert_runner(m, b, os.path.join(tmp, f"m_{r}_{b}.tflite"))
+                runners[(v, r)] = litert_runner(m, b, os.path.join(tmp, f"m_{r}.tflite"))
             else:
                 runners[(v, r)] = keras_runner(m, b)
         for run in runners.values():  # warm-up: tracing, allocation

@@ -155,7 +155,7 @@ class HRankRanker(Ranker):
             for i, batch in enumerate(iter_batches(data)):
                 if self.num_batches is not None and i >= self.num_batches:
                     break
-                maps = [np.asarray(m) for m in keras.tree.flatten(probe(batch, training=False))]
+                maps = [keras.ops.convert_to_numpy(m) for m in keras.tree.flatten(probe(batch, training=False))]
                 if pending is not None:
                     pending.result()
                 pending = pool.submit(add, maps)
