@@ -20,16 +20,21 @@ def check_ratio(ratio, name="ratio"):
     return float(ratio)
 
 
-def n_kept(filters, ratio, round_to=1):
+def n_kept(filters, ratio, round_to=1, round_mode="nearest"):
     """Filters left after removing int(ratio * filters); at least one always stays.
 
-    With `round_to` > 1 the count is rounded to the nearest multiple (at least one
-    multiple, at most `filters`): CPU and GPU kernels run fastest on channel counts
-    that are multiples of 8 or 16, so an odd count can be slower than the original.
+    With `round_to` > 1 the count is rounded to a multiple (at least one multiple, at
+    most `filters`): CPU and GPU kernels run fastest on channel counts that are
+    multiples of 8 or 16, so an odd count can be slower than the original.
+    `round_mode="nearest"` may round back up (61 of 64 -> 64: nothing removed);
+    `"down"` always removes at least what the ratio asks (61 -> 56).
     """
+    if round_mode not in ("nearest", "down"):
+        raise ValueError(f"Expected round_mode in ('nearest', 'down'). Received: round_mode={round_mode!r}")
     kept = max(1, filters - int(check_ratio(ratio) * filters))
     if round_to > 1 and kept < filters:
-        kept = min(filters, max(round_to, int(round(kept / round_to)) * round_to))
+        steps = kept // round_to if round_mode == "down" else int(round(kept / round_to))
+        kept = min(filters, max(round_to, steps * round_to))
     return kept
 
 

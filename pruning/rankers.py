@@ -8,7 +8,9 @@ Higher scores mean keep. Adding a criterion is one subclass with a `name` and a
 """
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 
+import keras
 import numpy as np
 
 from pruning.graph import CNNModel
@@ -113,55 +115,155 @@ class HRankRanker(Ranker):
     """HRank (Lin et al., CVPR 2020): average rank of each channel's feature maps.
 
     The maps are read after the conv's BatchNormalization and activation (see
-    `CNNModel.feature_key`). All layers come from one forward pass per batch, and the
-    ranks of a batch are computed as one stacked SVD (`numpy.linalg.matrix_rank` on a
-    (batch, channels, H, W) array).
+    `CNNModel.feature_key`). All layers come from one forward pass per batch through a
+    multi-output `keras.Model` (any backend), and the ranks of a batch are computed in
+    a worker thread while the next batch runs forward. The ranks equal
+    `numpy.linalg.matrix_rank`'s (see `feature_map_ranks`).
 
     Args:
         num_batches: how many batches of `data` to use (None: all).
+        overlap: compute the ranks of batch i while batch i + 1 runs forward.
     """
 
     name = "hrank"
     needs_data = True
 
-    def __init__(self, num_batches=None):
+    def __init__(self, num_batches=None, overlap=True):
         self.num_batches = num_batches
+        self.overlap = overlap
 
     def rank(self, model, layer, data=None):
         return self.rank_all(model, [layer], data)[_cnn(model).conv(layer).name]
 
     def rank_all(self, model, layers=None, data=None, progress=None):
-        import tensorflow as tf
-
         if data is None:
             raise ValueError("The 'hrank' ranker needs data: batches of training images.")
         cnn = _cnn(model)
         layers = [cnn.conv(l) for l in (layers or cnn.conv_layers)]
-        keys = [cnn.feature_key(c) for c in layers]
-        probe = tf.function(lambda x: cnn.forward(x, keys), reduce_retracing=True)
+        probe = feature_probe(cnn, [cnn.feature_key(c) for c in layers])
         totals = [0.0] * len(layers)
         count = 0
-        for i, batch in enumerate(iter_batches(data)):
-            if self.num_batches is not None and i >= self.num_batches:
-                break
-            for j, fmap in enumerate(probe(batch)):
-                totals[j] = totals[j] + feature_map_ranks(np.asarray(fmap)).sum(axis=0)
-            count += batch.shape[0]
-            if progress:
-                progress(1)
+
+        def add(maps):
+            for j, fmap in enumerate(maps):
+                totals[j] = totals[j] + feature_map_ranks(fmap).sum(axis=0)
+
+        # One worker: numpy's SVD/eigen loops hold one core, the forward pass the others.
+        with ThreadPoolExecutor(1) as pool:
+            pending = None
+            for i, batch in enumerate(iter_batches(data)):
+                if self.num_batches is not None and i >= self.num_batches:
+                    break
+                maps = [keras.ops.convert_to_numpy(m) for m in keras.tree.flatten(probe(batch, training=False))]
+                if pending is not None:
+                    pending.result()
+                pending = pool.submit(add, maps)
+                if not self.overlap:
+                    pending.result()
+                count += batch.shape[0]
+                if progress:
+                    progress(1)
+            if pending is not None:
+                pending.result()
         if count == 0:
             raise ValueError("The 'hrank' ranker received no batches of data.")
         return {c.name: np.asarray(t, np.float64) / count for c, t in zip(layers, totals)}
 
 
+def feature_probe(cnn, keys):
+    """A multi-output `keras.Model` returning the traced tensors `keys` (backend-neutral:
+    the graph is re-called on fresh inputs, so nested models are reached too)."""
+    from pruning.export import symbolic_inputs
+
+    inputs = symbolic_inputs(cnn)
+    outputs = cnn.forward(inputs, keys)
+    return keras.Model(inputs if len(inputs) > 1 else inputs[0], outputs, name="feature_probe")
+
+
+# A singular value within this factor of numpy's tolerance is left to numpy's own SVD;
+# outside the band the float64 Gram decides. On VGG16-BN maps of CIFAR images, float32
+# SVD and float64 Gram singular values near the tolerance agree to about 1e-4 (see
+# benchmarks/hrank_speed.py, which checks every map), so a factor 2 is a wide margin.
+RANK_BAND = 2.0
+
+
 def feature_map_ranks(fmap):
-    """Matrix rank of every channel's map: (batch, H, W, C) -> (batch, C)."""
+    """Matrix rank of every channel's map: (batch, H, W, C) -> (batch, C).
+
+    Equal to `numpy.linalg.matrix_rank` on the float32 maps (default tolerance
+    `tol = S.max() * max(H, W) * eps`), several times faster. Each map A gets its float64
+    Gram matrix G (k x k on the shorter side; G's eigenvalues are A's squared singular
+    values):
+    1. all-zero maps have rank 0;
+    2. a map whose G, with the zero rows of A set aside, minus (RANK_BAND * tol)^2 I has
+       a Cholesky factor has all other singular values far above tol: its rank is its
+       count of nonzero rows (a Cholesky costs a fraction of an SVD);
+    3. the others count the eigenvalues of G above tol^2, unless one lies within
+       RANK_BAND of it: those few maps are ranked by numpy's own SVD.
+    """
     fmap = np.asarray(fmap, np.float32)
     if fmap.ndim == 3:  # Conv1D maps (batch, L, C): rank of an L x 1 matrix
         fmap = fmap[:, :, None, :]
     if fmap.ndim != 4:
         raise ValueError(f"Expected feature maps of rank 3 or 4. Received: shape={fmap.shape}")
-    return np.linalg.matrix_rank(np.transpose(fmap, (0, 3, 1, 2)))
+    b, h, w, c = fmap.shape
+    # Chunks of about CHUNK_BYTES of float64 keep every temporary in cache: on whole
+    # layers, allocating and faulting in fresh 100 MB arrays cost more than the maths.
+    step = max(1, CHUNK_BYTES // (8 * h * w * c))
+    return np.concatenate([_chunk_ranks(np.transpose(fmap[i:i + step], (0, 3, 1, 2)))
+                           for i in range(0, b, step)])
+
+
+CHUNK_BYTES = 2 << 20
+
+
+def _chunk_ranks(maps):
+    """feature_map_ranks of (batch, C, H, W) float32 maps -> (batch, C)."""
+    b, c, h, w = maps.shape
+    mats = maps.reshape(b * c, h, w)
+    ranks = np.zeros(b * c, np.int64)
+    live = np.flatnonzero(mats.reshape(b * c, -1).any(axis=1))  # all-zero maps: rank 0
+    if not live.size:
+        return ranks.reshape(b, c)
+    a = mats[live].astype(np.float64)
+    if h > w:
+        a = np.swapaxes(a, 1, 2)
+    gram = a @ np.swapaxes(a, 1, 2)
+    k = gram.shape[-1]
+    diag = np.diagonal(gram, axis1=1, axis2=2)
+    zero_rows = diag == 0
+    rel = max(h, w) * np.finfo(np.float32).eps  # numpy's tol / S.max()
+    # Both the trace and the largest absolute row sum bound S.max()^2 from above, so
+    # the shift is at least (RANK_BAND * tol)^2.
+    top = np.minimum(diag.sum(axis=1), np.abs(gram).sum(axis=2).max(axis=1))
+    shifted = gram.copy()
+    # Subtract the shift; a zero row of A is a zero row and column of G: set it aside
+    # with a positive pivot.
+    shifted[:, np.arange(k), np.arange(k)] += zero_rows * (top[:, None] + 1) - (
+        top * (RANK_BAND * rel) ** 2)[:, None]
+    certain = _cholesky_succeeds(shifted)
+    ranks[live[certain]] = np.count_nonzero(~zero_rows[certain], axis=1)
+    rest = np.flatnonzero(~certain)
+    if rest.size:
+        sq = np.linalg.eigvalsh(gram[rest])  # squared singular values, ascending
+        tol2 = sq[:, -1:] * rel**2
+        near = ((sq > tol2 / RANK_BAND**2) & (sq < tol2 * RANK_BAND**2)).any(axis=1)
+        ranks[live[rest]] = np.count_nonzero(sq > tol2, axis=1)
+        if near.any():
+            idx = live[rest[near]]
+            ranks[idx] = np.linalg.matrix_rank(mats[idx])
+    return ranks.reshape(b, c)
+
+
+def _cholesky_succeeds(mats):
+    """Per matrix of a stack, whether it is numerically positive definite."""
+    try:  # numpy's gufunc writes NaN for a failed factor instead of raising for the stack
+        from numpy.linalg import _umath_linalg
+    except ImportError:  # pragma: no cover - private module moved: decide by eigenvalues
+        return np.zeros(len(mats), bool)
+    with np.errstate(invalid="ignore"):
+        factors = _umath_linalg.cholesky_lo(mats, signature="d->d")
+    return np.isfinite(np.diagonal(factors, axis1=1, axis2=2)).all(axis=1)
 
 
 def iter_batches(data):
@@ -174,18 +276,32 @@ def iter_batches(data):
         yield np.asarray(x)
 
 
-def save_scores(scores, cnn, folder):
-    """Writes `rank_conv{i}.npy` (i = 1-based conv position) per layer into `folder`."""
+def score_file(ranker, index):
+    """File name of conv `index`'s (0-based) scores: `rank_conv{i}.npy` for HRank (the
+    name HRank's own code uses: the scores are feature-map ranks), `{ranker}_conv{i}.npy`
+    for any other ranker (`l1_conv3.npy` holds L1 norms, not ranks)."""
+    name = getattr(ranker, "name", ranker) or "hrank"
+    return f"{'rank' if name == 'hrank' else name}_conv{index + 1}.npy"
+
+
+def save_scores(scores, cnn, folder, ranker="hrank"):
+    """Writes one `score_file(ranker, i)` per layer into `folder` (i: the conv's position)."""
     os.makedirs(folder, exist_ok=True)
     for name, s in scores.items():
-        np.save(os.path.join(folder, f"rank_conv{cnn.conv(name).index + 1}.npy"), np.asarray(s))
+        np.save(os.path.join(folder, score_file(ranker, cnn.conv(name).index)), np.asarray(s))
 
 
-def load_scores(cnn, folder, layers=None):
-    """{name: scores} from `rank_conv{i}.npy` files, or None if any is missing."""
+def load_scores(cnn, folder, layers=None, ranker="hrank"):
+    """{name: scores} from `score_file(ranker, i)` files, or None if any is missing.
+
+    Folders written before the files were named by ranker hold `rank_conv{i}.npy` for
+    every ranker; those are read when the ranker's own files are absent.
+    """
     out = {}
     for conv in [cnn.conv(l) for l in (layers or cnn.conv_layers)]:
-        path = os.path.join(folder, f"rank_conv{conv.index + 1}.npy")
+        path = os.path.join(folder, score_file(ranker, conv.index))
+        if not os.path.exists(path):
+            path = os.path.join(folder, score_file("hrank", conv.index))
         if not os.path.exists(path):
             return None
         s = np.load(path)

@@ -129,3 +129,17 @@ def test_uniform_ratio_skips_blocked_convs_and_lists_them():
     assert "model output" in plan.meta["skipped"]["head"]
     with pytest.raises(ValueError, match="Layer 'a' cannot be pruned"):
         PrunePlan.from_scores(cnn, get_ranker("l1").rank_all(cnn), [0.5, 0.5, 0.0])
+
+def test_n_kept_rounds_down_or_to_nearest():
+    from pruning.plan import n_kept
+
+    # 5% of 64 leaves 61: nearest rounds back to 64 (nothing removed), down to 56.
+    assert n_kept(64, 0.05, round_to=8) == 64
+    assert n_kept(64, 0.05, round_to=8, round_mode="down") == 56
+    assert n_kept(64, 0.3, round_to=8, round_mode="down") == 40  # 45 -> 40
+    assert n_kept(64, 0.3, round_to=8) == 48  # 45 -> 48
+    assert n_kept(64, 0.95, round_to=8, round_mode="down") == 8  # at least one multiple
+    assert n_kept(64, 0.25, round_to=16, round_mode="down") == 48  # already a multiple
+    assert n_kept(61, 0.05, round_to=1, round_mode="down") == 58  # no rounding asked
+    with pytest.raises(ValueError, match="Expected round_mode in .*Received: round_mode='up'"):
+        n_kept(64, 0.1, round_to=8, round_mode="up")

@@ -75,3 +75,61 @@ def test_scores_round_trip_as_npy(tmp_path):
     np.testing.assert_array_equal(loaded["c2"], scores["c2"])
     (tmp_path / "rank_conv2.npy").unlink()
     assert load_scores(cnn, str(tmp_path)) is None
+
+
+def test_score_files_are_named_by_what_they_hold(tmp_path):
+    cnn = CNNModel(small_model())
+    l1 = get_ranker("l1").rank_all(cnn)
+    save_scores(l1, cnn, str(tmp_path / "l1"), ranker="l1")
+    assert sorted(p.name for p in (tmp_path / "l1").iterdir()) == ["l1_conv1.npy", "l1_conv2.npy"]
+    np.testing.assert_array_equal(load_scores(cnn, str(tmp_path / "l1"), ranker="l1")["c2"], l1["c2"])
+    assert load_scores(cnn, str(tmp_path / "l1"), ranker="l2") is None
+    # Folders written before the rename hold rank_conv{i}.npy for every ranker.
+    save_scores(l1, cnn, str(tmp_path / "old"))
+    np.testing.assert_array_equal(load_scores(cnn, str(tmp_path / "old"), ranker="l1")["c1"], l1["c1"])
+
+
+def _numpy_ranks(fmap):
+    return np.linalg.matrix_rank(np.transpose(fmap, (0, 3, 1, 2)))
+
+
+def test_feature_map_ranks_equal_numpy_on_rank_deficient_maps():
+    # Every path of feature_map_ranks: all-zero maps, zero rows and columns, low rank
+    # products, duplicated rows, singular values put just above and below numpy's
+    # tolerance (its SVD fallback), and well-conditioned full-rank maps.
+    rng = np.random.default_rng(0)
+    n, h = 400, 8
+    maps = np.maximum(rng.normal(size=(n, h, h)), 0).astype("float32")
+    maps[:40] = 0
+    maps[40:120, rng.integers(0, h, 80)] = 0
+    maps[120:200, :, :3] = 0
+    low = rng.normal(size=(80, h, 3)) @ rng.normal(size=(80, 3, h))
+    maps[200:280] = low.astype("float32")
+    maps[280:320, 4:] = maps[280:320, :4]
+    u, _, vt = np.linalg.svd(rng.normal(size=(80, h, h)))
+    tol = h * np.finfo(np.float32).eps
+    s = np.ones((80, h))
+    s[:, -1] = tol * rng.choice([0.3, 0.9, 1.1, 3.0, 30.0], 80)
+    maps[320:] = ((u * s[:, None, :]) @ vt).astype("float32")
+    fmap = np.transpose(maps.reshape(40, 10, h, h), (0, 2, 3, 1))
+    expected = _numpy_ranks(fmap)
+    assert len(np.unique(expected)) >= 5  # the cases above really span ranks
+    np.testing.assert_array_equal(feature_map_ranks(fmap), expected)
+    # Non-square maps (either side the shorter) and Conv1D maps.
+    wide = np.maximum(rng.normal(size=(6, 3, 7, 5)), 0).astype("float32")
+    np.testing.assert_array_equal(feature_map_ranks(wide), _numpy_ranks(wide))
+    tall = np.swapaxes(wide, 1, 2).copy()
+    np.testing.assert_array_equal(feature_map_ranks(tall), _numpy_ranks(tall))
+    np.testing.assert_array_equal(feature_map_ranks(wide[:, 0]), _numpy_ranks(wide[:, 0, :, None, :]))
+
+
+def test_hrank_probe_runs_on_nested_models():
+    inner = small_model()
+    inp = keras.Input((8, 8, 2))
+    outer = keras.Model(inp, inner(inp))
+    x = np.random.default_rng(1).normal(size=(4, 8, 8, 2)).astype("float32")
+    nested = get_ranker("hrank").rank_all(outer, data=[x])
+    flat = get_ranker("hrank", overlap=False).rank_all(inner, data=[x])
+    assert set(nested) == {"c1", "c2"}
+    for name in flat:
+        np.testing.assert_array_equal(nested[name], flat[name])
