@@ -44,13 +44,14 @@ for name in ("default", "mirrored"):
             h = keras.layers.GlobalAveragePooling2D()(h)
             model = keras.Model(inp, keras.layers.Dense(2, name="fc")(h))
             model.compile(keras.optimizers.SGD(0.05), keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                          metrics=["accuracy"])
+                          metrics=["accuracy"], jit_compile=False)
         model.fit(data, epochs=2, verbose=0, callbacks=epoch_callbacks(run, "pretrain"))
         scores = get_ranker("l1").rank_all(model)  # host-side: reads the (mirrored) weights
         with strategy.scope():  # the pruned model's variables must belong to the strategy
             pruned, plan = prune_logged(model, scores, 0.5, run, ranker="l1")
             pruned.compile(keras.optimizers.SGD(0.05),
-                           keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
+                           keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"],
+                           jit_compile=False)
         pruned.fit(data, epochs=1, verbose=0, callbacks=epoch_callbacks(run, "finetune"))
         acc = float(pruned.evaluate(data, verbose=0)[1])
         run.finish(metrics={"accuracy": acc})
@@ -101,7 +102,8 @@ def test_mixed_precision_builds_and_trains():
         model = vgg16_bn_cifar(10, width=0.0625, seed=0)
         conv = model.get_layer("conv1")
         assert conv.compute_dtype == "float16" and conv.variable_dtype == "float32"
-        model.compile(keras.optimizers.SGD(0.01), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        model.compile(keras.optimizers.SGD(0.01), keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                      jit_compile=False)
         x = np.random.default_rng(0).normal(size=(8, 32, 32, 3)).astype("float32")
         loss = model.train_on_batch(x, np.arange(8) % 10)
         assert np.isfinite(loss)
