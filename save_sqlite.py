@@ -22,6 +22,7 @@ callback lives in `pruning.callbacks` (next to `TimeHistory`) and is re-exported
 here, as is the reference notebook's `save_training_log_to_sqlite(...)`.
 """
 
+import contextlib
 import datetime
 import json
 import os
@@ -192,6 +193,27 @@ def process_alive(pid):
         return True  # no /proc: trust os.kill
 
 
+# Temporary files of atomic saves are named `<stem>.partial-<pid><ext>` (see
+# experiments.common.atomic_path): a SIGKILL during a save leaves one behind.
+PARTIAL = ".partial-"
+
+
+def remove_partial_files(folder, pattern=f"*{PARTIAL}*", recursive=False):
+    """Deletes the temporary files of atomic saves in `folder` whose writing process
+    is gone; returns their paths."""
+    import glob
+
+    root = os.path.join(glob.escape(folder), "**") if recursive else glob.escape(folder)
+    removed = []
+    for p in glob.glob(os.path.join(root, pattern), recursive=recursive):
+        pid = os.path.basename(p).split(PARTIAL, 1)[1].split(".", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid)):
+            with contextlib.suppress(OSError):
+                os.remove(p)
+                removed.append(p)
+    return removed
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM, raised like Ctrl-C so a run ends as `interrupted`."""
 
@@ -298,9 +320,11 @@ class ExperimentLog:
         """`running` rows of this host whose process is gone become `interrupted`;
         returns their ids."""
         host, ids = platform.node(), []
-        for r in self.db.execute("SELECT id, pid FROM runs WHERE status = 'running' AND host = ? "
+        for r in self.db.execute("SELECT id, pid, run_dir FROM runs WHERE status = 'running' AND host = ? "
                                  "AND pid IS NOT NULL", [host]).fetchall():
             if r[1] != os.getpid() and not process_alive(r[1]):
+                if r[2] and os.path.isdir(r[2]):
+                    remove_partial_files(r[2], recursive=True)
                 self.db.execute("UPDATE runs SET status = 'interrupted', ended_at = ?, error = ? "
                                 "WHERE id = ? AND status = 'running'",
                                 [now(), f"process {r[1]} on {host} ended without finishing the run", r[0]])

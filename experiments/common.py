@@ -11,6 +11,7 @@ import shutil
 import keras
 import numpy as np
 
+from save_sqlite import PARTIAL, remove_partial_files
 from pruning import CNNModel, PrunePlan, get_ranker, load_scores, measure_latency, model_stats, prune
 from pruning.callbacks import TimeHistory
 
@@ -25,7 +26,6 @@ def config_dict(cfg):
 
 
 # ------------------------------------------------------------------- files
-PARTIAL = ".partial-"
 
 
 def ensure_writable_dir(path, what="output folder"):
@@ -55,6 +55,7 @@ def atomic_path(path):
     if stem.endswith(".weights"):  # keep Keras' double extension
         stem, ext = stem[:-len(".weights")], ".weights" + ext
     tmp = os.path.join(folder, f"{stem}{PARTIAL}{os.getpid()}{ext}")
+    remove_partial_files(folder, f"{stem}{PARTIAL}*")  # left by a killed writer of the same file
     try:
         yield tmp
         os.replace(tmp, path)
@@ -63,20 +64,6 @@ def atomic_path(path):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-
-
-def remove_partial_files(folder):
-    """Deletes `*.partial-<pid>*` files under `folder` whose writing process is gone
-    (left by a SIGKILL during a save); returns their paths."""
-    from save_sqlite import process_alive
-
-    removed = []
-    for p in glob.glob(os.path.join(glob.escape(folder), "**", f"*{PARTIAL}*"), recursive=True):
-        pid = os.path.basename(p).split(PARTIAL, 1)[1].split(".", 1)[0]
-        if pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid)):
-            os.remove(p)
-            removed.append(p)
-    return removed
 
 
 def save_model(model, path):

@@ -43,14 +43,14 @@ def option(default, help, *, min=None, max=None, choices=None, flag=None, multip
         "parse": parse, "cli": cli})
 
 
-def check_ratios(values, name):
-    """Each value in [0, 1), at least one."""
+def check_ratios(values, name, indexed=False):
+    """Each value in [0, 1), at least one; `indexed` names a bad one `name[i]`."""
     from pruning import check_ratio
 
     if not values:
         raise ValueError(f"Expected at least one {name}. Received: {name}=()")
     for i, r in enumerate(values):
-        check_ratio(r, f"{name}[{i}]" if len(values) > 1 else name)
+        check_ratio(r, f"{name}[{i}]" if indexed and len(values) > 1 else name)
 
 
 @dataclasses.dataclass
@@ -116,7 +116,7 @@ class CifarConfig:
         rates = self.compress_rate if isinstance(self.compress_rate, (list, tuple)) else (self.compress_rate,)
         if len(rates) not in (1, sum(VGG16_BLOCKS)):
             raise ValueError(f"Expected one compress rate or {sum(VGG16_BLOCKS)}. Received: {len(rates)} rates")
-        check_ratios(rates, "compress_rate")
+        check_ratios(rates, "compress_rate", indexed=True)
         for name in self.rankers:
             get_ranker(name)
         _check_counts(self, ("batch_size", "rank_batches", "rank_batch_size", "latency_batch", "latency_runs"),

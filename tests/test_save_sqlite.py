@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 
 from pruning import TimeHistory
-from save_sqlite import ENV_VAR, MIGRATIONS, ExperimentLog, default_db_path, save_training_log_to_sqlite
+import save_sqlite
+from save_sqlite import (ENV_VAR, MIGRATIONS, ExperimentLog, Migration, default_db_path, migrate,
+                         save_training_log_to_sqlite)
 
 # The reference notebook's table, as its save_training_log_to_sqlite created it.
 REFERENCE_SQL = """
@@ -23,7 +25,7 @@ CREATE TABLE IF NOT EXISTS training_logs (
 
 def test_migrations_on_empty_file(tmp_path):
     log = ExperimentLog(str(tmp_path / "new.db"))
-    assert log.applied == [fn.__name__ for fn in MIGRATIONS]
+    assert log.applied == [m.name for m in MIGRATIONS]
     assert {"runs", "epochs", "layer_prunes", "_migrations"} <= set(log.db.table_names())
     assert "training_logs" in log.db.view_names()
     assert log.db.journal_mode == "wal"
@@ -46,6 +48,58 @@ def test_migrates_a_database_written_by_the_reference_function(tmp_path):
     assert [e["seconds"] for e in log.epochs(run["id"])] == [12.5, 11.0, 10.75]
     row = log.db.execute("SELECT model_name, epoch_times FROM training_logs").fetchone()
     assert row[0] == "vgg16_pruned" and json.loads(row[1]) == [12.5, 11.0, 10.75]
+
+
+def _old_positional_database(path):
+    """A log as the first, positional migration list wrote it: `_migrations` rows
+    (1, m001...), (2, m002...) keyed by position, no pid/run_dir columns."""
+    import sqlite_utils
+
+    conn = sqlite3.connect(path, isolation_level=None)
+    db = sqlite_utils.Database(conn)
+    conn.execute("CREATE TABLE _migrations (id INTEGER PRIMARY KEY, name TEXT, applied_at TEXT)")
+    for number, m in enumerate(MIGRATIONS[:2], start=1):
+        m.fn(db)
+        conn.execute("INSERT INTO _migrations (id, name, applied_at) VALUES (?, ?, '2025-01-01')",
+                     (number, m.name))
+    db["runs"].insert({"experiment": "rice", "status": "running", "started_at": "2025-01-01", "host": "h"})
+    db["runs"].insert({"experiment": "rice", "status": "completed", "started_at": "2025-01-01",
+                       "test_top1": 0.9})
+    conn.close()
+
+
+def test_old_positional_database_opens_and_migrates_by_name(tmp_path):
+    path = str(tmp_path / "old.db")
+    _old_positional_database(path)
+    log = ExperimentLog(path)
+    assert log.applied == ["m003_run_pid_and_folder"]  # m001/m002 recognised by their stored names
+    assert [r["status"] for r in log.runs()] == ["running", "completed"]  # no pid: not guessed dead
+    assert {"pid", "run_dir"} <= set(log.db["runs"].columns_dict)
+    names = [r[0] for r in log.db.execute("SELECT name FROM _migrations ORDER BY id")]
+    assert names == [m.name for m in MIGRATIONS]
+    assert ExperimentLog(path).applied == []
+
+
+def test_inserted_and_renamed_migrations(tmp_path):
+    path = str(tmp_path / "m.db")
+    _old_positional_database(path)
+    log = ExperimentLog(path)
+    calls = []
+
+    def m002b_inserted(db):
+        calls.append("inserted")
+        db["runs"].add_column("note", str)
+
+    def m003_renamed(db):  # m003_run_pid_and_folder under a new name: must not run again
+        calls.append("renamed")
+        db["runs"].add_column("pid", int)  # would fail: the column exists
+
+    new_list = [MIGRATIONS[0], MIGRATIONS[1], Migration("m002b_inserted", m002b_inserted),
+                Migration("m003_renamed", m003_renamed, aliases=("m003_run_pid_and_folder",))]
+    assert migrate(log.db, new_list) == ["m002b_inserted"]
+    assert calls == ["inserted"] and "note" in log.db["runs"].columns_dict
+    assert migrate(log.db, new_list) == []  # each applied once
+    assert calls == ["inserted"]
 
 
 def test_reference_function_writes_a_run(tmp_path):
