@@ -284,6 +284,8 @@ class ExperimentLog:
         if os.path.isdir(path):
             raise ValueError(f"Expected an SQLite file for the log. Received a folder: {self.path!r}")
         folder = os.path.dirname(path)
+        if os.path.exists(folder) and not os.path.isdir(folder):
+            raise ValueError(f"Cannot create the experiment log {self.path!r}: {folder!r} is a file, not a folder.")
         try:
             os.makedirs(folder, exist_ok=True)
         except OSError as e:
@@ -395,13 +397,21 @@ class ExperimentLog:
             raise ValueError(f"Expected status in {STATUSES}. Received: status={status!r}")
         self.update_run(run_id, status=status, ended_at=now(), **fields)
 
-    def resume(self, run_id):
-        """Marks interrupted run `run_id` running again in this process; returns its row."""
+    def resumable(self, run_id, experiment=None):
+        """The row of run `run_id` if it can be resumed (interrupted, of `experiment`),
+        else a ValueError saying why."""
         row = self.get_run(run_id)
+        if experiment is not None and row["experiment"] != experiment:
+            raise ValueError(f"Run {run_id} is a {row['experiment']} run, not a {experiment} run.")
         if row["status"] != "interrupted":
             alive = row["status"] == "running" and f" (process {row.get('pid')} on {row['host']})" or ""
             raise ValueError(f"Only an interrupted run can be resumed. Run {run_id} is "
                              f"{row['status']}{alive}.")
+        return row
+
+    def resume(self, run_id):
+        """Marks interrupted run `run_id` running again in this process; returns its row."""
+        self.resumable(run_id)
         self.update_run(run_id, status="running", ended_at=None, error=None, host=platform.node(),
                         pid=os.getpid())
         return self.get_run(run_id)

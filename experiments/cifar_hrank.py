@@ -127,9 +127,7 @@ def run_cifar(cfg, log, progress=None, echo=print, resume=None):
     baseline then goes on with its pruned runs.
     """
     if resume is not None:
-        row = log.get_run(resume)
-        if row["experiment"] != "cifar":
-            raise ValueError(f"Run {resume} is a {row['experiment']} run, not a cifar run.")
+        row = log.resumable(resume, "cifar")
         cfg = from_dict(CifarConfig, {**_json(row["config"]), "seeds": (row["seed"],)})
     cfg.validate()
     summaries = []

@@ -30,6 +30,8 @@ def config_dict(cfg):
 
 def ensure_writable_dir(path, what="output folder"):
     """Creates folder `path` if needed; a ValueError names it when it cannot be written."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"Cannot use {path!r} as the {what}: it is a file, not a folder.")
     try:
         os.makedirs(path, exist_ok=True)
     except OSError as e:

@@ -142,10 +142,8 @@ def run_rice(cfg, log, progress=None, echo=print, resume=None):
     run's recorded config is used and the run continues in its own row; a resumed
     baseline then goes on with every ratio.
     """
-    resumed = log.get_run(resume) if resume is not None else None
+    resumed = log.resumable(resume, "rice") if resume is not None else None
     if resumed is not None:
-        if resumed["experiment"] != "rice":
-            raise ValueError(f"Run {resume} is a {resumed['experiment']} run, not a rice run.")
         cfg = from_dict(RiceConfig, json.loads(resumed["config"] or "{}"))
     cfg.validate()
     common.set_seed(cfg.seed)

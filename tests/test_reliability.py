@@ -271,12 +271,13 @@ def test_unwritable_paths_are_named(tmp_path):
 
     Log(db).close()
     r = CliRunner().invoke(cli, ["logs", "export", "--db", db, "-o", str(blocker / "out.csv")])
-    assert r.exit_code == 1 and f"'{blocker}'" in r.output and "Not a directory" in r.output
+    assert r.exit_code == 1 and f"Cannot use '{blocker}' as the output folder: it is a file" in r.output
     r = CliRunner().invoke(cli, ["rice", "--out-dir", str(blocker / "runs"), "--db", db, "--weights", "none"])
     assert r.exit_code == 1 and f"Cannot create the output folder '{blocker / 'runs'}'" in r.output
+    assert "Not a directory" in r.output
     r = CliRunner().invoke(cli, ["logs", "list", "--db", str(blocker / "x.db")])
     assert r.exit_code == 1 and "No experiment log at" in r.output
-    with pytest.raises(ValueError, match="Cannot create the folder of the experiment log"):
+    with pytest.raises(ValueError, match="is a file, not a folder"):
         ExperimentLog(str(blocker / "x.db"))
     assert Log(db).runs() == []  # nothing started
 
