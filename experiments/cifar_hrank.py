@@ -160,10 +160,8 @@ def run_seed(cfg, seed, log, progress=None, echo=print, resume=None):
     summaries, rankers = [], cfg.rankers
 
     if resumed is not None and resumed["parent_id"] is not None:  # a pruned run: its baseline is finished
-        base_row = log.get_run(resumed["parent_id"])
-        model = keras.models.load_model(base_row["artifact"])
-        base = {"run_id": base_row["id"], "artifact": base_row["artifact"], "test_top1": base_row["test_top1"],
-                "latency_ms": base_row["latency_ms"]}
+        path, base = common.finished_parent(log, resumed)
+        model = keras.models.load_model(path)
         rankers = (resumed["ranker"],)
     else:
         with log.run("cifar", resume=resume, model="vgg16_bn", dataset=dataset, pruning_ratio=0.0, seed=seed,

@@ -3,7 +3,6 @@ training phases, measuring, and the end of a model's run (`finish_model_run`).""
 
 import contextlib
 import dataclasses
-import glob
 import json
 import os
 import shutil
@@ -11,9 +10,9 @@ import shutil
 import keras
 import numpy as np
 
-from save_sqlite import PARTIAL, remove_partial_files
 from pruning import CNNModel, PrunePlan, get_ranker, load_scores, measure_latency, model_stats, prune
 from pruning.callbacks import TimeHistory
+from save_sqlite import PARTIAL, remove_partial_files
 
 
 def set_seed(seed):
@@ -188,6 +187,17 @@ def finish_model_run(run, model, evaluate=None, *, filename="model.keras", laten
                "speedup": speedup}
     echo(summary_line(label, summary, latency_batch))
     return summary
+
+
+def finished_parent(log, row):
+    """(parent model path, parent summary) of pruned run `row`, for resuming it: the
+    fields `finish_model_run` returned when the parent finished."""
+    parent = log.get_run(row["parent_id"])
+    if parent["status"] != "completed" or not parent["artifact"] or not os.path.exists(parent["artifact"]):
+        raise ValueError(f"Run {row['id']} cannot be resumed: its baseline run {parent['id']} has no finished "
+                         f"model ({parent['status']}, {parent['artifact']!r}).")
+    return parent["artifact"], {k: parent[k] for k in ("test_top1", "latency_ms")} | {
+        "run_id": parent["id"], "artifact": parent["artifact"]}
 
 
 def summary_line(label, s, latency_batch=None):

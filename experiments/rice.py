@@ -159,10 +159,8 @@ def run_rice(cfg, log, progress=None, echo=print, resume=None):
     summaries, ratios = [], cfg.ratios
 
     if resumed is not None and resumed["parent_id"] is not None:  # a pruned run: its baseline is finished
-        base_row = log.get_run(resumed["parent_id"])
-        model = inline(keras.models.load_model(base_row["artifact"]))
-        base = {"run_id": base_row["id"], "artifact": base_row["artifact"], "test_top1": base_row["test_top1"],
-                "latency_ms": base_row["latency_ms"]}
+        path, base = common.finished_parent(log, resumed)
+        model = inline(keras.models.load_model(path))
         ratios = (resumed["pruning_ratio"],)
     else:
         with log.run("rice", resume=resume, model="vgg16", dataset=dataset, pruning_ratio=0.0, seed=cfg.seed,

@@ -1,7 +1,6 @@
 """Issue 12: no overwritten models, no run left `running`, resume after a kill,
 read commands that never write, and one clear line for every bad input."""
 
-import json
 import os
 import signal
 import sqlite3
@@ -99,6 +98,9 @@ def test_sigkill_after_first_epoch_then_resume(tiny_cifar, tmp_path):
     epochs = log.epochs(base["id"])
     assert [(e["phase"], e["epoch"]) for e in epochs] == [("pretrain", 0), ("pretrain", 1), ("pretrain", 2)]
     assert (epochs[0]["id"], epochs[0]["created_at"]) == first[0][::2]  # continued, not restarted
+    # The warm-up schedule went on from the restored optimizer step: 16 images / batch 4 = 4 steps an
+    # epoch, 5 warm-up epochs = 20 steps, so the rate after epoch k is 0.01 * 4 (k + 1) / 20.
+    assert [e["lr"] for e in epochs] == pytest.approx([0.002, 0.004, 0.006])
     assert [(e["phase"], e["epoch"]) for e in log.epochs(pruned["id"])] == [("final", 0)]
     for run in (base, pruned):
         model = keras.models.load_model(run["artifact"])
@@ -262,14 +264,10 @@ def test_read_only_folder_and_file(tmp_path):
 
 
 def test_unwritable_paths_are_named(tmp_path):
-    from conftest import SAMPLE_RICE  # noqa: F401
-
     blocker = tmp_path / "file"
     blocker.write_text("x")
     db = str(tmp_path / "l.db")
-    from save_sqlite import ExperimentLog as Log
-
-    Log(db).close()
+    ExperimentLog(db).close()
     r = CliRunner().invoke(cli, ["logs", "export", "--db", db, "-o", str(blocker / "out.csv")])
     assert r.exit_code == 1 and f"Cannot use '{blocker}' as the output folder: it is a file" in r.output
     r = CliRunner().invoke(cli, ["rice", "--out-dir", str(blocker / "runs"), "--db", db, "--weights", "none"])
@@ -279,7 +277,7 @@ def test_unwritable_paths_are_named(tmp_path):
     assert r.exit_code == 1 and "No experiment log at" in r.output
     with pytest.raises(ValueError, match="is a file, not a folder"):
         ExperimentLog(str(blocker / "x.db"))
-    assert Log(db).runs() == []  # nothing started
+    assert ExperimentLog(db).runs() == []  # nothing started
 
 
 # ------------------------------------------------------------------ report
@@ -353,7 +351,7 @@ def test_text_file_named_model_keras(tmp_path):
 # ---------------------------------------------------------------- bad data
 def _corrupt(folder):
     files = sorted(os.listdir(folder))
-    (text := os.path.join(folder, "notes.jpg"))
+    text = os.path.join(folder, "notes.jpg")
     open(text, "w").write("this is text, not a JPEG")
     trunc = os.path.join(folder, files[0])
     data = open(trunc, "rb").read()

@@ -181,3 +181,35 @@ def test_two_concurrent_writers_both_land(tmp_path):
     runs = log.runs("concurrent")
     assert sorted(r["model"] for r in runs) == ["w0", "w1"]
     assert all(r["status"] == "completed" and len(log.epochs(r["id"])) == 200 for r in runs)
+
+
+def test_callback_lives_next_to_time_history_and_is_re_exported():
+    from pruning.callbacks import SQLiteLogger as Canonical
+
+    assert save_sqlite.SQLiteLogger is Canonical and issubclass(Canonical, TimeHistory)
+
+
+def test_an_epoch_logged_again_after_a_resume_replaces_its_row(tmp_path):
+    from pruning import PrunePlan
+
+    log = ExperimentLog(str(tmp_path / "u.db"))
+    run_id = log.start_run("unit")
+    for loss in (1.0, 0.5):  # epoch 1 ran, was logged, then the process died before its backup
+        log.log_epoch(run_id, "train", 0, 1.0, {"loss": 2.0})
+        log.log_epoch(run_id, "train", 1, 1.0, {"loss": loss})
+    log.log_epoch(run_id, "other", 1, 1.0)
+    assert [(e["phase"], e["epoch"], e["loss"]) for e in log.epochs(run_id)] == \
+        [("train", 0, 2.0), ("train", 1, 0.5), ("other", 1, None)]
+    for _ in range(2):
+        log.log_layer_prunes(run_id, PrunePlan({"c1": [0, 1]}, {"c1": 4}), "l1")
+    assert [(p["layer"], p["filters_after"]) for p in log.layer_prunes(run_id)] == [("c1", 2)]
+
+
+def test_query_helper_knows_its_tables(tmp_path):
+    log = ExperimentLog(str(tmp_path / "q.db"))
+    with log.run("unit") as run:
+        run.finish(test_top1=0.5)
+    columns, rows = log.rows("runs")
+    assert "pid" in columns and rows[0]["test_top1"] == 0.5 and rows[0]["pid"] == __import__("os").getpid()
+    with pytest.raises(ValueError, match="Expected table in"):
+        log.rows("sqlite_master")
