@@ -41,7 +41,7 @@ def tiny_cifar(tmp_path):
 
 def _cifar_args(image_dir, tmp_path, *extra):
     return ["cifar", "--image-dir", image_dir, "--width", "0.0625", "--epochs", "3", "--batch-size", "4",
-            "--schedule", "oneshot", "--final-epochs", "1", "--ranker", "l1", "--latency-batch", "2",
+            "--schedule", "oneshot", "--final-epochs", "0", "--ranker", "l1", "--latency-batch", "2",
             "--rank-batches", "1", "--rank-batch-size", "4", "-v", "0", "--out-dir", str(tmp_path / "runs"),
             "--db", str(tmp_path / "log.db"), *extra]
 
@@ -101,7 +101,7 @@ def test_sigkill_after_first_epoch_then_resume(tiny_cifar, tmp_path):
     # The warm-up schedule went on from the restored optimizer step: 16 images / batch 4 = 4 steps an
     # epoch, 5 warm-up epochs = 20 steps, so the rate after epoch k is 0.01 * 4 (k + 1) / 20.
     assert [e["lr"] for e in epochs] == pytest.approx([0.002, 0.004, 0.006])
-    assert [(e["phase"], e["epoch"]) for e in log.epochs(pruned["id"])] == [("final", 0)]
+    assert log.epochs(pruned["id"]) == [] and len(log.layer_prunes(pruned["id"])) == 13
     for run in (base, pruned):
         model = keras.models.load_model(run["artifact"])
         assert model.count_params() == run["params"]
@@ -120,7 +120,7 @@ def test_sigterm_marks_the_run_interrupted(tiny_cifar, tmp_path):
 
 def test_rerunning_the_same_command_keeps_both_models(tiny_cifar, tmp_path):
     args = _cifar_args(tiny_cifar, tmp_path)
-    args[args.index("--epochs") + 1] = "1"
+    args[args.index("--epochs") + 1] = "0"  # untrained models are models too; keeps the test fast
     for _ in range(2):
         r = CliRunner().invoke(cli, args)
         assert r.exit_code == 0, r.output
@@ -410,3 +410,33 @@ def test_offline_tfds_fails_fast(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="cannot be reached to download it.*--image-dir"):
         data.load_cifar_tfds("cifar10", "train", data_dir=str(tmp_path / "tfds"))
     assert time.perf_counter() - start < 30
+
+
+def test_rice_pruned_run_interrupted_then_resumed(tmp_path, monkeypatch):
+    """Ctrl-C in the retraining of a pruned run (after its first epoch's backup), then --resume."""
+    orig = keras.callbacks.BackupAndRestore.on_epoch_end
+
+    def interrupt(self, epoch, logs=None):
+        orig(self, epoch, logs)
+        if epoch == 0 and self.backup_dir.endswith("retrain_head"):
+            raise KeyboardInterrupt
+
+    db = str(tmp_path / "l.db")
+    args = ["rice", "--data-dir", SAMPLE_RICE, "--weights", "none", "--image-size", "32", "--head-epochs", "1",
+            "--retrain-epochs", "2", "--patience", "5", "--ratios", "0.5", "--latency-batch", "2", "-v", "0",
+            "--out-dir", str(tmp_path / "runs"), "--db", db]
+    monkeypatch.setattr(keras.callbacks.BackupAndRestore, "on_epoch_end", interrupt)
+    r = CliRunner().invoke(cli, args)
+    assert r.exit_code == 130, r.output
+    base, pruned = ExperimentLog(db).runs()
+    assert (base["status"], pruned["status"], pruned["error"]) == ("completed", "interrupted", "KeyboardInterrupt")
+    monkeypatch.setattr(keras.callbacks.BackupAndRestore, "on_epoch_end", orig)
+    r = CliRunner().invoke(cli, ["rice", "--resume", str(pruned["id"]), "--db", db])
+    assert r.exit_code == 0, r.output
+    log = ExperimentLog(db)
+    assert len(log.runs()) == 2  # the same row, no new run
+    pruned = log.get_run(pruned["id"])
+    assert pruned["status"] == "completed" and pruned["parent_id"] == base["id"]
+    assert [(e["phase"], e["epoch"]) for e in log.epochs(pruned["id"])] == [("retrain_head", 0), ("retrain_head", 1)]
+    assert [p["layer"] for p in log.layer_prunes(pruned["id"])].count("block1_conv1") == 1
+    assert keras.models.load_model(pruned["artifact"]).count_params() == pruned["params"] < base["params"]
