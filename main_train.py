@@ -180,59 +180,54 @@ def cli():
     """
 
 
-# ----------------------------------------------------------------------- cifar
-@cli.command(context_settings=CONTEXT)
-@config_options(CifarConfig)
-@click.option("--results", default=None, help="Write the comparison table (Markdown) to this file.")
-@resume_option
-@db_option
-def cifar(db, results, resume, **options):
-    """HRank on CIFAR: pretrain VGG16-BN, rank filters, prune and fine-tune."""
-    from experiments.cifar_hrank import comparison_table, run_cifar
+# ---------------------------------------------------------- cifar and rice
+def experiment_command(cls, run, results_help):
+    """Decorator: a training command whose options are the fields of config `cls`,
+    plus --results, --resume and --db. `run` ("module:function") runs the experiment;
+    the decorated function `fn(cfg, summaries, results)` reports its summaries."""
+    def decorate(fn):
+        @cli.command(fn.__name__, context_settings=CONTEXT, help=fn.__doc__)
+        @config_options(cls)
+        @click.option("--results", default=None, help=results_help)
+        @resume_option
+        @db_option
+        def command(db, results, resume, **options):
+            import importlib
 
-    cfg = config_from_options(CifarConfig, options)
-    summaries = run_experiment(run_cifar, cfg, db, resume)
+            module, name = run.split(":")
+            cfg = config_from_options(cls, options)
+            summaries = run_experiment(getattr(importlib.import_module(module), name), cfg, db, resume)
+            try:
+                fn(cfg, summaries, results)
+            except ValueError as e:  # an unwritable --results path
+                fail(e)
+        return command
+    return decorate
+
+
+@experiment_command(CifarConfig, "experiments.cifar_hrank:run_cifar",
+                    "Write the comparison table (Markdown) to this file.")
+def cifar(cfg, summaries, results):
+    """HRank on CIFAR: pretrain VGG16-BN, rank filters, prune and fine-tune."""
+    from experiments.cifar_hrank import comparison_table
+    from experiments.common import config_dict, write_text
+
     table = comparison_table(summaries)
     click.echo(table)
     if results:
-        from experiments.common import write_text
-
-        try:
-            write_text(results, cifar_results_markdown(cfg, table, summaries))
-        except ValueError as e:
-            fail(e)
+        write_text(results, f"# CIFAR pruning comparison\n\nRuns: {', '.join(str(s['run_id']) for s in summaries)} "
+                            f"in the experiment log.\n\n{table}\n\nConfig:\n\n```json\n"
+                            f"{json.dumps(config_dict(cfg), indent=1)}\n```\n")
         click.echo(f"wrote {results}")
 
 
-def cifar_results_markdown(cfg, table, summaries):
-    from experiments.common import config_dict
-
-    return (f"# CIFAR pruning comparison\n\nRuns: {', '.join(str(s['run_id']) for s in summaries)} "
-            f"in the experiment log.\n\n{table}\n\nConfig:\n\n```json\n"
-            f"{json.dumps(config_dict(cfg), indent=1)}\n```\n")
-
-
-# ------------------------------------------------------------------------ rice
-@cli.command(context_settings=CONTEXT)
-@config_options(RiceConfig)
-@click.option("--results", default=None, help="Folder for the results table and plot (e.g. results/).")
-@resume_option
-@db_option
-def rice(db, results, resume, **options):
+@experiment_command(RiceConfig, "experiments.rice:run_rice", "Folder for the results table and plot (e.g. results/).")
+def rice(cfg, summaries, results):
     """Rice varieties: VGG16 transfer learning, then pruning and retraining."""
-    from experiments.rice import run_rice
+    from experiments.report import rice_results
 
-    cfg = config_from_options(RiceConfig, options)
-    summaries = run_experiment(run_rice, cfg, db, resume)
-    if results:
-        from experiments.report import rice_results
-
-        try:
-            paths = rice_results(cfg, summaries, results)
-        except ValueError as e:
-            fail(e)
-        for path in paths:
-            click.echo(f"wrote {path}")
+    for path in rice_results(cfg, summaries, results) if results else []:
+        click.echo(f"wrote {path}")
 
 
 # ---------------------------------------------------------------- prune / rank
