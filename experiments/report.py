@@ -2,10 +2,11 @@
 
 import json
 import os
+import re
 
 import matplotlib
 
-from experiments.common import config_dict, write_text
+from experiments.common import config_dict, ensure_writable_dir, write_text
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -104,10 +105,26 @@ def layers_kept_plot(log, runs, path):
     return _save(fig, path)
 
 
-def write_report(log, out_dir):
-    """report.md and PNGs for all completed runs in `log`; returns the paths written."""
-    os.makedirs(out_dir, exist_ok=True)
+def report_run_count(path):
+    """How many completed runs the report.md at `path` was built from (None: no report)."""
+    if not os.path.exists(path):
+        return None
+    with open(path, errors="replace") as f:
+        match = re.search(r"; (\d+) completed runs", f.read(4000))
+    return int(match.group(1)) if match else None
+
+
+def write_report(log, out_dir, force=False):
+    """report.md and PNGs for all completed runs in `log`; returns the paths written.
+
+    A report.md built from more completed runs is not replaced (a ValueError says
+    so) unless `force`."""
     runs = log.runs(status="completed")
+    previous = report_run_count(os.path.join(out_dir, "report.md"))
+    if previous is not None and previous > len(runs) and not force:
+        raise ValueError(f"{os.path.join(out_dir, 'report.md')!r} was built from {previous} completed runs; "
+                         f"{log.path!r} has {len(runs)}. Pass another --out-dir, or --force to replace it.")
+    ensure_writable_dir(out_dir)
     written, sections = [], [f"# Experiment report\n\nDatabase: `{log.path}`; {len(runs)} completed runs "
                              f"({len(log.runs()) - len(runs)} others).\n"]
     for experiment in sorted({r["experiment"] for r in runs}):
@@ -132,12 +149,13 @@ def write_report(log, out_dir):
 def rice_results(cfg, summaries, out_dir):
     """rice_results.md (table + config) and rice_accuracy.png for one rice run."""
 
-    os.makedirs(out_dir, exist_ok=True)
+    ensure_writable_dir(out_dir)
     lines = ["| run | pruning ratio | test accuracy | params | trainable | MACs | latency ms/batch | speed-up |",
              "|---" * 8 + "|"]
     for s in summaries:
         lines.append(f"| {s['run_id']} | {s['ratio']:g} | {s['test_top1']:.4f} | {s['params']:,} | "
-                     f"{s['trainable_params']:,} | {s['macs']:,} | {s['latency_ms']:.1f} | {s['speedup']:.2f}x |")
+                     f"{s['trainable_params']:,} | {s['macs']:,} | {s['latency_ms']:.1f} | "
+                     f"{s['speedup'] or 1.0:.2f}x |")
     md = write_text(os.path.join(out_dir, "rice_results.md"),
                     f"# Rice: transfer learning and pruning\n\nLatency: median of {cfg.latency_runs} calls on a "
                 f"batch of {cfg.latency_batch} images of {cfg.image_size}x{cfg.image_size}.\n\n"

@@ -6,67 +6,21 @@ retrain the head (pruned convs frozen) or everything -> evaluate. The baseline a
 each ratio are logged runs; each pruned run points at its baseline.
 """
 
-import dataclasses
+import json
 import os
-from typing import Optional
 
 import keras
 import numpy as np
 
 from experiments import common
-from experiments.data import drop_unreadable, folder_dataset, list_image_folder, preprocessing, stratified_split
+from experiments.config import RiceConfig, from_dict  # noqa: F401  (RiceConfig: the config block)
+from experiments.data import (check_splits, drop_unreadable, folder_dataset, list_image_folder, preprocessing,
+                              stratified_split)
 from experiments.models import rice_classifier
-from pruning import check_ratio, inline
+from pruning import CNNModel, inline
 
 HEAD_LAYERS = ("features", "fc1", "dropout", "predictions")
 SPLITS = ("train", "val", "test")
-RETRAIN_CHOICES = ("head", "all")
-
-
-@dataclasses.dataclass
-class RiceConfig:
-    data_dir: str = os.path.join("data", "rice_sample")
-    image_size: int = 224  # pixels, square
-    limit_per_class: Optional[int] = None
-    split: tuple = (0.7, 0.15, 0.15)
-    seed: int = 0
-    weights: str = "imagenet"  # imagenet | hed | none | path to a weights file
-    pretrained: Optional[str] = None  # a trained baseline .keras file: skips phases 1 and 2
-    pooling: str = "avg"  # avg (GlobalAveragePooling) | flatten
-    batch_size: int = 16
-    head_epochs: int = 30  # phase 1 (early stopping usually ends it sooner)
-    head_lr: float = 1e-3
-    unfreeze: int = 0  # phase 2: how many of the top conv layers to fine-tune (0: skip)
-    finetune_epochs: int = 10
-    finetune_lr: float = 1e-5
-    patience: int = 5  # EarlyStopping on val_loss, best weights restored
-    augment: bool = False  # random flips; turns off feature caching
-    ranker: str = "l1"
-    ratios: tuple = (0.05, 0.1, 0.2)
-    exclude: tuple = ("block5_conv3",)
-    round_to: int = 16  # round kept filter counts to a multiple of this (1: exact int(ratio * n))
-    retrain: str = "head"  # head: pruned convs frozen | all
-    retrain_epochs: int = 30
-    out_dir: str = os.path.join("runs", "rice")
-    latency_batch: int = 16
-    latency_runs: int = 10
-    verbose: int = 2
-
-    def validate(self):
-        from pruning.rankers import get_ranker
-
-        if not os.path.isdir(self.data_dir):
-            raise ValueError(f"Data folder not found: {self.data_dir!r}. Expected a folder of "
-                             "<variety>/<image>.jpg such as Rice_Image_Dataset")
-        if self.retrain not in RETRAIN_CHOICES:
-            raise ValueError(f"Expected retrain in {RETRAIN_CHOICES}. Received: retrain={self.retrain!r}")
-        if self.image_size < 32:
-            raise ValueError(f"Expected image_size >= 32 (VGG16 pools 5 times). Received: {self.image_size}")
-        for r in self.ratios:
-            check_ratio(r)
-        if self.pretrained and not os.path.exists(self.pretrained):
-            raise ValueError(f"Pretrained model not found: {self.pretrained!r}")
-        get_ranker(self.ranker)
 
 
 def _flip(x):
@@ -81,6 +35,7 @@ class RiceData:
         paths, labels, self.class_names = list_image_folder(cfg.data_dir, cfg.limit_per_class, cfg.seed)
         self.paths, self.labels, self.unreadable = drop_unreadable(paths, labels)
         self.split = stratified_split(self.labels, cfg.split, cfg.seed)
+        check_splits(self.labels, self.split, self.class_names, SPLITS)
         pre = preprocessing("vgg16")  # RGB [0, 255] -> BGR minus the ImageNet mean
         self.ordered = {}
         for name, idx in zip(SPLITS, self.split):
@@ -100,14 +55,6 @@ class RiceData:
 
     def y(self, name):
         return self.labels[self.split[SPLITS.index(name)]]
-
-
-def callbacks(cfg, run, phase, checkpoint):
-    return common.epoch_callbacks(run, phase, [
-        keras.callbacks.EarlyStopping(patience=cfg.patience, restore_best_weights=True),
-        keras.callbacks.ReduceLROnPlateau(factor=0.2, patience=max(1, cfg.patience // 2), min_lr=1e-7),
-        keras.callbacks.ModelCheckpoint(checkpoint, save_best_only=True, save_weights_only=True),
-    ])
 
 
 def _layer_input(model, name):
@@ -134,13 +81,14 @@ def set_trainable(model, names):
         layer.trainable = layer.name in names
 
 
-def compile_for(model, lr):
+def compile_model(model, lr):
     model.compile(optimizer=keras.optimizers.Adam(lr), loss="sparse_categorical_crossentropy",
                   metrics=["accuracy"])
 
 
-def train(model, trainable, cfg, data, run, phase, out, lr, epochs):
-    """Trains the layers named in `trainable`, everything else frozen.
+def train(model, trainable, cfg, data, run, phase, lr, epochs):
+    """Trains the layers named in `trainable`, everything else frozen, as a resumable
+    phase of `run` (see `common.train_phase`); returns the trained model.
 
     Without augmentation the frozen layers before the first trainable one are
     deterministic, so their output is computed once per split and the rest of the
@@ -148,95 +96,111 @@ def train(model, trainable, cfg, data, run, phase, out, lr, epochs):
     the whole model runs on the images every epoch.
     """
     set_trainable(model, trainable)
-    cbs = callbacks(cfg, run, phase, os.path.join(out, f"{phase}.weights.h5"))
-    first = next(l.name for l in model.layers if l.trainable and l.weights)
-    if cfg.augment or _layer_input(model, first) is model.inputs[0]:
-        compile_for(model, lr)
-        model.fit(data.train, validation_data=data.ordered["val"], epochs=epochs, verbose=cfg.verbose,
-                  callbacks=cbs)
-        return
-    prefix = keras.Model(model.inputs, _layer_input(model, first))
-    feats = {name: prefix.predict(ds, verbose=0) for name, ds in data.ordered.items() if name != "test"}
-    suffix = chain_suffix(model, first)
-    compile_for(suffix, lr)
-    order = np.random.default_rng(cfg.seed).permutation(len(feats["train"]))
-    suffix.fit(feats["train"][order], data.y("train")[order], batch_size=cfg.batch_size, epochs=epochs,
-               validation_data=(feats["val"], data.y("val")), verbose=cfg.verbose, callbacks=cbs)
+    extra = [
+        keras.callbacks.EarlyStopping(patience=cfg.patience, restore_best_weights=True),
+        keras.callbacks.ReduceLROnPlateau(factor=0.2, patience=max(1, cfg.patience // 2), min_lr=1e-7),
+    ]
+
+    def fit(model, callbacks):
+        first = next(l.name for l in model.layers if l.trainable and l.weights)
+        if cfg.augment or _layer_input(model, first) is model.inputs[0]:
+            compile_model(model, lr)
+            model.fit(data.train, validation_data=data.ordered["val"], epochs=epochs, verbose=cfg.verbose,
+                      callbacks=callbacks)
+            return
+        prefix = keras.Model(model.inputs, _layer_input(model, first))
+        feats = {name: prefix.predict(ds, verbose=0) for name, ds in data.ordered.items() if name != "test"}
+        suffix = chain_suffix(model, first)
+        compile_model(suffix, lr)
+        order = np.random.default_rng(cfg.seed).permutation(len(feats["train"]))
+        suffix.fit(feats["train"][order], data.y("train")[order], batch_size=cfg.batch_size, epochs=epochs,
+                   validation_data=(feats["val"], data.y("val")), verbose=cfg.verbose, callbacks=callbacks)
+
+    return common.train_phase(run, phase, model, fit, extra)
 
 
 def conv_names(model):
-    from pruning import CNNModel
-
     return [c.name for c in CNNModel(model).conv_layers]
 
 
 def evaluate(model, data):
+    """Run fields of `model` on the test split: test_top1, and under "metrics" the
+    confusion matrix and per-class precision and recall."""
     probs = model.predict(data.ordered["test"], verbose=0)
     y = data.y("test")
     pred = probs.argmax(axis=1)
     cm = common.confusion_matrix(y, pred, data.num_classes)
-    top1 = float((pred == y).mean())
-    return {"test_top1": top1}, {"confusion_matrix": cm.tolist(), "class_names": data.class_names,
-                                 "per_class": common.per_class_report(cm, data.class_names)}
+    return {"test_top1": float((pred == y).mean()),
+            "metrics": {"confusion_matrix": cm.tolist(), "class_names": data.class_names,
+                        "per_class": common.per_class_report(cm, data.class_names)}}
 
 
-def run_rice(cfg, log, progress=None, echo=print):
-    """Baseline + one pruned model per ratio; returns one summary dict per run."""
+def run_rice(cfg, log, progress=None, echo=print, resume=None):
+    """Baseline + one pruned model per ratio; returns one summary dict per run.
+
+    With `resume=run_id` (an interrupted rice run of `log`), `cfg` is ignored: the
+    run's recorded config is used and the run continues in its own row; a resumed
+    baseline then goes on with every ratio.
+    """
+    resumed = log.resumable(resume, "rice") if resume is not None else None
+    if resumed is not None:
+        cfg = from_dict(RiceConfig, json.loads(resumed["config"] or "{}"))
     cfg.validate()
     common.set_seed(cfg.seed)
     data = RiceData(cfg)
     if data.unreadable:
         echo(f"skipped {len(data.unreadable)} unreadable images: {', '.join(data.unreadable)}")
-    out = os.path.join(cfg.out_dir, f"{os.path.basename(os.path.normpath(cfg.data_dir))}-"
-                                    f"{cfg.image_size}px-{os.path.basename(str(cfg.weights))}-seed{cfg.seed}")
-    os.makedirs(out, exist_ok=True)
     config = {**common.config_dict(cfg), "classes": data.class_names, "images": len(data.paths),
               "split_sizes": [int(len(s)) for s in data.split], "unreadable": data.unreadable}
     dataset = os.path.basename(os.path.normpath(cfg.data_dir))
-    summaries = []
+    name = common.slug(dataset, f"{cfg.image_size}px", os.path.basename(str(cfg.weights)), f"seed{cfg.seed}")
+    measure = {"latency_batch": cfg.latency_batch, "latency_runs": cfg.latency_runs, "echo": echo}
+    evaluate_on_test = lambda m: evaluate(m, data)  # noqa: E731
+    summaries, ratios = [], cfg.ratios
 
-    with log.run("rice", model="vgg16", dataset=dataset, pruning_ratio=0.0, seed=cfg.seed,
-                 config=config) as base_run:
-        if cfg.pretrained:
-            model = inline(keras.models.load_model(cfg.pretrained))
-            if model.output_shape[-1] != data.num_classes:
-                raise ValueError(f"{cfg.pretrained} predicts {model.output_shape[-1]} classes; "
-                                 f"{cfg.data_dir} has {data.num_classes}.")
-        else:
-            # Inlined into one flat graph, so every layer of the base can be frozen or trained.
-            model = inline(rice_classifier(data.num_classes, cfg.image_size, cfg.weights, cfg.pooling,
-                                           seed=cfg.seed))
-            train(model, HEAD_LAYERS, cfg, data, base_run, "head", out, cfg.head_lr, cfg.head_epochs)
-            if cfg.unfreeze > 0:
-                top = conv_names(model)[-cfg.unfreeze:]
-                train(model, set(top) | set(HEAD_LAYERS), cfg, data, base_run, "finetune", out,
-                      cfg.finetune_lr, cfg.finetune_epochs)
-        metrics, details = evaluate(model, data)
-        sizes, latency = common.measure(model, cfg.latency_batch, cfg.latency_runs)
-        path = cfg.pretrained or common.save_model(model, os.path.join(out, "baseline.keras"))
-        base_run.finish(**metrics, **sizes, artifact=path, metrics={**details, "latency": latency})
-    summaries.append({"run_id": base_run.id, "ratio": 0.0, **metrics, **sizes, "speedup": 1.0})
-    echo(f"baseline: test accuracy {metrics['test_top1']:.4f}, {sizes['params']:,} params, "
-         f"{sizes['macs']:,} MACs, {sizes['latency_ms']:.1f} ms/batch of {cfg.latency_batch}")
+    if resumed is not None and resumed["parent_id"] is not None:  # a pruned run: its baseline is finished
+        path, base = common.finished_parent(log, resumed)
+        model = inline(keras.models.load_model(path))
+        ratios = (resumed["pruning_ratio"],)
+    else:
+        with log.run("rice", resume=resume, model="vgg16", dataset=dataset, pruning_ratio=0.0, seed=cfg.seed,
+                     config=config) as base_run:
+            base_run.make_dir(cfg.out_dir, f"{name}-baseline")
+            if cfg.pretrained:
+                model = inline(keras.models.load_model(cfg.pretrained))
+                if model.output_shape[-1] != data.num_classes:
+                    raise ValueError(f"{cfg.pretrained} predicts {model.output_shape[-1]} classes; "
+                                     f"{cfg.data_dir} has {data.num_classes}.")
+                for layer in cfg.exclude:
+                    CNNModel(model).conv(layer)  # an unknown name fails before any work
+            else:
+                # Inlined into one flat graph, so every layer of the base can be frozen or trained.
+                model = inline(rice_classifier(data.num_classes, cfg.image_size, cfg.weights, cfg.pooling,
+                                               seed=cfg.seed))
+                model = train(model, HEAD_LAYERS, cfg, data, base_run, "head", cfg.head_lr, cfg.head_epochs)
+                if cfg.unfreeze > 0:
+                    top = conv_names(model)[-cfg.unfreeze:]
+                    model = train(model, set(top) | set(HEAD_LAYERS), cfg, data, base_run, "finetune",
+                                  cfg.finetune_lr, cfg.finetune_epochs)
+            base = common.finish_model_run(base_run, model, evaluate_on_test, filename="baseline.keras",
+                                           artifact=cfg.pretrained, save=not cfg.pretrained, label="baseline", **measure)
+        summaries.append({**base, "ratio": 0.0})
 
     scores, _ = common.compute_scores(model, cfg.ranker, data=data.ordered["train"], seed=cfg.seed,
                                       rank_batches=20, progress=progress)
-    for ratio in cfg.ratios:
-        with log.run("rice", model="vgg16", dataset=dataset, ranker=cfg.ranker, pruning_ratio=ratio,
-                     parent_id=base_run.id, seed=cfg.seed, config=config) as run:
+    for ratio in ratios:
+        pruned_resume = resume if resumed is not None and resumed["parent_id"] is not None else None
+        with log.run("rice", resume=pruned_resume, model="vgg16", dataset=dataset, ranker=cfg.ranker,
+                     pruning_ratio=ratio, parent_id=base["run_id"], seed=cfg.seed, config=config) as run:
+            run.make_dir(cfg.out_dir, f"{name}-{cfg.ranker}-{ratio:g}")
             common.set_seed(cfg.seed)
             pruned, _ = common.prune_logged(model, scores, ratio, run, exclude=cfg.exclude, ranker=cfg.ranker,
                                             round_to=cfg.round_to)
             trainable = HEAD_LAYERS if cfg.retrain == "head" else {l.name for l in pruned.layers}
             lr = cfg.head_lr if cfg.retrain == "head" else cfg.finetune_lr
-            train(pruned, trainable, cfg, data, run, f"retrain_{cfg.retrain}", out, lr, cfg.retrain_epochs)
-            p_metrics, p_details = evaluate(pruned, data)
-            p_sizes, p_latency = common.measure(pruned, cfg.latency_batch, cfg.latency_runs)
-            speedup = sizes["latency_ms"] / p_sizes["latency_ms"]
-            path = common.save_model(pruned, os.path.join(out, f"pruned-{cfg.ranker}-{ratio:g}.keras"))
-            run.finish(**p_metrics, **p_sizes, artifact=path,
-                       metrics={**p_details, "latency": p_latency, "speedup": speedup})
-        summaries.append({"run_id": run.id, "ratio": ratio, **p_metrics, **p_sizes, "speedup": speedup})
-        echo(f"ratio {ratio:g}: test accuracy {p_metrics['test_top1']:.4f}, {p_sizes['params']:,} params, "
-             f"{p_sizes['macs']:,} MACs, {p_sizes['latency_ms']:.1f} ms/batch ({speedup:.2f}x)")
+            pruned = train(pruned, trainable, cfg, data, run, f"retrain_{cfg.retrain}", lr, cfg.retrain_epochs)
+            summary = common.finish_model_run(run, pruned, evaluate_on_test,
+                                              filename=f"pruned-{cfg.ranker}-{ratio:g}.keras", baseline=base,
+                                              label=f"ratio {ratio:g}", **measure)
+        summaries.append({**summary, "ratio": ratio})
     return summaries

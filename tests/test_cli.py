@@ -199,3 +199,53 @@ def test_cifar_missing_image_dir_fails_before_any_run(tmp_path):
     r = CliRunner().invoke(cli, ["cifar", "--image-dir", str(tmp_path / "nope"), "--db", db])
     assert r.exit_code != 0 and "Data folder not found" in r.output and "Traceback" not in r.output
     assert ExperimentLog(db).runs() == []
+
+
+@pytest.mark.parametrize("command,cls", [("cifar", "CifarConfig"), ("rice", "RiceConfig")])
+def test_every_option_default_is_its_config_field_default(command, cls):
+    import dataclasses
+
+    import experiments.config as config
+
+    cls = getattr(config, cls)
+    ctx = cli.commands[command].make_context(command, [])
+    defaults = cls()
+    fields = {f.name for f in dataclasses.fields(cls) if f.metadata.get("cli", True)}
+    assert fields <= set(ctx.params)  # every config field has an option
+    for name in fields:
+        value = ctx.params[name]
+        assert (tuple(value) if isinstance(value, list) else value) == getattr(defaults, name), name
+    # Choice lists come from the config's tuples.
+    by_name = {p.name: p for p in cli.commands[command].params}
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("choices"):
+            assert tuple(by_name[f.name].type.choices) == f.metadata["choices"]
+
+
+def test_float_list_returns_one_type():
+    from main_train import float_list
+
+    assert float_list(None, None, "0.5") == (0.5,)
+    assert float_list(None, None, "0.1, 0.2") == (0.1, 0.2)
+    assert float_list(None, None, 0.3) == (0.3,)
+    assert float_list(None, None, None) is None
+
+
+def test_help_imports_no_tensorflow():
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    code = "import sys, main_train; print('tensorflow' in sys.modules or 'keras' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "False", out.stderr
+
+
+def test_version_is_written_once():
+    from conftest import REPO
+
+    import pruning
+
+    cfg = open(os.path.join(REPO, "setup.cfg")).read()
+    assert "version = attr: pruning.__version__" in cfg and pruning.__version__ not in cfg

