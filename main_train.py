@@ -291,6 +291,14 @@ def ranking_options(fn):
     return fn
 
 
+def echo_skipped(plan):
+    """One line naming the convs a uniform ratio left alone, and why (plan.meta["skipped"])."""
+    skipped = plan.meta.get("skipped") or {}
+    if skipped:
+        click.echo(f"skipped {len(skipped)} convs: "
+                   + "; ".join(f"{name} ({reason})" for name, reason in skipped.items()))
+
+
 @cli.command(context_settings=CONTEXT)
 @click.argument("model_path")
 @ranking_options
@@ -352,6 +360,7 @@ def prune(model_path, ranker, data_dir, preprocess, image_size, batch_size, limi
             fail(e)
     if save_plan:
         plan.save(save_plan)
+    echo_skipped(plan)
     click.echo(format_stats(model_stats(model), model_stats(pruned)))
     click.echo(f"wrote {output} (run {run.id})")
 

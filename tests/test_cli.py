@@ -249,3 +249,19 @@ def test_version_is_written_once():
 
     cfg = open(os.path.join(REPO, "setup.cfg")).read()
     assert "version = attr: pruning.__version__" in cfg and pruning.__version__ not in cfg
+
+
+def test_prune_lists_the_convs_a_uniform_ratio_skips(tmp_path):
+    inp = keras.Input((8, 8, 3))
+    a = keras.layers.Conv2D(8, 3, padding="same", name="a")(inp)
+    b = keras.layers.Conv2D(8, 3, padding="same", name="b")(inp)
+    x = keras.layers.Concatenate()([keras.layers.LayerNormalization(name="ln")(a), b])
+    out = keras.layers.Conv2D(2, 1, name="head")(x)
+    path, pruned = str(tmp_path / "m.keras"), str(tmp_path / "p.keras")
+    keras.Model(inp, out).save(path)
+    r = CliRunner().invoke(cli, ["prune", path, "--ratio", "0.5", "-o", pruned, "--db", str(tmp_path / "l.db")])
+    assert r.exit_code == 0, r.output
+    line = next(l for l in r.output.splitlines() if l.startswith("skipped"))
+    assert line.startswith("skipped 2 convs: ") and "a (" in line and "head (" in line and "model output" in line
+    m = keras.models.load_model(pruned)
+    assert m.get_layer("b").filters == 4 and m.get_layer("a").filters == 8
