@@ -76,9 +76,14 @@ def zoo_row(name, ratio=0.3):
     blocked = [c for c in cnn.conv_layers if not c.prunable]
     reasons = {}
     for c in blocked:
-        key = c.blocked_by if not c.blocked_by.startswith("it is tied to") else \
-            "tied to a blocked conv: " + c.blocked_by.split(": ", 1)[-1]
-        key = key.split("'")[0] + "..." if "LayerNormalization" in key else key
+        tied = c.blocked_by.startswith("it is tied to")
+        if "LayerNormalization" in c.blocked_by:
+            key = ("tied to a conv that " if tied else "") + \
+                "feeds LayerNormalization (allow_inexact=True prunes it)"
+        elif tied:
+            key = "tied to a blocked conv: " + c.blocked_by.split(": ", 1)[-1]
+        else:
+            key = c.blocked_by
         reasons[key] = reasons.get(key, 0) + 1
     return {
         "model": name, "convs": len(cnn.conv_layers), "prunable": len(cnn.prunable_layers),

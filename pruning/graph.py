@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import keras
 import numpy as np
 
-from pruning.handlers import handler_for
+from pruning.handlers import handler_for, is_producer  # noqa: F401 (public here too)
 
 # A channel's origin is encoded as conv_index * _STRIDE + filter_index, or _NO_ORIGIN
 # when the channel does not come from a prunable convolution (input pixels, Dense
@@ -340,6 +340,13 @@ class CNNModel:
         conv = self.conv(name)
         ids = conv.index * _STRIDE + np.asarray(filters, np.int64)
         return np.nonzero(np.isin(self.origins[key], ids))[0]
+
+    def channel_counts(self, key):
+        """(channels of tensor `key` made by no prunable conv, an array with how many
+        of its channels each conv made, indexed by `ConvLayer.index`)."""
+        origin = self.origins[key]
+        made = np.bincount(origin[origin >= 0] // _STRIDE, minlength=len(self.conv_layers))
+        return int((origin < 0).sum()), made
 
     @property
     def fingerprint(self):

@@ -66,6 +66,16 @@ def filter_kernel(layer):
     return handler_for(layer).filter_kernel(layer)
 
 
+def is_producer(layer):
+    """True for layer kinds whose handler has filters to remove (a Dense layer counts
+    only when `CNNModel` sees it applied to a feature map)."""
+    try:
+        filter_kernel(layer)
+    except ValueError:
+        return False
+    return True
+
+
 def layer_macs(layer, in_shape, out_shape):
     """Multiply-accumulates of one call for one input example (biases, BN and
     activations not counted); 0 for a layer kind without a handler."""

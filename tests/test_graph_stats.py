@@ -71,3 +71,18 @@ def test_preprocessing_choices():
     assert preprocessing("none") is None
     with pytest.raises(ValueError, match="Expected preprocessing in .*Received: preprocess='imagenet'"):
         preprocessing("imagenet")
+
+
+def test_channel_counts_and_producers_without_private_names():
+    from pruning.graph import is_producer
+
+    inp = keras.Input((6, 6, 3))
+    a = keras.layers.Conv2D(4, 3, padding="same", name="a")(inp)
+    x = keras.layers.Concatenate()([inp, a, keras.layers.DepthwiseConv2D(3, padding="same")(a)])
+    model = keras.Model(inp, keras.layers.Dense(2)(keras.layers.Flatten()(x)))
+    cnn = CNNModel(model)
+    key = next(c for c in cnn.calls if c.layer.name.startswith("concatenate")).outputs[0]
+    untracked, made = cnn.channel_counts(key)
+    assert untracked == 3 and made.tolist() == [8]
+    np.testing.assert_array_equal(cnn.channel_positions(key, "a", [1]), [4, 8])
+    assert is_producer(model.get_layer("a")) and not is_producer(model.layers[2])

@@ -61,7 +61,7 @@ def _widths(spec):
     return {f"{p}{j}": spec["widths"][j % 4] for j in range(len(spec["blocks"])) for p in "ck"}
 
 
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(spec=specs, ratio=st.floats(0.0, 0.9), seed=st.integers(0, 1000))
 def test_random_cnn_prunes_exactly(spec, ratio, seed):
     model = make_model(spec, _widths(spec))
@@ -70,5 +70,5 @@ def test_random_cnn_prunes_exactly(spec, ratio, seed):
     kept = {c.name: len(plan.keep.get(c.name, range(c.filters))) for c in cnn.conv_layers}
     widths = {**_widths(spec), **kept}
     assert pruned.count_params() == make_model(spec, widths).count_params()
-    if plan.keep:
+    if any(len(k) < cnn.conv(n).filters for n, k in plan.keep.items()):
         assert pruned.count_params() < model.count_params()
