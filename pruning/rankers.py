@@ -155,7 +155,8 @@ class HRankRanker(Ranker):
             for i, batch in enumerate(iter_batches(data)):
                 if self.num_batches is not None and i >= self.num_batches:
                     break
-                maps = [keras.ops.convert_to_numpy(m) for m in keras.tree.flatten(probe(batch, training=False))]
+                outputs = keras.tree.flatten(probe(batch, training=False))
+                maps = [keras.ops.convert_to_numpy(m) for m in outputs]
                 if pending is not None:
                     pending.result()
                 pending = pool.submit(add, maps)
@@ -192,7 +193,7 @@ def feature_map_ranks(fmap):
     """Matrix rank of every channel's map: (batch, H, W, C) -> (batch, C).
 
     Equal to `numpy.linalg.matrix_rank` on the float32 maps (default tolerance
-    `tol = S.max() * max(H, W) * eps`), several times faster. Each map A gets its float64
+    `tol = S.max() * max(H, W) * eps`), 1.5-2x faster on VGG16-BN maps. Each map A gets its float64
     Gram matrix G (k x k on the shorter side; G's eigenvalues are A's squared singular
     values):
     1. all-zero maps have rank 0;
