@@ -95,7 +95,7 @@ def main(batches, batch_size, rounds, train_steps, data, out, seed):
     with click.progressbar(xs, label="per-layer ranks") as bar:
         for x in bar:
             t = time.perf_counter()
-            maps = [np.asarray(m) for m in probe(x, training=False)]
+            maps = [np.asarray(m) for m in probe.predict_on_batch(x)]
             probe_s += time.perf_counter() - t
             for j, m in enumerate(maps):
                 t = time.perf_counter()

@@ -154,7 +154,7 @@ class HRankRanker(Ranker):
             for i, batch in enumerate(iter_batches(data)):
                 if self.num_batches is not None and i >= self.num_batches:
                     break
-                maps = [keras.ops.convert_to_numpy(m) for m in keras.tree.flatten(probe(batch, training=False))]
+                maps = [np.asarray(m) for m in keras.tree.flatten(probe.predict_on_batch(batch))]
                 if pending is not None:
                     pending.result()
                 pending = pool.submit(add, maps)
@@ -171,13 +171,18 @@ class HRankRanker(Ranker):
 
 
 def feature_probe(cnn, keys):
-    """A multi-output `keras.Model` returning the traced tensors `keys` (backend-neutral:
-    the graph is re-called on fresh inputs, so nested models are reached too)."""
+    """A compiled multi-output `keras.Model` returning the traced tensors `keys`
+    (backend-neutral: the graph is re-called on fresh inputs, so nested models are
+    reached too). Call `probe.predict_on_batch(x)` for numpy maps."""
     from pruning.export import symbolic_inputs
 
     inputs = symbolic_inputs(cnn)
     outputs = cnn.forward(inputs, keys)
-    return keras.Model(inputs if len(inputs) > 1 else inputs[0], outputs, name="feature_probe")
+    probe = keras.Model(inputs if len(inputs) > 1 else inputs[0], outputs, name="feature_probe")
+    # predict_on_batch runs a compiled graph: eager calls took twice a forward pass.
+    # XLA only on JAX (its sole compiler); on CPU TensorFlow XLA was 4-10x slower.
+    probe.compile(jit_compile=keras.backend.backend() == "jax")
+    return probe
 
 
 # A singular value within this factor of numpy's tolerance is left to numpy's own SVD;
@@ -191,7 +196,7 @@ def feature_map_ranks(fmap):
     """Matrix rank of every channel's map: (batch, H, W, C) -> (batch, C).
 
     Equal to `numpy.linalg.matrix_rank` on the float32 maps (default tolerance
-    `tol = S.max() * max(H, W) * eps`), several times faster. Each map A gets its float64
+    `tol = S.max() * max(H, W) * eps`), 1.5-2x faster on VGG16-BN maps. Each map A gets its float64
     Gram matrix G (k x k on the shorter side; G's eigenvalues are A's squared singular
     values):
     1. all-zero maps have rank 0;
