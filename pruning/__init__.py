@@ -12,6 +12,7 @@ from pruning.callbacks import TimeHistory
 from pruning.graph import CNNModel, ConvLayer
 from pruning.plan import PrunePlan, check_ratio
 from pruning.rankers import RANKERS, Ranker, get_ranker, load_scores, register_ranker, save_scores
+import pruning.criteria  # noqa: E402,F401  (registers fpgm, apoz, taylor, bn_scale)
 from pruning.rebuild import inline, prune
 from pruning.stats import layer_stats, measure_latency, model_stats
 
