@@ -93,14 +93,16 @@ class Distiller(keras.Model):
 
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
         labels, cached = _split(y)
-        if cached is None:
-            if self._teacher is None:
-                raise ValueError("Distiller has no teacher: pass teacher=, or batches of "
-                                 "(images, (labels, teacher_logits)).")
+        student = as_logits(y_pred, self._student_probs)
+        if cached is None and self._teacher is not None:
             t = self._teacher.model(x, training=False)
             cached = keras.ops.stop_gradient(as_logits(t, self._teacher_probs))
-        loss = distillation_loss(labels, as_logits(y_pred, self._student_probs), cached,
-                                 self.temperature, self.alpha)
+        if cached is None:
+            # Batches without teacher logits and no teacher (validation data in cached
+            # mode): the hard term alone, so the validation loss stays the cross-entropy.
+            loss = distillation_loss(labels, student, student, self.temperature, 0.0)
+        else:
+            loss = distillation_loss(labels, student, cached, self.temperature, self.alpha)
         if sample_weight is not None:
             loss = loss * keras.ops.cast(sample_weight, loss.dtype)
         return keras.ops.mean(loss)
