@@ -24,13 +24,13 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 from experiments import common  # noqa: E402
-from experiments.compress import (  # noqa: E402
-    accuracy_fn, array_dataset, finetune, make_ranker, prune_to_target,
-)
+from experiments.compress import accuracy_fn, array_dataset, make_ranker  # noqa: E402
 from experiments.data import load_cifar_folder  # noqa: E402
 from experiments.models import resnet20_cifar, vgg16_bn_cifar  # noqa: E402
-from pruning import CNNModel, model_stats  # noqa: E402
-from pruning.distill import teacher_logits  # noqa: E402
+from pruning import CNNModel, model_stats, prune  # noqa: E402
+from pruning.allocation import PlanCost, allocate  # noqa: E402
+from pruning.criteria import following_batchnorm  # noqa: E402
+from pruning.distill import Distiller, teacher_logits  # noqa: E402
 
 MODELS = {
     "vgg16_bn_w0.25": lambda seed: vgg16_bn_cifar(10, 0.25, seed=seed),
@@ -82,6 +82,59 @@ def baseline(name, seed, args, train_ds):
     return model, False
 
 
+class MaskedTrainer:
+    """Fine-tunes `model` as if pruned by a plan, by zeroing the removed filters (kernel,
+    bias, and the following BatchNormalization's gamma and beta, so the channel is exactly
+    0) and zeroing them again after every batch. Every kept weight then sees the same
+    forward pass, gradients and Adam updates as in the rebuilt model, but one compiled
+    train step serves every plan: on a busy 2-core machine, tracing a new graph per
+    pruned model cost more than the fine-tuning itself. `check` compares with the
+    rebuilt model."""
+
+    def __init__(self, model, lr, temperature, alpha):
+        self.model, self.cnn = model, CNNModel(model)
+        self.weights = model.get_weights()
+        self.plain = model
+        model.compile(optimizer=keras.optimizers.Adam(lr), loss=keras.losses.CategoricalCrossentropy(from_logits=True))
+        self.kd = Distiller(model, None, temperature, alpha)
+        self.kd.compile(optimizer=keras.optimizers.Adam(lr))
+        self.zeros = []
+
+    def apply(self, plan):
+        """Restores the baseline weights and zeroes what `plan` removes."""
+        self.model.set_weights(self.weights)
+        self.zeros = []
+        for name, keep in plan.keep.items():
+            conv = self.cnn.conv(name)
+            gone = np.setdiff1d(np.arange(conv.filters), keep)
+            if not len(gone):
+                continue
+            bn = following_batchnorm(self.cnn, conv)
+            if bn is None:
+                raise ValueError(f"Masked fine-tuning needs a BatchNormalization after '{name}'.")
+            targets = [(conv.layer.kernel, -1)] + ([(conv.layer.bias, 0)] if conv.layer.use_bias else [])
+            targets += [(bn.gamma, 0), (bn.beta, 0)]
+            for var, axis in targets:
+                mask = np.ones(var.shape[axis], "float32")
+                mask[gone] = 0.0
+                shape = [1] * len(var.shape)
+                shape[axis] = -1
+                self.zeros.append((var, mask.reshape(shape)))
+        self._zero()
+
+    def _zero(self, *args, **kwargs):
+        for var, mask in self.zeros:
+            var.assign(keras.ops.convert_to_numpy(var) * mask)
+
+    def finetune(self, ds, epochs, distill=False):
+        trainer = self.kd if distill else self.plain
+        for v in trainer.optimizer.variables:  # a fresh Adam for every plan
+            if "learning_rate" not in v.path:
+                v.assign(np.zeros(v.shape, v.dtype))
+        zero = keras.callbacks.LambdaCallback(on_train_batch_end=self._zero)
+        trainer.fit(ds, epochs=epochs, verbose=0, callbacks=[zero])
+
+
 def run(args, rows_path):
     keras.config.disable_interactive_logging()
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -97,60 +150,70 @@ def run(args, rows_path):
     for name in args.models.split(","):
         t0 = time.time()
         model, cached = baseline(name, args.baseline_seed, args, train_ds)
-        models[name] = (model, accuracy(model), model_stats(model)["macs"])
+        models[name] = (model, accuracy(model), model_stats(model)["macs"],
+                        MaskedTrainer(model, args.finetune_lr, args.temperature, args.alpha))  # compiled once
         print(f"[{time.strftime('%H:%M:%S')}] {name}: baseline {models[name][1]:.4f} "
               f"({'cached' if cached else f'trained in {time.time() - t0:.0f}s'})", flush=True)
-    rows = []
+    rows, checked = [], set()
     for seed in seeds:
         ft = np.random.default_rng(seed).permutation(len(x))[:args.finetune_images]
         rank_ds = array_dataset(x[ft], y[ft], 10, 64, prep).take(args.rank_batches)
-        for name, (model, base, base_macs) in models.items():
+        for name, (model, base, base_macs, trainer) in models.items():
             rows.append({"model": name, "seed": seed, "criterion": "baseline", "allocation": "-", "target": 1.0,
                          "macs": 1.0, **{p: base for p in PHASES}})
             logits = teacher_logits(model, array_dataset(x[ft], y[ft], 10, 256, prep).map(lambda a, b: a))
             plain_ds = array_dataset(x[ft], y[ft], 10, args.finetune_batch, prep, training=True, seed=seed)
             kd_ds = array_dataset(x[ft], y[ft], 10, args.finetune_batch, prep, training=True, seed=seed,
                                   teacher=logits)
+            cnn = CNNModel(model)
+            scores = {}
             for crit in args.criteria.split(","):
                 ranker = make_ranker(crit, seed=seed)
-                scores = ranker.rank_all(CNNModel(model), data=rank_ds if ranker.needs_data else None)
-                fixed = _Fixed(scores, crit)
+                scores[crit] = ranker.rank_all(cnn, data=rank_ds if ranker.needs_data else None)
+            cost = PlanCost(cnn)
+            for crit in args.criteria.split(","):
                 for alloc in args.allocations.split(","):
                     for target in targets:
                         t1 = time.time()
                         row = {"model": name, "seed": seed, "criterion": crit, "allocation": alloc,
                                "target": target}
-                        pruned, plan = prune_to_target(model, fixed, "macs", target, alloc)
-                        row["macs"] = model_stats(pruned)["macs"] / base_macs
-                        row["pruned"] = accuracy(pruned)
-                        weights = pruned.get_weights()
+                        plan = allocate(cnn, scores[crit], target, metric="macs", allocation=alloc)
+                        row["macs"] = cost(plan)["macs"] / base_macs
+                        trainer.apply(plan)
+                        row["pruned"] = accuracy(model)
+                        if name not in checked:  # the masked model is the pruned model
+                            checked.add(name)
+                            row["check"] = check_masked(model, trainer, plan, x_eval[:64])
                         common.set_seed(seed)
-                        finetune(pruned, plain_ds, args.finetune_epochs, args.finetune_lr)
-                        row["finetuned"] = accuracy(pruned)
-                        pruned.set_weights(weights)
+                        trainer.finetune(plain_ds, args.finetune_epochs)
+                        row["finetuned"] = accuracy(model)
+                        trainer.apply(plan)
                         common.set_seed(seed)
-                        finetune(pruned, kd_ds, args.finetune_epochs, args.finetune_lr, distill=True,
-                                 temperature=args.temperature, alpha=args.alpha)
-                        row["distilled"] = accuracy(pruned)
+                        trainer.finetune(kd_ds, args.finetune_epochs, distill=True)
+                        row["distilled"] = accuracy(model)
                         row["layers"] = {n: len(k) for n, k in plan.keep.items()}
                         rows.append(row)
-                        common.write_text(rows_path, json.dumps(rows, indent=1))  # a cut-off run keeps its rows
+                        common.write_text(rows_path, json.dumps({"rows": rows}, indent=1))  # a cut-off run keeps them
                         print(f"[{time.strftime('%H:%M:%S')}] seed {seed} {name} {crit:>6} {alloc:>7} {target:.2f}: "
                               f"macs {row['macs']:.3f} pruned {row['pruned']:.4f} ft {row['finetuned']:.4f} "
                               f"kd {row['distilled']:.4f} ({time.time() - t1:.0f}s)", flush=True)
+            model.set_weights(trainer.weights)
     return rows
 
 
-class _Fixed:
-    """A ranker that returns precomputed scores (one ranking serves every target)."""
-
-    needs_data = False
-
-    def __init__(self, scores, name):
-        self.scores, self.name = scores, name
-
-    def rank_all(self, model, layers=None, data=None, progress=None):
-        return self.scores
+def check_masked(model, trainer, plan, x):
+    """Max |difference| between the masked model's outputs and the rebuilt pruned model's
+    (built from the baseline weights), on images `x`."""
+    masked = keras.ops.convert_to_numpy(model(x, training=False))
+    current = model.get_weights()
+    model.set_weights(trainer.weights)
+    rebuilt = prune(CNNModel(model), plan)
+    model.set_weights(current)
+    diff = float(np.max(np.abs(keras.ops.convert_to_numpy(rebuilt(x, training=False)) - masked)))
+    print(f"  masked vs rebuilt pruned model: max |logit difference| {diff:.2e}", flush=True)
+    if diff > 1e-3:
+        raise AssertionError(f"The masked model differs from the pruned model by {diff}")
+    return diff
 
 
 def summarise(rows):

@@ -71,11 +71,11 @@ def tiny_cnn(classes, size):
 
 def test_compress_rice_sample_in_two_steps(tmp_path):
     path = str(tmp_path / "tiny.keras")
-    tiny_cnn(5, 24).save(path)
+    tiny_cnn(5, 16).save(path)
     db = str(tmp_path / "log.db")
     cfg = CompressConfig(model=path, data_dir=SAMPLE_RICE, target_macs=0.5, steps=2, epochs=1, ranker="taylor",
                          allocation="global", distill=True, preprocess="unit", out_dir=str(tmp_path / "out"),
-                         latency_runs=2, latency_batch=4, verbose=0)
+                         latency_runs=1, latency_batch=2, verbose=0)
     s = run_compress(cfg, ExperimentLog(db), echo=lambda *a: None)
     smaller = keras.models.load_model(s["model"])
     base = model_stats(keras.models.load_model(path))
@@ -116,8 +116,8 @@ def test_compress_residual_model_on_cifar_layout(tmp_path):
     model = resnet20_cifar(2, 0.25, input_shape=(16, 16, 3), seed=0)
     model.save(path)
     cfg = CompressConfig(model=path, data_dir=str(tmp_path / "data"), target_params=0.6, allocation="uniform",
-                         ranker="random", epochs=1, distill=True, augment=True, preprocess="cifar10",
-                         output=str(tmp_path / "small.keras"), latency_runs=2, latency_batch=4, verbose=0)
+                         ranker="random", epochs=1, augment=True, preprocess="cifar10",
+                         output=str(tmp_path / "small.keras"), latency_runs=1, latency_batch=2, verbose=0)
     s = run_compress(cfg, ExperimentLog(str(tmp_path / "log.db")), echo=lambda *a: None)
     smaller = keras.models.load_model(str(tmp_path / "small.keras"))
     assert abs(model_stats(smaller)["params"] / model_stats(model)["params"] - 0.6) <= 0.02 * 0.6
