@@ -24,7 +24,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 from experiments import common  # noqa: E402
-from experiments.compress import accuracy_fn, array_dataset, make_ranker  # noqa: E402
+from experiments.compress import accuracy_fn, array_dataset, make_ranker, recalibrate_batchnorm  # noqa: E402
 from experiments.data import load_cifar_folder  # noqa: E402
 from experiments.models import resnet20_cifar, vgg16_bn_cifar  # noqa: E402
 from pruning import CNNModel, model_stats, prune  # noqa: E402
@@ -51,6 +51,8 @@ def parse_args(argv=None):
     p.add_argument("--finetune-images", type=int, default=256, help="fine-tuning subset (of the train subset)")
     p.add_argument("--finetune-batch", type=int, default=32)
     p.add_argument("--test-images", type=int, default=500)
+    p.add_argument("--calibration-images", type=int, default=256,
+                   help="training images on which BN statistics are re-estimated after pruning (no weight update)")
     p.add_argument("--epochs", type=int, default=5, help="baseline epochs")
     p.add_argument("--baseline-seed", type=int, default=0,
                    help="one baseline per model, trained with this seed (the seeds vary ranking data, the random "
@@ -64,6 +66,8 @@ def parse_args(argv=None):
     p.add_argument("--cache-dir", default=os.path.join("runs", "frontier"))
     p.add_argument("--out", default=os.path.join("results", "frontier.md"))
     p.add_argument("--from-json", default=None, help="only write the report from rows saved by an earlier run")
+    p.add_argument("--wall-seconds", type=float, default=None, help="with --from-json: the runs' wall time")
+    p.add_argument("--note", default="", help="a line added to the report (e.g. how the runs were split)")
     return p.parse_args(argv)
 
 
@@ -91,7 +95,8 @@ class MaskedTrainer:
     pruned model cost more than the fine-tuning itself. `check` compares with the
     rebuilt model."""
 
-    def __init__(self, model, lr, temperature, alpha):
+    def __init__(self, model, lr, temperature, alpha, calibration=None):
+        self.calibration = calibration
         self.model, self.cnn = model, CNNModel(model)
         self.weights = model.get_weights()
         self.plain = model
@@ -121,6 +126,8 @@ class MaskedTrainer:
                 shape[axis] = -1
                 self.zeros.append((var, mask.reshape(shape)))
         self._zero()
+        if self.calibration is not None:
+            recalibrate_batchnorm(self.model, self.calibration)
 
     def _zero(self, *args, **kwargs):
         for var, mask in self.zeros:
@@ -152,6 +159,10 @@ def run(args, rows_path):
         model, cached = baseline(name, args.baseline_seed, args, train_ds)
         models[name] = (model, accuracy(model), model_stats(model)["macs"],
                         MaskedTrainer(model, args.finetune_lr, args.temperature, args.alpha))  # compiled once
+    calib_idx = np.random.default_rng(args.baseline_seed).permutation(len(x))[:args.calibration_images]
+    calibration = np.concatenate([b[0].numpy() for b in array_dataset(x[calib_idx], y[calib_idx], 10, 256, prep)])
+    for m in models.values():
+        m[3].calibration = calibration
         print(f"[{time.strftime('%H:%M:%S')}] {name}: baseline {models[name][1]:.4f} "
               f"({'cached' if cached else f'trained in {time.time() - t0:.0f}s'})", flush=True)
     rows, checked = [], set()
@@ -295,13 +306,16 @@ def markdown(args, summary, wins, losses, best, wall, load, png):
         f"Command: `PYTHONPATH=. python benchmarks/frontier.py {' '.join(sys.argv[1:])}`", "",
         f"Wall time {wall / 60:.1f} min on {platform.node()} ({os.cpu_count()} cores, {platform.processor() or platform.machine()}), "
         f"load average at start / end {load[0]} / {load[1]} (the machine was shared with other jobs).", "",
+        *([args.note, ""] if args.note else []),
         f"Setup: one baseline per model (seed {args.baseline_seed}) trained {args.epochs} epochs on "
         f"{args.train_images} training images (Adam {args.lr}, cosine, crop+flip); the seeds vary the ranking "
         f"and fine-tuning images, the random ranker and the fine-tuning order. Pruning on {args.rank_batches} batches of 64 for taylor/hrank; fine-tuning "
         f"{args.finetune_epochs} epoch(s) on {args.finetune_images} images, batch {args.finetune_batch} (Adam {args.finetune_lr}, no "
         f"augmentation), with distillation T={args.temperature}, alpha={args.alpha} (cached teacher logits); "
+        f"after pruning, BatchNorm statistics are re-estimated on {args.calibration_images} training images "
+        f"(no weight update; without it every pruned model predicted one class, see below); "
         f"test on {args.test_images} test images. Seeds {args.seeds}: mean +- std (ddof 1) over seeds.", "",
-        "| model | criterion | allocation | MACs kept | pruned | fine-tuned | fine-tuned + KD |",
+        "| model | criterion | allocation | MACs kept | pruned (BN re-estimated) | fine-tuned | fine-tuned + KD |",
         "|---|---|---|---|---|---|---|",
     ]
     for (model, crit, alloc, target), s in sorted(summary.items(), key=lambda kv: (kv[0][0], -kv[0][3], kv[0][2], kv[0][1])):
@@ -324,10 +338,20 @@ def markdown(args, summary, wins, losses, best, wall, load, png):
 def main(argv=None):
     args = parse_args(argv)
     rows_path = os.path.splitext(args.out)[0] + ".json"
-    if args.from_json:
-        with open(args.from_json) as f:
-            saved = json.load(f)
-        rows, wall, (load0, load1) = saved["rows"], saved["wall_s"], saved["load"]
+    if args.from_json:  # one or more comma-separated row files (e.g. processes run side by side)
+        rows, wall, load0, load1 = [], 0.0, [], []
+        for path in args.from_json.split(","):
+            with open(path) as f:
+                saved = json.load(f)
+            rows += saved["rows"]
+            wall = max(wall, saved.get("wall_s", 0.0))
+            load0.append(saved.get("load", ["?", "?"])[0])
+            load1.append(saved.get("load", ["?", "?"])[1])
+        unique = {}
+        for r in rows:  # a seed run twice counts once
+            unique.setdefault((r["model"], r["seed"], r["criterion"], r["allocation"], r["target"]), r)
+        rows = list(unique.values())
+        wall = args.wall_seconds or wall
     else:
         load0 = tuple(round(v, 2) for v in os.getloadavg())
         start = time.time()

@@ -195,6 +195,44 @@ def accuracy_fn(x, y, batch_size=64):
     return f
 
 
+def recalibrate_batchnorm(model, images, batch_size=256):
+    """Re-estimates every BatchNormalization's moving mean and variance on `images`
+    (preprocessed), weights untouched. Pruning changes what each BN layer sees, and
+    stale statistics can leave a pruned model predicting one class at inference even
+    when its weights are fine (AdaBN-style recalibration; Li et al., 2016)."""
+    bns = [l for l in _leaf_layers(model) if isinstance(l, keras.layers.BatchNormalization)]
+    if not bns or len(images) == 0:
+        return model
+    sums = {id(b): [0.0, 0.0] for b in bns}
+    saved = {id(b): b.momentum for b in bns}
+    n = 0
+    try:
+        for b in bns:
+            b.momentum = 0.0  # moving statistics := the statistics of the batch just seen
+        for i in range(0, len(images), batch_size):
+            chunk = images[i:i + batch_size]
+            model(chunk, training=True)
+            for b in bns:  # average the per-batch statistics, weighted by batch size
+                sums[id(b)][0] += keras.ops.convert_to_numpy(b.moving_mean) * len(chunk)
+                sums[id(b)][1] += keras.ops.convert_to_numpy(b.moving_variance) * len(chunk)
+            n += len(chunk)
+    finally:
+        for b in bns:
+            b.momentum = saved[id(b)]
+    for b in bns:
+        b.moving_mean.assign(sums[id(b)][0] / n)
+        b.moving_variance.assign(sums[id(b)][1] / n)
+    return model
+
+
+def _leaf_layers(model):
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            yield from _leaf_layers(layer)
+        else:
+            yield layer
+
+
 def prune_to_target(model, ranker, metric, target, allocation="global", rank_data=None, evaluate_fn=None,
                     round_to=1, exclude=(), max_ratio=0.9, latency_batch=16, progress=None):
     """Ranks `model`'s filters and prunes it to keep `target` of its own `metric`.
@@ -267,6 +305,7 @@ def run_compress(cfg, log, model=None, progress=None, echo=print):
     sens_x = np.concatenate([b[0].numpy() for b in array_dataset(x_val[:n_val], y_val[:n_val], classes, 128, prep)]) \
         if n_val else None
     evaluate_fn = accuracy_fn(sens_x, y_val[:n_val]) if n_val else None
+    calib_x = np.concatenate([b[0].numpy() for b in rank_ds])  # BN re-estimation after each prune
     ranker = make_ranker(cfg.ranker, cfg.ranker_options, cfg.seed)
     output = cfg.output or os.path.join(
         cfg.out_dir, f"{os.path.splitext(os.path.basename(cfg.model))[0]}-{metric}{target:g}.keras")
@@ -293,6 +332,7 @@ def run_compress(cfg, log, model=None, progress=None, echo=print):
                     current, ranker, metric, relative, cfg.allocation, rank_ds, evaluate_fn, cfg.round_to,
                     cfg.exclude, cfg.max_ratio, cfg.latency_batch)
                 log.log_layer_prunes(run.id, plan, ranker.name)
+                recalibrate_batchnorm(pruned, calib_x)
                 total_plan = plan if total_plan is None else compose(total_plan, plan)
                 right_after = evaluate(pruned, test_ds)
                 if cfg.train_all:

@@ -145,3 +145,19 @@ def test_compress_cli_help_and_bad_target():
         assert opt in result.output
     result = runner.invoke(cli, ["compress", "missing.keras", "--data-dir", ".", "--target-macs", "0.5"])
     assert result.exit_code != 0 and "Model file not found" in result.output
+
+
+def test_recalibrate_batchnorm_sets_the_statistics_of_the_images():
+    from experiments.compress import recalibrate_batchnorm
+
+    inp = keras.Input((4, 4, 2))
+    conv = keras.layers.Conv2D(3, 1, name="c")(inp)
+    model = keras.Model(inp, keras.layers.BatchNormalization(name="bn")(conv))
+    x = np.random.default_rng(0).normal(2.0, 3.0, size=(10, 4, 4, 2)).astype("float32")
+    recalibrate_batchnorm(model, x, batch_size=5)  # two batches of equal size: the mean of their statistics
+    feats = keras.Model(inp, conv)(x).numpy()
+    bn = model.get_layer("bn")
+    np.testing.assert_allclose(bn.moving_mean.numpy(), feats.mean(axis=(0, 1, 2)), rtol=1e-4, atol=1e-5)
+    per_batch_var = [feats[i:i + 5].var(axis=(0, 1, 2)) for i in (0, 5)]
+    np.testing.assert_allclose(bn.moving_variance.numpy(), np.mean(per_batch_var, axis=0), rtol=1e-3)
+    assert bn.momentum == 0.9  # restored
