@@ -419,6 +419,72 @@ def stats(model_path, latency_batch, runs, per_layer, as_json):
                f"prunable convs    {sum(c['prunable'] for c in convs)} of {len(convs)}")
 
 
+# -------------------------------------------------------------------- compress
+@cli.command(context_settings=CONTEXT)
+@click.argument("model_path")
+@click.option("--data-dir", required=True,
+              help="Images: <class>/*.jpg (split by --split), or the CIFAR layout {train,test}/<class>/*.jpg.")
+@click.option("--target-macs", type=float, default=None, help="Fraction of the model's MACs to keep, e.g. 0.5.")
+@click.option("--target-params", type=float, default=None, help="Fraction of the parameters to keep.")
+@click.option("--target-latency", type=float, default=None,
+              help="Fraction of the measured latency to keep (batch --latency-batch; noisy on a busy machine).")
+@click.option("--ranker", default="taylor", show_default=True,
+              help="Filter criterion: l1, l2, fpgm, bn_scale, apoz, taylor, hrank, random, or any registered.")
+@click.option("--ranker-option", "ranker_options", multiple=True,
+              help="KEY=VALUE passed to the ranker's constructor (repeatable), e.g. num_batches=8.")
+@click.option("--allocation", type=click.Choice(["uniform", "global", "sensitivity"]), default="global",
+              show_default=True, help="How the budget is spread over layers: one ratio, one threshold over "
+                                      "normalised scores, or by each layer's measured accuracy drop.")
+@click.option("--max-ratio", type=float, default=0.9, show_default=True,
+              help="At most this fraction of any conv's filters is removed.")
+@round_to_option(1)
+@click.option("--exclude", default="", callback=comma_list, help="Comma-separated conv layers left unpruned.")
+@click.option("--steps", type=int, default=1, show_default=True,
+              help="Prune/fine-tune rounds that reach the target gradually.")
+@click.option("--epochs", type=int, default=2, show_default=True, help="Fine-tuning epochs per step.")
+@click.option("--lr", type=float, default=1e-3, show_default=True, help="Adam learning rate for fine-tuning.")
+@click.option("--batch-size", type=int, default=32, show_default=True, help="Fine-tuning batch size.")
+@click.option("--train-all/--keep-frozen", default=True, show_default=True,
+              help="Unfreeze every layer for fine-tuning, or keep the layers the model has frozen.")
+@click.option("--augment/--no-augment", default=False, show_default=True,
+              help="Random shifts and flips while fine-tuning (the teacher then runs on the fly).")
+@click.option("--distill/--no-distill", default=True, show_default=True,
+              help="Distil from the unpruned model while fine-tuning.")
+@click.option("--temperature", type=float, default=4.0, show_default=True, help="Distillation temperature.")
+@click.option("--alpha", type=float, default=0.5, show_default=True,
+              help="Weight of the distillation term (1 - alpha: the labels).")
+@click.option("--preprocess", type=click.Choice(["vgg16", "cifar10", "cifar100", "unit", "none"]),
+              default="vgg16", show_default=True,
+              help="The input transform the model was trained with (rice: vgg16; CIFAR: cifar10/100).")
+@click.option("--image-size", type=int, default=None, help="Resize images to this (default: model input).")
+@click.option("--limit-per-class", type=int, default=None, help="Use at most this many training images per class.")
+@click.option("--rank-batches", type=int, default=4, show_default=True,
+              help="Training batches for data-driven rankers (taylor, hrank, apoz).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the split, ranker and training.")
+@click.option("--output", "-o", default=None,
+              help="The compressed .keras (default: runs/compress/<model>-<metric><target>.keras); "
+                   "the plan goes beside it as .plan.json.")
+@click.option("--latency-batch", type=int, default=16, show_default=True, help="Batch size for latency.")
+@click.option("-v", "--verbose", type=int, default=2, show_default=True, help="Keras fit verbosity (0-2).")
+@db_option
+def compress(model_path, ranker_options, db, **kwargs):
+    """Compress a .keras model to a MAC, parameter or latency target, with fine-tuning."""
+    from experiments.compress import CompressConfig, run_compress
+
+    options = {}
+    for item in ranker_options:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise click.BadParameter(f"Expected KEY=VALUE. Received: {item!r}", param_hint="--ranker-option")
+        try:
+            options[key] = json.loads(value)
+        except ValueError:
+            options[key] = value
+    cfg = CompressConfig(model=model_path, ranker_options=options, **kwargs)
+    summary = run_experiment(run_compress, cfg, db)
+    click.echo("kept filters: " + ", ".join(f"{n} {v}" for n, v in summary["layers"].items()))
+
+
 # ------------------------------------------------------------------------ logs
 @cli.group(context_settings=CONTEXT)
 def logs():

@@ -115,3 +115,39 @@ def rice_classifier(num_classes, image_size=224, weights="imagenet", pooling="av
     outputs = keras.layers.Dense(num_classes, activation="softmax", name="predictions",
                                  kernel_initializer=keras.initializers.GlorotUniform(seed))(x)
     return keras.Model(inputs, outputs, name="rice_vgg16")
+
+
+def resnet20_cifar(num_classes=10, width=1.0, input_shape=(32, 32, 3), seed=None):
+    """ResNet-20 for 32x32 inputs (He et al., 2016, section 4.2): a 3x3 conv, then three
+    stages of three basic blocks (two 3x3 conv-BN, ReLU) with 16, 32 and 64 filters
+    (times `width`), global average pooling and a Dense classifier (logits).
+
+    Where a stage halves the resolution the shortcut is a 1x1 conv + BN (option B), so
+    every channel comes from a conv: the convs an `Add` joins form one tied group and
+    are pruned with the same filter indices. With width=1 and 10 classes it has
+    about 0.27 M parameters and 41 M MACs.
+    """
+    if not 0 < width <= 4:
+        raise ValueError(f"Expected width in (0, 4]. Received: width={width}")
+    init = keras.initializers.HeNormal(seed=seed)
+
+    def conv_bn(x, filters, kernel, stride, name):
+        x = keras.layers.Conv2D(filters, kernel, strides=stride, padding="same", use_bias=False,
+                                kernel_initializer=init, name=f"{name}_conv")(x)
+        return keras.layers.BatchNormalization(momentum=0.9, epsilon=1e-5, name=f"{name}_bn")(x)
+
+    inputs = keras.Input(input_shape, name="image")
+    x = keras.layers.ReLU(name="stem_relu")(conv_bn(inputs, max(1, int(16 * width)), 3, 1, "stem"))
+    for stage, base in enumerate((16, 32, 64), start=1):
+        filters = max(1, int(base * width))
+        for block in range(1, 4):
+            name = f"s{stage}b{block}"
+            stride = 2 if stage > 1 and block == 1 else 1
+            y = keras.layers.ReLU(name=f"{name}_relu1")(conv_bn(x, filters, 3, stride, f"{name}_1"))
+            y = conv_bn(y, filters, 3, 1, f"{name}_2")
+            shortcut = conv_bn(x, filters, 1, stride, f"{name}_proj") if stride != 1 else x
+            x = keras.layers.ReLU(name=f"{name}_relu2")(keras.layers.Add(name=f"{name}_add")([y, shortcut]))
+    x = keras.layers.GlobalAveragePooling2D(name="avgpool")(x)
+    outputs = keras.layers.Dense(num_classes, kernel_initializer=keras.initializers.GlorotUniform(seed),
+                                 name="classifier")(x)
+    return keras.Model(inputs, outputs, name="resnet20_cifar")

@@ -16,6 +16,7 @@ from pruning.graph import ChannelGroup, CNNModel, ConvLayer
 from pruning.handlers import LayerHandler, get_layer_handler, register_layer_handler
 from pruning.plan import PrunePlan, check_ratio, skipped_convs
 from pruning.rankers import RANKERS, Ranker, get_ranker, load_scores, register_ranker, save_scores
+import pruning.criteria  # noqa: E402,F401  (registers fpgm, apoz, taylor, bn_scale)
 from pruning.rebuild import inline, output_change, prune
 from pruning.stats import layer_stats, measure_latency, model_stats
 

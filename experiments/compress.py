@@ -1,0 +1,376 @@
+"""Compress a user's model to a target: rank, allocate, prune, fine-tune, repeat.
+
+    cfg = CompressConfig(model="model.keras", data_dir="images/", target_macs=0.5)
+    summary = run_compress(cfg, ExperimentLog())
+
+One parent run holds the baseline and the final model; each prune/fine-tune step
+is a child run (`parent_id`) with its plan, the accuracy right after pruning and
+after fine-tuning. The result is a plain, smaller `.keras` and the plan (JSON,
+with indices of the original model's filters).
+"""
+
+import dataclasses
+import inspect
+import os
+from typing import Optional
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from experiments import common
+from experiments.data import (
+    AUTOTUNE, PREPROCESSING, folder_dataset, list_image_folder, load_cifar_folder, preprocessing,
+    random_crop_flip, stratified_split,
+)
+from pruning import CNNModel, Ranker, get_ranker, model_stats, prune
+from pruning.allocation import ALLOCATIONS, METRICS, PlanCost, allocate, compose
+from pruning.criteria import outputs_probabilities
+from pruning.distill import Distiller, check_distill, teacher_logits
+from pruning.rankers import RANKERS
+
+
+@dataclasses.dataclass
+class CompressConfig:
+    model: str = ""  # the .keras model to compress
+    data_dir: str = ""  # <class>/*.jpg, or CIFAR-style {train,test}/<class>/*.jpg
+    output: Optional[str] = None  # the compressed .keras (default: out_dir/<model>-compressed.keras)
+    out_dir: str = os.path.join("runs", "compress")
+    image_size: Optional[int] = None  # pixels; default: the model's input size
+    preprocess: str = "vgg16"  # the input transform the model was trained with (data.PREPROCESSING)
+    split: tuple = (0.7, 0.15, 0.15)  # train/val/test of a <class>/*.jpg folder
+    val_fraction: float = 0.1  # of train, for the CIFAR layout (its test split is the test set)
+    limit_per_class: Optional[int] = None  # training images per class (None: all)
+    test_limit: Optional[int] = None  # CIFAR layout: test images (None: all)
+    seed: int = 0
+    ranker: object = "l1"  # a registered name or a pruning.Ranker
+    ranker_options: dict = dataclasses.field(default_factory=dict)  # constructor arguments
+    rank_batches: int = 4  # batches of training images for data-driven rankers
+    target_macs: Optional[float] = None  # fraction of the baseline kept; give exactly one target
+    target_params: Optional[float] = None
+    target_latency: Optional[float] = None  # of the measured baseline latency (batch latency_batch)
+    allocation: str = "global"  # uniform | global | sensitivity
+    max_ratio: float = 0.9  # at most this fraction of any conv's filters is removed
+    round_to: int = 1
+    exclude: tuple = ()
+    steps: int = 1  # prune/fine-tune rounds that reach the target gradually
+    epochs: int = 2  # fine-tuning epochs per step
+    batch_size: int = 32
+    lr: float = 1e-3  # Adam learning rate while fine-tuning
+    train_all: bool = True  # unfreeze every layer for fine-tuning (False: keep the model's frozen layers)
+    augment: bool = False  # random shifts and horizontal flips while fine-tuning
+    distill: bool = False  # the unpruned model teaches the pruned one
+    temperature: float = 4.0
+    alpha: float = 0.5  # weight of the distillation term
+    sensitivity_images: int = 128  # validation images for allocation="sensitivity"
+    latency_batch: int = 16
+    latency_runs: int = 10
+    verbose: int = 2
+
+    @property
+    def target(self):
+        """(metric, fraction kept) of the one target given."""
+        given = [(m, getattr(self, f"target_{m}")) for m in METRICS if getattr(self, f"target_{m}") is not None]
+        if len(given) != 1:
+            raise ValueError("Expected exactly one of target_macs, target_params and target_latency. "
+                             f"Received: {', '.join(f'target_{m}={v}' for m, v in given) or 'none'}")
+        return given[0]
+
+    def validate(self):
+        metric, value = self.target
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+            raise ValueError(f"Expected target_{metric} in (0, 1]. Received: target_{metric}={value!r}")
+        if not os.path.isfile(self.model):
+            raise ValueError(f"Model file not found: {self.model!r}. Expected a .keras file")
+        if not os.path.isdir(self.data_dir):
+            raise ValueError(f"Data folder not found: {self.data_dir!r}. Expected <class>/*.jpg or "
+                             "{train,test}/<class>/*.jpg")
+        if self.allocation not in ALLOCATIONS:
+            raise ValueError(f"Expected allocation in {ALLOCATIONS}. Received: allocation={self.allocation!r}")
+        if self.preprocess not in PREPROCESSING:
+            raise ValueError(f"Expected preprocess in {PREPROCESSING}. Received: preprocess={self.preprocess!r}")
+        for name, v, lo in (("steps", self.steps, 1), ("epochs", self.epochs, 0), ("batch_size", self.batch_size, 1),
+                            ("rank_batches", self.rank_batches, 1), ("round_to", self.round_to, 1)):
+            if not isinstance(v, int) or v < lo:
+                raise ValueError(f"Expected {name} an integer >= {lo}. Received: {name}={v!r}")
+        if self.distill:
+            check_distill(self.temperature, self.alpha)
+        make_ranker(self.ranker, self.ranker_options, self.seed)
+
+
+# ------------------------------------------------------------------ pieces
+def make_ranker(ranker, options=None, seed=0):
+    """A Ranker from an instance, or a registered name + constructor options; a `seed`
+    argument, when the ranker's constructor takes one, defaults to `seed`."""
+    if isinstance(ranker, Ranker):
+        return ranker
+    options = dict(options or {})
+    if ranker in RANKERS and "seed" in inspect.signature(RANKERS[ranker].__init__).parameters:
+        options.setdefault("seed", seed)
+    try:
+        return get_ranker(ranker, **options)
+    except TypeError as e:
+        raise ValueError(f"Bad options for ranker '{ranker}': {e}. Received: {options}") from None
+
+
+def load_arrays(cfg):
+    """Images (uint8, N x size x size x 3) and labels of train, val and test, and the
+    class names. A folder with train/ and test/ is the CIFAR layout (val: a seeded
+    stratified `val_fraction` of train); any other is <class>/*.jpg, split by `split`."""
+    size = cfg.image_size
+    root = cfg.data_dir
+    if os.path.isdir(os.path.join(root, "train")) and os.path.isdir(os.path.join(root, "test")):
+        per_class_limit = None
+        if cfg.limit_per_class is not None:
+            n = len([d for d in os.listdir(os.path.join(root, "train"))
+                     if os.path.isdir(os.path.join(root, "train", d))])
+            per_class_limit = cfg.limit_per_class * n
+        x, y, names = load_cifar_folder(root, "train", per_class_limit, cfg.seed)
+        x_test, y_test, _ = load_cifar_folder(root, "test", cfg.test_limit, cfg.seed)
+        train, val, _ = stratified_split(y, (1 - cfg.val_fraction, cfg.val_fraction, 0.0), cfg.seed)
+        parts = [(x[train], y[train]), (x[val], y[val]), (x_test, y_test)]
+        if size and size != x.shape[1]:
+            parts = [(_resize(a, size), b) for a, b in parts]
+        return parts, names
+    paths, labels, names = list_image_folder(root, cfg.limit_per_class, cfg.seed)
+    parts = []
+    for idx in stratified_split(labels, cfg.split, cfg.seed):
+        ds = folder_dataset([paths[i] for i in idx], labels[idx], size, 64, cache=False)
+        xs = [np.clip(np.round(b[0].numpy()), 0, 255).astype(np.uint8) for b in ds]
+        parts.append((np.concatenate(xs) if xs else np.zeros((0, size, size, 3), np.uint8), labels[idx]))
+    return parts, names
+
+
+def _resize(images, size):
+    out = tf.image.resize(tf.cast(images, tf.float32), (size, size), antialias=True)
+    return np.clip(np.round(out.numpy()), 0, 255).astype(np.uint8)
+
+
+def array_dataset(x, y, num_classes, batch_size, preprocess=None, training=False, augment=False, seed=0,
+                  teacher=None):
+    """Batches of (preprocessed images, one-hot labels), or (images, (labels, teacher
+    logits)) with a cached `teacher` array. Training shuffles (seeded) and, with
+    `augment`, randomly shifts (pad size/8, crop) and flips each image."""
+    labels = tf.one_hot(np.asarray(y, np.int64), num_classes)
+    targets = labels if teacher is None else (labels, teacher)
+    ds = tf.data.Dataset.from_tensor_slices((x, targets))
+    if training:
+        ds = ds.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
+    ds = ds.batch(batch_size)
+    seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
+    pad = max(1, x.shape[1] // 8)
+    transform = preprocessing(preprocess) if isinstance(preprocess, str) else preprocess
+
+    def prepare(batch, s):
+        images, t = batch
+        images = tf.cast(images, tf.float32)
+        if training and augment:
+            images = random_crop_flip(images, s, pad=pad)
+        if transform is not None:
+            images = transform(images)
+        return images, t
+
+    return tf.data.Dataset.zip((ds, seeds)).map(prepare, num_parallel_calls=AUTOTUNE).prefetch(AUTOTUNE)
+
+
+def compile_for_eval(model):
+    """Cross-entropy on logits or probabilities (as the model outputs) + accuracy."""
+    model.compile(loss=keras.losses.CategoricalCrossentropy(from_logits=not outputs_probabilities(model)),
+                  metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")])
+
+
+def evaluate(model, ds):
+    compile_for_eval(model)
+    res = model.evaluate(ds, verbose=0, return_dict=True)
+    return {"test_top1": float(res["accuracy"]), "test_loss": float(res["loss"])}
+
+
+def accuracy_fn(x, y, batch_size=64):
+    """`f(model) -> accuracy` on preprocessed images `x` and integer labels `y`
+    (the sensitivity allocation's validation batch)."""
+    def f(model):
+        preds = [np.argmax(keras.ops.convert_to_numpy(model(x[i:i + batch_size], training=False)), -1)
+                 for i in range(0, len(x), batch_size)]
+        return float(np.mean(np.concatenate(preds) == y))
+    return f
+
+
+def recalibrate_batchnorm(model, images, batch_size=256):
+    """Re-estimates every BatchNormalization's moving mean and variance on `images`
+    (preprocessed), weights untouched. Pruning changes what each BN layer sees, and
+    stale statistics can leave a pruned model predicting one class at inference even
+    when its weights are fine (AdaBN-style recalibration; Li et al., 2016)."""
+    bns = [l for l in _leaf_layers(model) if isinstance(l, keras.layers.BatchNormalization)]
+    if not bns or len(images) == 0:
+        return model
+    sums = {id(b): [0.0, 0.0] for b in bns}
+    saved = {id(b): b.momentum for b in bns}
+    n = 0
+    try:
+        for b in bns:
+            b.momentum = 0.0  # moving statistics := the statistics of the batch just seen
+        for i in range(0, len(images), batch_size):
+            chunk = images[i:i + batch_size]
+            model(chunk, training=True)
+            for b in bns:  # average the per-batch statistics, weighted by batch size
+                sums[id(b)][0] += keras.ops.convert_to_numpy(b.moving_mean) * len(chunk)
+                sums[id(b)][1] += keras.ops.convert_to_numpy(b.moving_variance) * len(chunk)
+            n += len(chunk)
+    finally:
+        for b in bns:
+            b.momentum = saved[id(b)]
+    for b in bns:
+        b.moving_mean.assign(sums[id(b)][0] / n)
+        b.moving_variance.assign(sums[id(b)][1] / n)
+    return model
+
+
+def _leaf_layers(model):
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            yield from _leaf_layers(layer)
+        else:
+            yield layer
+
+
+def prune_to_target(model, ranker, metric, target, allocation="global", rank_data=None, evaluate_fn=None,
+                    round_to=1, exclude=(), max_ratio=0.9, latency_batch=16, progress=None):
+    """Ranks `model`'s filters and prunes it to keep `target` of its own `metric`.
+    Returns (pruned model, plan with the allocation's report in `plan.meta`)."""
+    cnn = CNNModel(model)
+    scores = ranker.rank_all(cnn, data=rank_data if ranker.needs_data else None, progress=progress)
+    plan = allocate(cnn, scores, target, metric=metric, allocation=allocation, round_to=round_to,
+                    exclude=exclude, max_ratio=max_ratio, evaluate=evaluate_fn, latency_batch=latency_batch,
+                    meta={"ranker": ranker.name})
+    return prune(cnn, plan), plan
+
+
+def finetune(model, train_ds, epochs, lr=1e-3, teacher=None, distill=False, temperature=4.0, alpha=0.5,
+             callbacks=(), verbose=0, validation_data=None):
+    """Adam fine-tuning of `model` in place, optionally distilled from `teacher` (run
+    on the fly, or cached in `train_ds` as (images, (labels, logits)))."""
+    if epochs <= 0:
+        return model
+    metrics = [keras.metrics.CategoricalAccuracy(name="accuracy")]
+    if distill:
+        trainer = Distiller(model, teacher, temperature, alpha)
+        trainer.compile(optimizer=keras.optimizers.Adam(lr), metrics=metrics)
+    else:
+        trainer = model
+        trainer.compile(optimizer=keras.optimizers.Adam(lr), metrics=metrics,
+                        loss=keras.losses.CategoricalCrossentropy(from_logits=not outputs_probabilities(model)))
+    trainer.fit(train_ds, epochs=epochs, verbose=verbose, callbacks=list(callbacks),
+                validation_data=validation_data)
+    return model
+
+
+def step_targets(target, steps):
+    """Fractions of the baseline kept after each step, reaching `target` linearly."""
+    return [1.0 - (1.0 - target) * i / steps for i in range(1, steps + 1)]
+
+
+def cost_of(model, metric, latency_batch=16, latency_runs=10):
+    if metric == "latency":
+        from pruning import measure_latency
+
+        return measure_latency(model, batch_size=latency_batch, runs=latency_runs)["ms_per_batch"]
+    return PlanCost(model)({})[metric]
+
+
+# --------------------------------------------------------------- the command
+def run_compress(cfg, log, model=None, progress=None, echo=print):
+    """Evaluates, prunes to the target in `cfg.steps` rounds (each fine-tuned, optionally
+    distilled), evaluates again and saves the model and the plan. Returns a summary."""
+    cfg.validate()
+    metric, target = cfg.target
+    common.set_seed(cfg.seed)
+    model = model if model is not None else keras.models.load_model(cfg.model)
+    size = cfg.image_size or model.inputs[0].shape[1]
+    cfg = dataclasses.replace(cfg, image_size=int(size))
+    ((x_tr, y_tr), (x_val, y_val), (x_te, y_te)), names = load_arrays(cfg)
+    classes = len(names)
+    if model.outputs[0].shape[-1] != classes:
+        raise ValueError(f"The model has {model.outputs[0].shape[-1]} outputs but {cfg.data_dir!r} has "
+                         f"{classes} classes ({', '.join(names)}).")
+    prep = preprocessing(cfg.preprocess)
+    test_ds = array_dataset(x_te, y_te, classes, 128, prep)
+    val_ds = array_dataset(x_val, y_val, classes, 128, prep) if len(x_val) else None
+    rank_ds = array_dataset(x_tr, y_tr, classes, cfg.batch_size, prep).take(cfg.rank_batches)
+    cached = None
+    if cfg.distill and not cfg.augment:  # the teacher sees the same images every epoch: run it once
+        cached = teacher_logits(model, array_dataset(x_tr, y_tr, classes, 128, prep).map(lambda x, y: x))
+    train_ds = array_dataset(x_tr, y_tr, classes, cfg.batch_size, prep, training=True, augment=cfg.augment,
+                             seed=cfg.seed, teacher=cached)
+    n_val = min(cfg.sensitivity_images, len(x_val))
+    sens_x = np.concatenate([b[0].numpy() for b in array_dataset(x_val[:n_val], y_val[:n_val], classes, 128, prep)]) \
+        if n_val else None
+    evaluate_fn = accuracy_fn(sens_x, y_val[:n_val]) if n_val else None
+    calib_x = np.concatenate([b[0].numpy() for b in rank_ds])  # BN re-estimation after each prune
+    ranker = make_ranker(cfg.ranker, cfg.ranker_options, cfg.seed)
+    output = cfg.output or os.path.join(
+        cfg.out_dir, f"{os.path.splitext(os.path.basename(cfg.model))[0]}-{metric}{target:g}.keras")
+    plan_path = os.path.splitext(output)[0] + ".plan.json"
+    config = {**common.config_dict(cfg), "ranker": ranker.name, "num_classes": classes, "classes": names,
+              "images": {"train": len(x_tr), "val": len(x_val), "test": len(x_te)}}
+    dataset = os.path.basename(os.path.normpath(cfg.data_dir))
+
+    with log.run("compress", model=os.path.basename(cfg.model), dataset=dataset, ranker=ranker.name,
+                 seed=cfg.seed, config=config) as parent:
+        base = evaluate(model, test_ds)
+        base_sizes, base_latency = common.measure(model, cfg.latency_batch, cfg.latency_runs)
+        echo(f"baseline: top-1 {base['test_top1']:.4f}, {base_sizes['params']:,} params, "
+             f"{base_sizes['macs']:,} MACs, {base_sizes['latency_ms']:.1f} ms/batch")
+        base_cost = base_sizes["latency_ms"] if metric == "latency" else base_sizes[metric]
+        teacher = model if cfg.distill and cached is None else None
+        current, total_plan, steps = model, None, []
+        for i, goal in enumerate(step_targets(target, cfg.steps), start=1):
+            with log.run("compress", model=os.path.basename(cfg.model), dataset=dataset, ranker=ranker.name,
+                         seed=cfg.seed, parent_id=parent.id, config={**config, "step": i, "goal": goal}) as run:
+                now = cost_of(current, metric, cfg.latency_batch, cfg.latency_runs)
+                relative = min(1.0, goal * base_cost / now)
+                pruned, plan = prune_to_target(
+                    current, ranker, metric, relative, cfg.allocation, rank_ds, evaluate_fn, cfg.round_to,
+                    cfg.exclude, cfg.max_ratio, cfg.latency_batch)
+                log.log_layer_prunes(run.id, plan, ranker.name)
+                recalibrate_batchnorm(pruned, calib_x)
+                total_plan = plan if total_plan is None else compose(total_plan, plan)
+                right_after = evaluate(pruned, test_ds)
+                if cfg.train_all:
+                    pruned.trainable = True
+                common.set_seed(cfg.seed + i)
+                finetune(pruned, train_ds, cfg.epochs, cfg.lr, teacher, cfg.distill, cfg.temperature, cfg.alpha,
+                         common.epoch_callbacks(run, f"step{i}"), verbose=cfg.verbose, validation_data=val_ds)
+                after = evaluate(pruned, test_ds)
+                sizes = model_stats(pruned)
+                step = {"step": i, "goal": goal, "reached": plan.meta["reached"] * now / base_cost,
+                        "pruned_top1": right_after["test_top1"], **after, "params": sizes["params"],
+                        "macs": sizes["macs"]}
+                run.finish(test_top1=after["test_top1"], test_loss=after["test_loss"], params=sizes["params"],
+                           trainable_params=sizes["trainable_params"], macs=sizes["macs"],
+                           metrics={"plan": plan.to_dict(), **step})
+            steps.append({"run_id": run.id, **step})
+            echo(f"step {i}/{cfg.steps}: keep {goal:.3f} of {metric} -> pruned top-1 "
+                 f"{right_after['test_top1']:.4f}, fine-tuned {after['test_top1']:.4f}, {sizes['macs']:,} MACs")
+            current = pruned
+
+        final = evaluate(current, test_ds)
+        sizes, latency = common.measure(current, cfg.latency_batch, cfg.latency_runs)
+        final_cost = sizes["latency_ms"] if metric == "latency" else sizes[metric]
+        total_plan.meta.update({"ranker": ranker.name, "metric": metric, "target": target,
+                                "reached": final_cost / base_cost, "allocation": cfg.allocation})
+        common.save_model(current, output)
+        common.write_text(plan_path, total_plan.to_json())
+        summary = {"run_id": parent.id, "metric": metric, "target": target, "reached": final_cost / base_cost,
+                   "baseline": {**base, **base_sizes}, "final": {**final, **sizes},
+                   "speedup": base_sizes["latency_ms"] / sizes["latency_ms"], "steps": steps,
+                   "model": output, "plan": plan_path,
+                   "layers": {n: f"{len(k)}/{total_plan.filters.get(n, len(k))}" for n, k in total_plan.keep.items()}}
+        parent.finish(**final, **sizes, artifact=output,
+                      metrics={"baseline": summary["baseline"], "baseline_latency": base_latency,
+                               "latency": latency, "reached": summary["reached"], "speedup": summary["speedup"],
+                               "plan": plan_path, "steps": steps})
+    echo(f"compressed: top-1 {final['test_top1']:.4f} (baseline {base['test_top1']:.4f}), {metric} "
+         f"{summary['reached']:.3f} of the baseline (target {target}), {sizes['params']:,} params, "
+         f"{sizes['macs']:,} MACs, {sizes['latency_ms']:.1f} ms/batch ({summary['speedup']:.2f}x)")
+    echo(f"wrote {output} and {plan_path} (run {parent.id})")
+    return summary
