@@ -207,6 +207,10 @@ def cifar_results_markdown(cfg, table, summaries):
               help="Keep the epoch with the lowest val loss, or the highest mean per-class val recall.")
 @click.option("--augment/--no-augment", default=False, show_default=True,
               help="Random flips in training (turns off feature caching).")
+@click.option("--grain-crop/--no-grain-crop", default=False, show_default=True,
+              help="Crop a square around each grain (decoded at twice --image-size), so zoom does not matter.")
+@click.option("--grey-world/--no-grey-world", default=False, show_default=True,
+              help="Per-image colour normalisation: scale R, G, B so the grain's mean colour is grey.")
 @click.option("--colour-jitter", callback=float_list, default="0,0,0", show_default=True,
               help="Max hue shift (fraction of the colour circle), saturation and brightness change.")
 @click.option("--views", type=int, default=0, show_default=True,

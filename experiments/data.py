@@ -142,6 +142,50 @@ def colour_jitter(hue=0.0, saturation=0.0, brightness=0.0, seed=0):
     return augment
 
 
+def grain_mask(x, threshold=60.0):
+    """Pixels brighter than `threshold` (sum of R, G, B in [0, 255]): the grain on the
+    dataset's black background."""
+    return tf.reduce_sum(x, axis=-1) > threshold
+
+
+def grain_crop(out_size, margin=0.15, threshold=60.0):
+    """A batch transform: a square crop around each image's grain (its bright pixels' box,
+    widened by `margin` of its longer side, centred), resized to `out_size`. The grain then
+    fills the frame whatever the camera's zoom, so shape, not absolute size, is what a model
+    sees. An image with no bright pixel is resized whole."""
+
+    def crop(x):
+        n, h, w = tf.shape(x)[0], tf.cast(tf.shape(x)[1], tf.float32), tf.cast(tf.shape(x)[2], tf.float32)
+        mask = grain_mask(x, threshold)
+        rows, cols = tf.reduce_any(mask, axis=2), tf.reduce_any(mask, axis=1)
+
+        def extent(v, size):  # first and last True index along one axis (whole axis if none)
+            first = tf.cast(tf.argmax(tf.cast(v, tf.int32), axis=1), tf.float32)
+            last = size - 1 - tf.cast(tf.argmax(tf.cast(v[:, ::-1], tf.int32), axis=1), tf.float32)
+            found = tf.reduce_any(v, axis=1)
+            return tf.where(found, first, 0.0), tf.where(found, last, size - 1)
+
+        y0, y1 = extent(rows, h)
+        x0, x1 = extent(cols, w)
+        half = tf.maximum(y1 - y0, x1 - x0) / 2 * (1 + margin) + 1
+        cy, cx = (y0 + y1) / 2, (x0 + x1) / 2
+        boxes = tf.stack([(cy - half) / (h - 1), (cx - half) / (w - 1), (cy + half) / (h - 1),
+                          (cx + half) / (w - 1)], axis=1)
+        return tf.image.crop_and_resize(x, boxes, tf.range(n), (out_size, out_size))
+
+    return crop
+
+
+def grey_world(x, threshold=60.0):
+    """Per-image colour normalisation: each channel is scaled so the grain's mean colour is
+    grey (the three channel means equal, brightness kept), removing a batch's colour cast."""
+    mask = tf.cast(grain_mask(x, threshold), x.dtype)[..., None]
+    mean = tf.reduce_sum(x * mask, axis=(1, 2), keepdims=True) / tf.maximum(
+        tf.reduce_sum(mask, axis=(1, 2), keepdims=True), 1.0)
+    gain = tf.reduce_mean(mean, axis=-1, keepdims=True) / tf.maximum(mean, 1.0)
+    return tf.clip_by_value(x * gain, 0.0, 255.0)
+
+
 PREPROCESSING = ("vgg16", "cifar10", "cifar100", "unit", "none")
 
 

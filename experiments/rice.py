@@ -14,8 +14,8 @@ import keras
 import numpy as np
 
 from experiments import common
-from experiments.data import (batch_split, colour_jitter, drop_unreadable, folder_dataset, list_image_folder,
-                              preprocessing, stratified_split)
+from experiments.data import (batch_split, colour_jitter, drop_unreadable, folder_dataset, grain_crop,
+                              grey_world, list_image_folder, preprocessing, stratified_split)
 from experiments.models import resolve_weights, rice_classifier
 from pruning import check_ratio, inline
 
@@ -51,6 +51,8 @@ class RiceConfig:
     patience: int = 5  # EarlyStopping, best weights restored
     early_stop: str = "loss"  # loss: val_loss | balanced: mean per-class recall on val (every variety counts)
     augment: bool = False  # random flips; turns off feature caching
+    grain_crop: bool = False  # square crop around the grain (loaded at 2x image_size first): zoom-invariant
+    grey_world: bool = False  # per-image colour normalisation: the grain's mean colour made grey
     colour_jitter: tuple = (0.0, 0.0, 0.0)  # max hue shift (fraction of the circle), saturation, brightness
     views: int = 0  # cached path: jittered copies of the training set run through the frozen part once
     ranker: str = "l1"
@@ -100,17 +102,34 @@ def _flip(x):
 
 def train_augmentation(cfg, flips):
     """The batch augmentation of training images: colour jitter, then random flips."""
-    fns = ([colour_jitter(*cfg.colour_jitter, seed=cfg.seed)] if any(cfg.colour_jitter) else []) + \
-        ([_flip] if flips else [])
+    return _chain(([colour_jitter(*cfg.colour_jitter, seed=cfg.seed)] if any(cfg.colour_jitter) else [])
+                  + ([_flip] if flips else []))
+
+
+def _chain(fns):
+    """One batch function applying `fns` in order (None if there are none)."""
     if not fns:
         return None
 
-    def augment(x):
+    def chained(x):
         for fn in fns:
             x = fn(x)
         return x
 
-    return augment
+    return chained
+
+
+def load_size(cfg):
+    """Decoded image size: twice the input size when the grain is cropped out of it."""
+    return 2 * cfg.image_size if cfg.grain_crop else cfg.image_size
+
+
+def input_transform(cfg):
+    """Batch transform from decoded RGB [0, 255] to model input, at training and evaluation
+    alike: --grain-crop, --grey-world, then VGG16's (BGR minus the ImageNet mean). A saved
+    model expects inputs made this way (the run's config records the flags)."""
+    return _chain(([grain_crop(cfg.image_size)] if cfg.grain_crop else []) + ([grey_world] if cfg.grey_world else [])
+                  + [preprocessing("vgg16")])
 
 
 class RiceData:
@@ -125,7 +144,7 @@ class RiceData:
             *self.split, heldout = batch_split(self.paths, self.labels, cfg.holdout_range, cfg.split, cfg.seed)
         else:
             self.split, heldout = stratified_split(self.labels, cfg.split, cfg.seed), None
-        self.pre = preprocessing("vgg16")  # RGB [0, 255] -> BGR minus the ImageNet mean
+        self.pre = input_transform(cfg)
         self.cfg = cfg
         self.ordered, self.ys, self.files = {}, {}, {}
         for name, idx in zip(SPLITS, self.split):
@@ -146,13 +165,13 @@ class RiceData:
 
     def _add(self, name, paths, labels):
         self.files[name], self.ys[name] = paths, labels
-        self.ordered[name] = folder_dataset(paths, labels, self.cfg.image_size, self.cfg.batch_size,
+        self.ordered[name] = folder_dataset(paths, labels, load_size(self.cfg), self.cfg.batch_size,
                                             preprocess=self.pre)
 
     def train_images(self, shuffle, flips):
         """Training batches, augmented by --colour-jitter (and flips): re-drawn each pass."""
         cfg = self.cfg
-        return folder_dataset(self.files["train"], self.ys["train"], cfg.image_size, cfg.batch_size,
+        return folder_dataset(self.files["train"], self.ys["train"], load_size(cfg), cfg.batch_size,
                               preprocess=self.pre, shuffle=shuffle, seed=cfg.seed,
                               augment=train_augmentation(cfg, flips))
 
