@@ -321,6 +321,9 @@ def run_rice(cfg, log, progress=None, echo=print):
     if data.unreadable:
         echo(f"skipped {len(data.unreadable)} unreadable images: {', '.join(data.unreadable)}")
     weights = cfg.weights if cfg.pretrained else resolve_weights(cfg.weights)
+    if weights != cfg.weights:
+        echo(f"weights: {cfg.weights} -> {weights}" + (" (ImageNet weights could not be loaded)" if weights == "hed"
+                                                       else ""))
     out = os.path.join(cfg.out_dir, f"{os.path.basename(os.path.normpath(cfg.data_dir))}-"
                                     f"{cfg.image_size}px-{os.path.basename(str(weights))}-seed{cfg.seed}")
     os.makedirs(out, exist_ok=True)
