@@ -43,7 +43,28 @@ def jitter(x, rng):
                       tf.clip_by_value(h[..., 2] * dv, 0, 1)], -1)
         out.append(tf.image.hsv_to_rgb(h).numpy() * 255)
     return np.concatenate(out)
-TF = {"none": lambda x: x, "grayworld": grayworld, "gray": gray}
+X250 = None
+def crop(_x):
+    """square crop around the grain (from the 250 px originals), resized to `size`"""
+    global X250
+    if X250 is None:
+        d = tf.data.Dataset.from_tensor_slices(paths).map(lambda p: load_image(p, 250), num_parallel_calls=2).batch(128)
+        X250 = np.concatenate([b.numpy() for b in d]).astype(np.float32)
+    out = []
+    for im in X250:
+        m = im.sum(-1) > 60
+        ys, xs = np.nonzero(m)
+        if len(ys) == 0: out.append(tf.image.resize(im, (size, size)).numpy()); continue
+        cy, cx = (ys.min() + ys.max()) / 2, (xs.min() + xs.max()) / 2
+        half = max(ys.max() - ys.min(), xs.max() - xs.min()) / 2 * 1.15 + 2
+        y0, y1, x0, x1 = int(cy - half), int(cy + half), int(cx - half), int(cx + half)
+        pad = max(0, -y0, -x0, y1 - 250, x1 - 250)
+        imp = np.pad(im, ((pad, pad), (pad, pad), (0, 0)))
+        c = imp[y0 + pad:y1 + pad, x0 + pad:x1 + pad]
+        out.append(tf.image.resize(c, (size, size), antialias=True).numpy())
+    return np.stack(out)
+TF = {"none": lambda x: x, "grayworld": grayworld, "gray": gray, "crop": crop,
+      "crop_grayworld": lambda x: grayworld(crop(x))}
 
 base = vgg16_base((size, size, 3), "hed")
 prefix = keras.Model(base.inputs, base.get_layer("block4_pool").output)
@@ -126,7 +147,7 @@ for T in transforms:
             extra_b = eb if extra_b is None else (np.concatenate([extra_b[0], eb[0]]), np.concatenate([extra_b[1], eb[1]]))
             extra_r = er if extra_r is None else (np.concatenate([extra_r[0], er[0]]), np.concatenate([extra_r[1], er[1]]))
         print(f"  +{views} jitter views {time.time()-t1:.0f}s", flush=True)
-    for bal, blk5, uv in [(b_, k_, u_) for b_ in (False, True) for k_ in ([False, True] if ft else [False])
+    for bal, blk5, uv in [(b_, k_, u_) for b_ in (False,) for k_ in ([False, True] if ft else [False])
                           for u_ in ([False, True] if views else [False])]:
         if True:
             t2 = time.time()
