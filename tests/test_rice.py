@@ -126,3 +126,18 @@ def test_eval_dir_with_other_classes_is_a_one_line_error(tmp_path):
     assert "has classes ['Wheat']; expected the data folder's" in r.output
     r = CliRunner().invoke(cli, ["rice", "--holdout-range", "5", "--db", str(tmp_path / "l.db")])
     assert r.exit_code != 0 and "Expected FIRST-LAST" in r.output
+
+
+def test_grain_crop_and_grey_world():
+    from experiments.data import grain_crop, grey_world
+
+    x = np.zeros((2, 40, 40, 3), "float32")
+    x[0, 10:14, 20:30] = (200, 220, 250)  # a small bluish grain
+    x[1, 5:35, 5:25] = (240, 240, 200)  # a large yellowish one
+    y = np.asarray(grain_crop(16)(x))
+    assert y.shape == (2, 16, 16, 3)
+    assert (y.sum(-1) > 60).mean() > (x.sum(-1) > 60).mean(axis=(1, 2)).max()  # the grain fills more
+    g = np.asarray(grey_world(x))
+    for i in range(2):
+        grain = g[i][x[i].sum(-1) > 60]
+        np.testing.assert_allclose(grain.mean(0), grain.mean(), rtol=1e-3)  # mean colour is grey
