@@ -136,7 +136,11 @@ def test_grain_crop_and_grey_world():
     x[1, 5:35, 5:25] = (240, 240, 200)  # a large yellowish one
     y = np.asarray(grain_crop(16)(x))
     assert y.shape == (2, 16, 16, 3)
-    assert (y.sum(-1) > 60).mean() > (x.sum(-1) > 60).mean(axis=(1, 2)).max()  # the grain fills more
+    for i in range(2):  # whatever its size, the grain's longer side spans most of the crop
+        m = y[i].sum(-1) > 60
+        rows, cols = np.nonzero(m.any(1))[0], np.nonzero(m.any(0))[0]
+        assert max(rows[-1] - rows[0], cols[-1] - cols[0]) + 1 >= 12
+    assert (y[0].sum(-1) > 60).mean() > 5 * (x[0].sum(-1) > 60).mean()
     g = np.asarray(grey_world(x))
     for i in range(2):
         grain = g[i][x[i].sum(-1) > 60]
