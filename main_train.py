@@ -56,7 +56,20 @@ def float_list(ctx, param, value):
     return parts
 
 
-PARSERS = {"floats": float_list, "names": comma_list}
+def int_list(ctx, param, value):
+    """'12001,15000' (or '12001-15000') -> (12001, 15000). Always a tuple."""
+    if isinstance(value, (list, tuple)):
+        return tuple(int(v) for v in value)
+    try:
+        parts = tuple(int(v) for v in str(value).replace(" ", "").replace("-", ",").split(",") if v)
+    except ValueError:
+        raise click.BadParameter(f"Expected whole numbers separated by commas. Received: {value!r}")
+    if not parts:
+        raise click.BadParameter(f"Expected at least one whole number. Received: {value!r}")
+    return parts
+
+
+PARSERS = {"floats": float_list, "ints": int_list, "names": comma_list}
 
 
 def config_option(field):

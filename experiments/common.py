@@ -146,8 +146,9 @@ def finish_model_run(run, model, evaluate=None, *, filename="model.keras", laten
             model), or None to only measure and save (then `artifact` is the path).
         model: the trained Keras model of this run.
         evaluate: `evaluate(model) -> dict` of run fields (test_top1, test_top5,
-            test_loss) plus optionally "metrics", a dict for the run's metrics JSON;
-            None when there is no test data.
+            test_loss) plus optionally "metrics", a dict for the run's metrics JSON,
+            and "summary", more accuracies (name -> fraction) for the summary dict
+            and line only (e.g. rice's heldout_top1); None when there is no test data.
         filename: the model's file name in the run folder.
         latency_batch: images per timed batch; None skips latency (and speed-up).
         latency_runs: timed calls (the median is recorded).
@@ -165,6 +166,7 @@ def finish_model_run(run, model, evaluate=None, *, filename="model.keras", laten
     """
     fields = dict(evaluate(model)) if evaluate is not None else {}
     details = {**fields.pop("metrics", {}), **(metrics or {})}
+    extra = fields.pop("summary", {})
     stats = model_stats(model)
     sizes = {"params": stats["params"], "trainable_params": stats["trainable_params"], "macs": stats["macs"]}
     speedup = None
@@ -183,9 +185,9 @@ def finish_model_run(run, model, evaluate=None, *, filename="model.keras", laten
         run.finish(**fields, **sizes, artifact=path, metrics=details)
         if run.dir:  # the run's model is saved: its phase checkpoints are no longer needed
             shutil.rmtree(os.path.join(run.dir, "phases"), ignore_errors=True)
-    summary = {"run_id": run.id if run is not None else None, "artifact": path, **fields, **sizes,
+    summary = {"run_id": run.id if run is not None else None, "artifact": path, **fields, **extra, **sizes,
                "speedup": speedup}
-    echo(summary_line(label, summary, latency_batch))
+    echo(summary_line(label, summary, latency_batch, extra))
     return summary
 
 
@@ -200,8 +202,9 @@ def finished_parent(log, row):
         "run_id": parent["id"], "artifact": parent["artifact"]}
 
 
-def summary_line(label, s, latency_batch=None):
+def summary_line(label, s, latency_batch=None, extra=()):
     parts = [f"top-1 {s['test_top1']:.4f}"] if s.get("test_top1") is not None else []
+    parts += [f"{name.replace('_top1', '').replace('_', '-')} {s[name]:.4f}" for name in extra]
     parts += [f"{s['params']:,} params", f"{s['macs']:,} MACs"]
     if s.get("latency_ms") is not None:
         parts.append(f"{s['latency_ms']:.1f} ms/batch of {latency_batch} ({s['speedup']:.2f}x)")

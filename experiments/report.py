@@ -150,11 +150,15 @@ def rice_results(cfg, summaries, out_dir):
     """rice_results.md (table + config) and rice_accuracy.png for one rice run."""
 
     ensure_writable_dir(out_dir)
-    lines = ["| run | pruning ratio | test accuracy | params | trainable | MACs | latency ms/batch | speed-up |",
-             "|---" * 8 + "|"]
+    # Accuracy on the held-out batch (--split-by batch) and on --eval-dir, when measured.
+    extra = [k for k in ("heldout_top1", "eval_dir_top1") if k in summaries[0]]
+    names = {"heldout_top1": "held-out batch accuracy", "eval_dir_top1": "eval-dir accuracy"}
+    lines = ["| run | pruning ratio | test accuracy | " + "".join(f"{names[k]} | " for k in extra)
+             + "params | trainable | MACs | latency ms/batch | speed-up |", "|---" * (8 + len(extra)) + "|"]
     for s in summaries:
-        lines.append(f"| {s['run_id']} | {s['ratio']:g} | {s['test_top1']:.4f} | {s['params']:,} | "
-                     f"{s['trainable_params']:,} | {s['macs']:,} | {s['latency_ms']:.1f} | "
+        lines.append(f"| {s['run_id']} | {s['ratio']:g} | {s['test_top1']:.4f} | "
+                     + "".join(f"{s[k]:.4f} | " for k in extra)
+                     + f"{s['params']:,} | {s['trainable_params']:,} | {s['macs']:,} | {s['latency_ms']:.1f} | "
                      f"{s['speedup'] or 1.0:.2f}x |")
     md = write_text(os.path.join(out_dir, "rice_results.md"),
                     f"# Rice: transfer learning and pruning\n\nLatency: median of {cfg.latency_runs} calls on a "

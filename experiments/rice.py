@@ -1,6 +1,6 @@
 """Experiment 2: transfer learning on the Rice Image Dataset, then L1 pruning.
 
-VGG16 (ImageNet, HED, none, or a weights file) -> frozen-base feature extraction
+VGG16 (ImageNet, HED, auto, none, or a weights file) -> frozen-base feature extraction
 -> optional fine-tuning of the top convs -> prune the convs at several ratios ->
 retrain the head (pruned convs frozen) or everything -> evaluate. The baseline and
 each ratio are logged runs; each pruned run points at its baseline.
@@ -14,47 +14,136 @@ import numpy as np
 
 from experiments import common
 from experiments.config import RiceConfig, from_dict  # noqa: F401  (RiceConfig: the config block)
-from experiments.data import (check_splits, drop_unreadable, folder_dataset, list_image_folder, preprocessing,
-                              stratified_split)
-from experiments.models import rice_classifier
+from experiments.data import (batch_split, check_splits, colour_jitter, drop_unreadable, folder_dataset, grain_crop,
+                              grey_world, list_image_folder, preprocessing, stratified_split)
+from experiments.models import resolve_weights, rice_classifier
 from pruning import CNNModel, inline
 
 HEAD_LAYERS = ("features", "fc1", "dropout", "predictions")
 SPLITS = ("train", "val", "test")
+# Extra evaluation sets besides the random test split: the held-out photographic batch
+# (--split-by batch) and a separate folder (--eval-dir). Each is logged as its own metrics.
+EXTRA_EVALS = ("heldout", "eval_dir")
 
 
 def _flip(x):
     return keras.ops.where(keras.random.uniform((keras.ops.shape(x)[0], 1, 1, 1)) < 0.5, x[:, :, ::-1], x)
 
 
+def train_augmentation(cfg, flips):
+    """The batch augmentation of training images: colour jitter, then random flips."""
+    return _chain(([colour_jitter(*cfg.colour_jitter, seed=cfg.seed)] if any(cfg.colour_jitter) else [])
+                  + ([_flip] if flips else []))
+
+
+def _chain(fns):
+    """One batch function applying `fns` in order (None if there are none)."""
+    if not fns:
+        return None
+
+    def chained(x):
+        for fn in fns:
+            x = fn(x)
+        return x
+
+    return chained
+
+
+def load_size(cfg):
+    """Decoded image size: twice the input size when the grain is cropped out of it."""
+    return 2 * cfg.image_size if cfg.grain_crop else cfg.image_size
+
+
+def input_transform(cfg):
+    """Batch transform from decoded RGB [0, 255] to model input, at training and evaluation
+    alike: --grain-crop, --grey-world, then VGG16's (BGR minus the ImageNet mean). A saved
+    model expects inputs made this way (the run's config records the flags)."""
+    return _chain(([grain_crop(cfg.image_size)] if cfg.grain_crop else []) + ([grey_world] if cfg.grey_world else [])
+                  + [preprocessing("vgg16")])
+
+
 class RiceData:
     """Files, split and pipelines: `ordered` batches of each split (for features and
-    evaluation) and `train`, shuffled (and augmented with --augment), for fitting."""
+    evaluation) and `train`, shuffled (and augmented with --augment), for fitting.
+    `ordered` also holds "heldout" (--split-by batch) and "eval_dir" (--eval-dir) when set."""
 
     def __init__(self, cfg):
         paths, labels, self.class_names = list_image_folder(cfg.data_dir, cfg.limit_per_class, cfg.seed)
         self.paths, self.labels, self.unreadable = drop_unreadable(paths, labels)
-        self.split = stratified_split(self.labels, cfg.split, cfg.seed)
+        if cfg.split_by == "batch":
+            *self.split, heldout = batch_split(self.paths, self.labels, cfg.holdout_range, cfg.split, cfg.seed)
+        else:
+            self.split, heldout = stratified_split(self.labels, cfg.split, cfg.seed), None
         check_splits(self.labels, self.split, self.class_names, SPLITS)
-        pre = preprocessing("vgg16")  # RGB [0, 255] -> BGR minus the ImageNet mean
-        self.ordered = {}
+        self.pre = input_transform(cfg)
+        self.cfg = cfg
+        self.ordered, self.ys, self.files = {}, {}, {}
         for name, idx in zip(SPLITS, self.split):
             if len(idx) == 0:
                 raise ValueError(f"The {name} split is empty: {len(self.paths)} images are too few "
                                  f"for fractions {tuple(cfg.split)}.")
-            self.ordered[name] = folder_dataset([self.paths[i] for i in idx], self.labels[idx],
-                                                cfg.image_size, cfg.batch_size, preprocess=pre)
-        idx = self.split[0]
-        self.train = folder_dataset([self.paths[i] for i in idx], self.labels[idx], cfg.image_size,
-                                    cfg.batch_size, preprocess=pre, shuffle=True, seed=cfg.seed,
-                                    augment=_flip if cfg.augment else None)
+            self._add(name, [self.paths[i] for i in idx], self.labels[idx])
+        if heldout is not None:
+            self._add("heldout", [self.paths[i] for i in heldout], self.labels[heldout])
+        if cfg.eval_dir:
+            e_paths, e_labels, e_names = list_image_folder(cfg.eval_dir)
+            if e_names != self.class_names:
+                raise ValueError(f"The evaluation folder {cfg.eval_dir!r} has classes {e_names}; "
+                                 f"expected the data folder's {self.class_names}.")
+            e_paths, e_labels, self.eval_unreadable = drop_unreadable(e_paths, e_labels)
+            self._add("eval_dir", e_paths, e_labels)
+        self.train = self.train_images(shuffle=True, flips=cfg.augment)
+
+    def _add(self, name, paths, labels):
+        self.files[name], self.ys[name] = paths, labels
+        self.ordered[name] = folder_dataset(paths, labels, load_size(self.cfg), self.cfg.batch_size,
+                                            preprocess=self.pre)
+
+    def train_images(self, shuffle, flips):
+        """Training batches, augmented by --colour-jitter (and flips): re-drawn each pass."""
+        cfg = self.cfg
+        return folder_dataset(self.files["train"], self.ys["train"], load_size(cfg), cfg.batch_size,
+                              preprocess=self.pre, shuffle=shuffle, seed=cfg.seed,
+                              augment=train_augmentation(cfg, flips))
 
     @property
     def num_classes(self):
         return len(self.class_names)
 
     def y(self, name):
-        return self.labels[self.split[SPLITS.index(name)]]
+        return self.ys[name]
+
+
+class BalancedRecall(keras.callbacks.Callback):
+    """Adds `val_balanced_recall` (mean per-class recall on the validation data) to the
+    epoch logs, for the callbacks after it to monitor: every variety counts equally, so
+    a model that gives up one variety to gain on the others is not kept as the best."""
+
+    def __init__(self, x, y, num_classes, batch_size):
+        super().__init__()
+        self.x, self.y, self.num_classes, self.batch_size = x, np.asarray(y), num_classes, batch_size
+
+    def on_epoch_end(self, epoch, logs=None):
+        pred = self.model.predict(self.x, batch_size=self.batch_size, verbose=0).argmax(axis=1)
+        cm = common.confusion_matrix(self.y, pred, self.num_classes)
+        recall = np.diag(cm) / np.maximum(cm.sum(axis=1), 1)
+        if logs is not None:
+            logs["val_balanced_recall"] = float(recall[cm.sum(axis=1) > 0].mean())
+
+
+def stopping(cfg, val):
+    """EarlyStopping and ReduceLROnPlateau on val loss, or with --early-stop balanced on
+    the mean per-class val recall; `val` = (x, y, num_classes). Returns (first, last):
+    `first` must run before the epoch logger so it logs the recall."""
+    if cfg.early_stop != "balanced":
+        monitor, mode, first = "val_loss", "min", []
+    else:
+        monitor, mode, first = "val_balanced_recall", "max", [BalancedRecall(*val, cfg.batch_size)]
+    return first, [
+        keras.callbacks.EarlyStopping(monitor=monitor, mode=mode, patience=cfg.patience, restore_best_weights=True),
+        keras.callbacks.ReduceLROnPlateau(monitor=monitor, mode=mode, factor=0.2,
+                                          patience=max(1, cfg.patience // 2), min_lr=1e-7),
+    ]
 
 
 def _layer_input(model, name):
@@ -96,43 +185,65 @@ def train(model, trainable, cfg, data, run, phase, lr, epochs):
     the whole model runs on the images every epoch.
     """
     set_trainable(model, trainable)
-    extra = [
-        keras.callbacks.EarlyStopping(patience=cfg.patience, restore_best_weights=True),
-        keras.callbacks.ReduceLROnPlateau(factor=0.2, patience=max(1, cfg.patience // 2), min_lr=1e-7),
-    ]
 
     def fit(model, callbacks):
         first = next(l.name for l in model.layers if l.trainable and l.weights)
         if cfg.augment or _layer_input(model, first) is model.inputs[0]:
             compile_model(model, lr)
+            before, after = stopping(cfg, (data.ordered["val"], data.y("val"), data.num_classes))
             model.fit(data.train, validation_data=data.ordered["val"], epochs=epochs, verbose=cfg.verbose,
-                      callbacks=callbacks)
+                      callbacks=[*before, *callbacks, *after])
             return
         prefix = keras.Model(model.inputs, _layer_input(model, first))
-        feats = {name: prefix.predict(ds, verbose=0) for name, ds in data.ordered.items() if name != "test"}
+        feats = {name: prefix.predict(data.ordered[name], verbose=0) for name in ("train", "val")}
+        x, y = [feats["train"]], [data.y("train")]
+        # --views: jittered copies of the training images, through the frozen part once each.
+        jittered = data.train_images(shuffle=False, flips=False) if cfg.views else None
+        for _ in range(cfg.views):
+            x.append(prefix.predict(jittered, verbose=0))
+            y.append(data.y("train"))
+        x, y = np.concatenate(x), np.concatenate(y)
         suffix = chain_suffix(model, first)
         compile_model(suffix, lr)
-        order = np.random.default_rng(cfg.seed).permutation(len(feats["train"]))
-        suffix.fit(feats["train"][order], data.y("train")[order], batch_size=cfg.batch_size, epochs=epochs,
-                   validation_data=(feats["val"], data.y("val")), verbose=cfg.verbose, callbacks=callbacks)
+        order = np.random.default_rng(cfg.seed).permutation(len(x))
+        before, after = stopping(cfg, (feats["val"], data.y("val"), data.num_classes))
+        suffix.fit(x[order], y[order], batch_size=cfg.batch_size, epochs=epochs,
+                   validation_data=(feats["val"], data.y("val")), verbose=cfg.verbose,
+                   callbacks=[*before, *callbacks, *after])
 
-    return common.train_phase(run, phase, model, fit, extra)
+    return common.train_phase(run, phase, model, fit)
 
 
 def conv_names(model):
     return [c.name for c in CNNModel(model).conv_layers]
 
 
-def evaluate(model, data):
-    """Run fields of `model` on the test split: test_top1, and under "metrics" the
-    confusion matrix and per-class precision and recall."""
-    probs = model.predict(data.ordered["test"], verbose=0)
-    y = data.y("test")
-    pred = probs.argmax(axis=1)
+def score(model, data, name):
+    """Accuracy, per-class precision/recall and confusion matrix of `model` on one split."""
+    pred = model.predict(data.ordered[name], verbose=0).argmax(axis=1)
+    y = data.y(name)
     cm = common.confusion_matrix(y, pred, data.num_classes)
-    return {"test_top1": float((pred == y).mean()),
-            "metrics": {"confusion_matrix": cm.tolist(), "class_names": data.class_names,
-                        "per_class": common.per_class_report(cm, data.class_names)}}
+    return {"top1": float((pred == y).mean()), "images": int(len(y)), "confusion_matrix": cm.tolist(),
+            "per_class": common.per_class_report(cm, data.class_names)}
+
+
+def evaluate(model, data):
+    """Run fields of `model`: test_top1 on the test split; under "metrics" the test
+    split's confusion matrix and per-class precision and recall, and one such report
+    per extra set ("heldout", "eval_dir") under its own key; under "summary" the
+    extra sets' accuracies (heldout_top1, eval_dir_top1) for the results table."""
+    test = score(model, data, "test")
+    details = {"confusion_matrix": test["confusion_matrix"], "class_names": data.class_names,
+               "per_class": test["per_class"]}
+    for name in EXTRA_EVALS:
+        if name in data.ordered:
+            details[name] = {**score(model, data, name), "source": _source(data.cfg, name)}
+    return {"test_top1": test["top1"], "metrics": details,
+            "summary": {f"{name}_top1": details[name]["top1"] for name in EXTRA_EVALS if name in details}}
+
+
+def _source(cfg, name):
+    return cfg.eval_dir if name == "eval_dir" else f"{cfg.data_dir} files {cfg.holdout_range[0]}-{cfg.holdout_range[1]}"
 
 
 def run_rice(cfg, log, progress=None, echo=print, resume=None):
@@ -150,10 +261,16 @@ def run_rice(cfg, log, progress=None, echo=print, resume=None):
     data = RiceData(cfg)
     if data.unreadable:
         echo(f"skipped {len(data.unreadable)} unreadable images: {', '.join(data.unreadable)}")
-    config = {**common.config_dict(cfg), "classes": data.class_names, "images": len(data.paths),
-              "split_sizes": [int(len(s)) for s in data.split], "unreadable": data.unreadable}
+    weights = cfg.weights if cfg.pretrained else resolve_weights(cfg.weights)
+    if weights != cfg.weights:
+        echo(f"weights: {cfg.weights} -> {weights}" + (" (ImageNet weights could not be loaded)" if weights == "hed"
+                                                       else ""))
+    config = {**common.config_dict(cfg), "weights_used": weights, "classes": data.class_names,
+              "images": len(data.paths), "split_sizes": [int(len(s)) for s in data.split],
+              "extra_eval_sizes": {k: len(data.ys[k]) for k in EXTRA_EVALS if k in data.ys},
+              "unreadable": data.unreadable}
     dataset = os.path.basename(os.path.normpath(cfg.data_dir))
-    name = common.slug(dataset, f"{cfg.image_size}px", os.path.basename(str(cfg.weights)), f"seed{cfg.seed}")
+    name = common.slug(dataset, f"{cfg.image_size}px", os.path.basename(str(weights)), f"seed{cfg.seed}")
     measure = {"latency_batch": cfg.latency_batch, "latency_runs": cfg.latency_runs, "echo": echo}
     evaluate_on_test = lambda m: evaluate(m, data)  # noqa: E731
     summaries, ratios = [], cfg.ratios
@@ -175,7 +292,7 @@ def run_rice(cfg, log, progress=None, echo=print, resume=None):
                     CNNModel(model).conv(layer)  # an unknown name fails before any work
             else:
                 # Inlined into one flat graph, so every layer of the base can be frozen or trained.
-                model = inline(rice_classifier(data.num_classes, cfg.image_size, cfg.weights, cfg.pooling,
+                model = inline(rice_classifier(data.num_classes, cfg.image_size, weights, cfg.pooling,
                                                seed=cfg.seed))
                 model = train(model, HEAD_LAYERS, cfg, data, base_run, "head", cfg.head_lr, cfg.head_epochs)
                 if cfg.unfreeze > 0:

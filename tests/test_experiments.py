@@ -69,7 +69,8 @@ def test_cifar_pipeline_on_shared_images(tmp_path):
 def test_rice_pipeline_on_bundled_sample(tmp_path):
     db, results = str(tmp_path / "log.db"), str(tmp_path / "results")
     r = CliRunner().invoke(cli, [
-        "rice", "--data-dir", SAMPLE_RICE, "--weights", "none", "--image-size", "32", "--head-epochs", "2",
+        "rice", "--data-dir", SAMPLE_RICE, "--limit-per-class", "12", "--weights", "none", "--image-size", "32",
+        "--head-epochs", "2",
         "--unfreeze", "2", "--finetune-epochs", "1", "--retrain-epochs", "1", "--ratios", "0.1,0.5",
         "--out-dir", str(tmp_path / "runs"), "--results", results, "-v", "0", "--db", db])
     assert r.exit_code == 0, r.output
@@ -109,7 +110,7 @@ def test_split_is_stratified_disjoint_and_seeded():
 def test_image_folder_listing_and_unreadable_files(tmp_path):
     paths, labels, names = list_image_folder(SAMPLE_RICE)
     assert names == ["Arborio", "Basmati", "Ipsala", "Jasmine", "Karacadag"]
-    assert list(np.bincount(labels)) == [12] * 5
+    assert list(np.bincount(labels)) == [100] * 5
     bad = tmp_path / "Arborio" / "broken.jpg"
     bad.parent.mkdir()
     bad.write_bytes(b"\xff\xd8 this is not a jpeg")

@@ -1,0 +1,147 @@
+"""Rice recipe pieces: the batch-aware split, colour jitter, balanced early stopping and --eval-dir."""
+
+import json
+import os
+import shutil
+
+import keras
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from conftest import SAMPLE_RICE
+from experiments.data import batch_split, colour_jitter, file_index, list_image_folder
+from experiments.models import resolve_weights
+from experiments.rice import BalancedRecall
+from main_train import cli
+from save_sqlite import ExperimentLog
+
+CLASSES = ["Arborio", "Basmati", "Ipsala", "Jasmine", "Karacadag"]
+
+
+def _names(n_per_class=100, step=150):
+    paths = [f"/d/{c}/{c} ({1 + i * step}).jpg" for c in CLASSES[:2] for i in range(n_per_class)]
+    return paths, np.repeat([0, 1], n_per_class)
+
+
+def test_batch_split_holds_out_the_whole_index_range():
+    paths, labels = _names()  # indices 1, 151, ..., 14851 in each class
+    train, val, test, held = batch_split(paths, labels, (12001, 15000), (0.7, 0.15, 0.15), seed=0)
+    index = np.array([file_index(p) for p in paths])
+    assert set(held) == set(np.nonzero((index >= 12001) & (index <= 15000))[0]) and len(held) == 2 * 20
+    parts = [set(train), set(val), set(test), set(held)]
+    assert sum(len(p) for p in parts) == len(set().union(*parts)) == 200  # disjoint, complete
+    assert index[np.concatenate([train, val, test])].max() < 12001  # nothing of the batch in training
+    assert list(np.bincount(labels[train])) == [56, 56] and list(np.bincount(labels[test])) == [12, 12]
+    again = batch_split(paths, labels, (12001, 15000), seed=0)
+    assert all(np.array_equal(a, b) for a, b in zip((train, val, test, held), again))
+    assert file_index("/x/basmati (7).jpg") == 7
+
+
+def test_batch_split_errors_name_the_value():
+    paths, labels = _names()
+    with pytest.raises(ValueError, match="No image has a file index in the holdout range 20000-30000"):
+        batch_split(paths, labels, (20000, 30000))
+    with pytest.raises(ValueError, match="Received: holdout=9-3"):
+        batch_split(paths, labels, (9, 3))
+    with pytest.raises(ValueError, match="no image outside the holdout range"):
+        batch_split(paths, labels, (1, 15000))
+    with pytest.raises(ValueError, match=r"Received: '/d/A/a.jpg'"):
+        batch_split(["/d/A/a.jpg"], np.array([0]), (1, 2))
+
+
+def test_colour_jitter_changes_colour_not_grey_or_range():
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 255, (8, 6, 6, 3)).astype("float32")
+    grey = np.repeat(rng.uniform(0, 255, (8, 6, 6, 1)).astype("float32"), 3, axis=-1)
+    y = np.asarray(colour_jitter(hue=0.3, saturation=0.5, seed=1)(x))
+    assert y.shape == x.shape and y.min() >= 0 and y.max() <= 255.01
+    assert np.abs(y - x).mean() > 5  # colours really moved
+    g = np.asarray(colour_jitter(hue=0.5, saturation=0.9, seed=1)(grey))
+    np.testing.assert_allclose(g, grey, atol=0.05)  # hue and saturation leave grey pixels grey
+    np.testing.assert_allclose(np.asarray(colour_jitter()(x)), x, atol=0.05)  # nothing asked: identity
+    with pytest.raises(ValueError, match=r"Expected hue jitter in \[0, 0.5\]. Received: hue=0.7"):
+        colour_jitter(hue=0.7)
+
+
+def test_balanced_recall_is_the_mean_per_class_recall():
+    model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(2, use_bias=False, trainable=False)])
+    model.layers[0].set_weights([np.array([[1.0, -1.0]], "float32")])  # class 0 iff x > 0
+    x = np.array([[1.0], [1.0], [1.0], [-1.0], [1.0]], "float32")
+    y = np.array([0, 0, 0, 1, 1])  # class 0: 3/3 right, class 1: 1/2 right; accuracy 0.8
+    cb = BalancedRecall(x, y, 2, batch_size=4)
+    cb.set_model(model)
+    logs = {}
+    cb.on_epoch_end(0, logs)
+    assert logs["val_balanced_recall"] == pytest.approx(0.75)
+
+
+def test_auto_weights_fall_back_to_hed_offline(monkeypatch):
+    def offline(*args, **kwargs):
+        raise Exception("URL fetch failure: Name or service not known")
+
+    monkeypatch.setattr(keras.utils, "get_file", offline)
+    assert resolve_weights("auto") == "hed" and resolve_weights("none") == "none"
+
+
+def test_eval_dir_and_batch_split_are_logged_for_every_run(tmp_path):
+    eval_dir = tmp_path / "eval"
+    paths, labels, names = list_image_folder(SAMPLE_RICE)
+    for c, name in enumerate(names):  # 3 images per variety
+        (eval_dir / name).mkdir(parents=True)
+        for p in [p for p, y in zip(paths, labels) if y == c][:3]:
+            shutil.copy(p, eval_dir / name)
+    db = str(tmp_path / "log.db")
+    r = CliRunner().invoke(cli, [
+        "rice", "--weights", "none", "--image-size", "32", "--limit-per-class", "30", "--head-epochs", "1",
+        "--retrain-epochs", "1", "--ratios", "0.5", "--split-by", "batch", "--holdout-range", "10001-15000",
+        "--eval-dir", str(eval_dir), "--early-stop", "balanced", "--colour-jitter", "0.1,0.2,0.1",
+        "--views", "1", "--latency-batch", "2", "--out-dir", str(tmp_path / "runs"), "-v", "0", "--db", db])
+    assert r.exit_code == 0, r.output
+    base, pruned = ExperimentLog(db).runs("rice")
+    config = json.loads(base["config"])
+    held_n = config["extra_eval_sizes"]["heldout"]
+    assert config["extra_eval_sizes"]["eval_dir"] == 15 and held_n > 0
+    assert config["split_by"] == "batch" and config["holdout_range"] == [10001, 15000]
+    assert sum(config["split_sizes"]) + held_n == 150
+    for run in (base, pruned):
+        m = json.loads(run["metrics"])
+        for key, n in (("eval_dir", 15), ("heldout", held_n)):
+            cm = np.array(m[key]["confusion_matrix"])
+            assert cm.shape == (5, 5) and cm.sum() == m[key]["images"] == n
+            assert m[key]["top1"] == pytest.approx(np.trace(cm) / n)
+            assert set(m[key]["per_class"]) == set(CLASSES)
+        assert np.array(m["confusion_matrix"]).sum() == config["split_sizes"][2]
+    assert json.loads(base["metrics"])["eval_dir"]["source"] == str(eval_dir)
+    assert "heldout" in r.output and "eval-dir" in r.output
+
+
+def test_eval_dir_with_other_classes_is_a_one_line_error(tmp_path):
+    (tmp_path / "eval" / "Wheat").mkdir(parents=True)
+    shutil.copy(os.path.join(SAMPLE_RICE, "Arborio", sorted(os.listdir(os.path.join(SAMPLE_RICE, "Arborio")))[0]),
+                tmp_path / "eval" / "Wheat")
+    r = CliRunner().invoke(cli, ["rice", "--weights", "none", "--image-size", "32", "--limit-per-class", "10",
+                                 "--eval-dir", str(tmp_path / "eval"), "--db", str(tmp_path / "l.db")])
+    assert r.exit_code != 0
+    assert "has classes ['Wheat']; expected the data folder's" in r.output
+    r = CliRunner().invoke(cli, ["rice", "--holdout-range", "5", "--db", str(tmp_path / "l.db")])
+    assert r.exit_code != 0 and "Expected FIRST-LAST" in r.output
+
+
+def test_grain_crop_and_grey_world():
+    from experiments.data import grain_crop, grey_world
+
+    x = np.zeros((2, 40, 40, 3), "float32")
+    x[0, 10:14, 20:30] = (200, 220, 250)  # a small bluish grain
+    x[1, 5:35, 5:25] = (240, 240, 200)  # a large yellowish one
+    y = np.asarray(grain_crop(16)(x))
+    assert y.shape == (2, 16, 16, 3)
+    for i in range(2):  # whatever its size, the grain's longer side spans most of the crop
+        m = y[i].sum(-1) > 60
+        rows, cols = np.nonzero(m.any(1))[0], np.nonzero(m.any(0))[0]
+        assert max(rows[-1] - rows[0], cols[-1] - cols[0]) + 1 >= 12
+    assert (y[0].sum(-1) > 60).mean() > 5 * (x[0].sum(-1) > 60).mean()
+    g = np.asarray(grey_world(x))
+    for i in range(2):
+        grain = g[i][x[i].sum(-1) > 60]
+        np.testing.assert_allclose(grain.mean(0), grain.mean(), rtol=1e-3)  # mean colour is grey
