@@ -15,7 +15,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import click  # noqa: E402
 
-from experiments.config import PREPROCESSING, CifarConfig, RiceConfig, check_model_file, cli_fields  # noqa: E402
+from experiments.config import (PREPROCESSING, ROUND_MODES, CifarConfig, RiceConfig, check_model_file,  # noqa: E402
+                                cli_fields)
 from save_sqlite import DEFAULT_DB, ENV_VAR, STATUSES, TABLES  # noqa: E402
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -322,11 +323,13 @@ def echo_skipped(plan):
 @click.option("--output", "-o", required=True, help="Where to write the pruned .keras model.")
 @click.option("--round-to", type=click.IntRange(1), default=1, show_default=True,
               help="Round kept filter counts to a multiple of this (1: exactly int(ratio * filters) removed).")
+@click.option("--round-mode", type=click.Choice(ROUND_MODES), default="nearest", show_default=True,
+              help="How --round-to rounds: nearest, or down (always removes at least the ratio).")
 @click.option("--save-plan", default=None, help="Also write the plan as JSON (replay it with --plan).")
 @click.option("--force", is_flag=True, help="Replace --output even when it is the model of a logged run.")
 @db_option
 def prune(model_path, ranker, data_dir, preprocess, image_size, batch_size, limit_per_class, rank_batches, seed,
-          ratio, plan_path, exclude, output, round_to, save_plan, force, db):
+          ratio, plan_path, exclude, output, round_to, round_mode, save_plan, force, db):
     """Prune any .keras model with a ranker and ratio (or a plan file)."""
     from experiments.common import ensure_writable_dir, finish_model_run
     from pruning import CNNModel, PrunePlan, model_stats
@@ -357,7 +360,7 @@ def prune(model_path, ranker, data_dir, preprocess, image_size, batch_size, limi
             scores = scores_for(model, ranker, data_dir, image_size, batch_size, limit_per_class,
                                 rank_batches, seed, preprocess)
             plan = PrunePlan.from_scores(cnn, scores, rate_spec, exclude=exclude, meta={"ranker": ranker},
-                                         round_to=round_to)
+                                         round_to=round_to, round_mode=round_mode)
         pruned = prune_model(cnn, plan)
     except ValueError as e:
         fail(e)

@@ -101,7 +101,7 @@ def prune_and_finetune(model, scores, cfg, ranker, train_ds, test_ds, run):
         model = keras.models.load_model(common.phase_checkpoint(run, done))
     if cfg.schedule == "oneshot":
         if not done:
-            model, _ = common.prune_logged(model, scores, rates, run, ranker=ranker, round_to=cfg.round_to)
+            model, _ = common.prune_logged(model, scores, rates, run, ranker=ranker, round_to=cfg.round_to, round_mode=cfg.round_mode)
             if run is not None and run.dir:  # a resume must not prune twice
                 common.save_model(model, common.phase_checkpoint(run, "oneshot"))
     else:
@@ -112,7 +112,7 @@ def prune_and_finetune(model, scores, cfg, ranker, train_ds, test_ds, run):
             # Only this block's convs change now; earlier blocks are already pruned.
             model, _ = common.prune_logged(
                 model, {n: scores[n] for n in block}, {n: (rates[n] if n in block else 0.0) for n in names},
-                run, ranker=ranker, round_to=cfg.round_to)
+                run, ranker=ranker, round_to=cfg.round_to, round_mode=cfg.round_mode)
             model = train(model, cfg, train_ds, test_ds, cfg.block_epochs, lambda steps: cfg.finetune_lr, run,
                           f"block{b}")
     return train(model, cfg, train_ds, test_ds, cfg.final_epochs, lambda steps: step_decay(cfg.finetune_lr, steps),

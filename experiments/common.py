@@ -244,14 +244,14 @@ def _no_progress(label, total):
     yield None
 
 
-def prune_logged(model, scores, ratio, run, exclude=(), ranker=None, round_to=1):
+def prune_logged(model, scores, ratio, run, exclude=(), ranker=None, round_to=1, round_mode="nearest"):
     """Prunes `model` and records the per-layer filter counts of the plan in the log.
 
     `ratio`: the fraction of filters removed, one number for every conv or
     {conv name: fraction} (see `pruning.plan.resolve_ratios`)."""
     cnn = CNNModel(model)
     plan = PrunePlan.from_scores(cnn, scores, ratio, exclude=exclude, meta={"ranker": ranker},
-                                 round_to=round_to)
+                                 round_to=round_to, round_mode=round_mode)
     pruned = prune(cnn, plan)
     if run is not None:
         run.log.log_layer_prunes(run.id, plan, ranker)

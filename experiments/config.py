@@ -23,6 +23,7 @@ POOLINGS = ("avg", "flatten")
 WEIGHTS_CHOICES = ("auto", "imagenet", "hed", "none")
 SPLIT_BY = ("random", "batch")
 EARLY_STOP = ("loss", "balanced")
+ROUND_MODES = ("nearest", "down")  # pruning.plan.ROUND_MODES (kept here: this module imports no TensorFlow)
 PREPROCESSING = ("vgg16", "cifar10", "cifar100", "unit", "none")
 
 
@@ -81,6 +82,8 @@ class CifarConfig:
                                   "or 13 comma-separated.", parse="floats")
     round_to: int = option(1, "Round kept filter counts to a multiple of this (1: exactly int(ratio * filters) "
                            "removed, as HRank; 8 or 16 run fast).", min=1)
+    round_mode: str = option("nearest", "How --round-to rounds: nearest (61 of 64 -> 64 at --round-to 16: "
+                             "nothing removed) or down (always removes at least the ratio).", choices=ROUND_MODES)
     rank_batches: int = option(20, "Batches for HRank.", min=1)
     rank_batch_size: int = option(128, "Images per HRank batch.", min=1)
     schedule: str = option("blockwise", "blockwise: prune block by block with fine-tuning; oneshot: all at once.",
@@ -174,6 +177,8 @@ class RiceConfig:
                             parse="names")
     round_to: int = option(16, "Round kept filter counts to a multiple of this (1: exactly int(ratio * "
                            "filters) removed; odd counts can run slower than the unpruned model).", min=1)
+    round_mode: str = option("nearest", "How --round-to rounds: nearest (61 of 64 -> 64 at --round-to 16: "
+                             "nothing removed) or down (always removes at least the ratio).", choices=ROUND_MODES)
     retrain: str = option("head", "After pruning: retrain the head with the convs frozen, or everything.",
                           choices=RETRAIN_CHOICES)
     retrain_epochs: int = option(30, "Epochs of retraining after pruning.", min=0)

@@ -312,7 +312,7 @@ def run_rice(cfg, log, progress=None, echo=print, resume=None):
             run.make_dir(cfg.out_dir, f"{name}-{cfg.ranker}-{ratio:g}")
             common.set_seed(cfg.seed)
             pruned, _ = common.prune_logged(model, scores, ratio, run, exclude=cfg.exclude, ranker=cfg.ranker,
-                                            round_to=cfg.round_to)
+                                            round_to=cfg.round_to, round_mode=cfg.round_mode)
             trainable = HEAD_LAYERS if cfg.retrain == "head" else {l.name for l in pruned.layers}
             lr = cfg.head_lr if cfg.retrain == "head" else cfg.finetune_lr
             pruned = train(pruned, trainable, cfg, data, run, f"retrain_{cfg.retrain}", lr, cfg.retrain_epochs)

@@ -20,6 +20,9 @@ def check_ratio(ratio, name="ratio"):
     return float(ratio)
 
 
+ROUND_MODES = ("nearest", "down")
+
+
 def n_kept(filters, ratio, round_to=1, round_mode="nearest"):
     """Filters left after removing int(ratio * filters); at least one always stays.
 
@@ -29,8 +32,8 @@ def n_kept(filters, ratio, round_to=1, round_mode="nearest"):
     `round_mode="nearest"` may round back up (61 of 64 -> 64: nothing removed);
     `"down"` always removes at least what the ratio asks (61 -> 56).
     """
-    if round_mode not in ("nearest", "down"):
-        raise ValueError(f"Expected round_mode in ('nearest', 'down'). Received: round_mode={round_mode!r}")
+    if round_mode not in ROUND_MODES:
+        raise ValueError(f"Expected round_mode in {ROUND_MODES}. Received: round_mode={round_mode!r}")
     kept = max(1, filters - int(check_ratio(ratio) * filters))
     if round_to > 1 and kept < filters:
         steps = kept // round_to if round_mode == "down" else int(round(kept / round_to))
@@ -78,7 +81,7 @@ def skipped_convs(cnn):
     return {c.name: c.blocked_by for c in cnn.conv_layers if not c.prunable}
 
 
-def _select(group, scores, rate, round_to):
+def _select(group, scores, rate, round_to, round_mode="nearest"):
     """Kept filter indices per member of a `ChannelGroup` for one ratio.
 
     Tied filters form classes; a class is scored by the sum of its members'
@@ -90,11 +93,11 @@ def _select(group, scores, rate, round_to):
     for name in group.names:
         total += np.bincount(group.classes[name], weights=scores[name], minlength=group.n_classes)
     if group.segments is None:
-        k = n_kept(group.n_classes, rate, round_to)
+        k = n_kept(group.n_classes, rate, round_to, round_mode)
         chosen = np.argsort(-total, kind="stable")[:k]
     else:
         n_seg = int(group.segments.max()) + 1
-        per = n_kept(group.n_classes // n_seg, rate, round_to)
+        per = n_kept(group.n_classes // n_seg, rate, round_to, round_mode)
         chosen = np.concatenate([
             np.nonzero(group.segments == s)[0][
                 np.argsort(-total[group.segments == s], kind="stable")[:per]]
@@ -126,7 +129,7 @@ class PrunePlan:
     # --------------------------------------------------------------- builders
     @classmethod
     def from_scores(cls, model, scores, ratio, exclude=(), meta=None, round_to=1,
-                    allow_inexact=False):
+                    allow_inexact=False, round_mode="nearest"):
         """Keeps the highest-scoring filters of each conv.
 
         Args:
@@ -137,8 +140,11 @@ class PrunePlan:
                 model order, or a dict by name. Removes int(ratio * filters).
             exclude: conv names that keep all their filters.
             round_to: round kept counts to a multiple of this (see `n_kept`).
+            round_mode: "nearest" or "down" (always removes at least the ratio).
             allow_inexact: also prune convs feeding LayerNormalization (see `CNNModel`).
         """
+        if round_mode not in ROUND_MODES:
+            raise ValueError(f"Expected round_mode in {ROUND_MODES}. Received: round_mode={round_mode!r}")
         cnn = _cnn(model, allow_inexact)
         ratios = resolve_ratios(cnn, ratio, exclude)
         keep, filters = {}, {}
@@ -163,10 +169,12 @@ class PrunePlan:
                     raise ValueError(f"Expected {m.filters} scores for layer '{m.name}'. "
                                      f"Received: {s.shape[0]}")
                 checked[m.name] = s
-            for name, kept in _select(cnn.channel_group(group[0]), checked, rate, round_to).items():
+            for name, kept in _select(cnn.channel_group(group[0]), checked, rate, round_to,
+                                              round_mode).items():
                 keep[name] = kept
                 filters[name] = cnn.conv(name).filters
-        meta = {"ratios": ratios, "exclude": list(exclude), "round_to": round_to, **(meta or {})}
+        meta = {"ratios": ratios, "exclude": list(exclude), "round_to": round_to, "round_mode": round_mode,
+                **(meta or {})}
         if not isinstance(ratio, (dict, list, tuple, np.ndarray)):
             meta.setdefault("skipped", skipped_convs(cnn))
         if cnn.allow_inexact:

@@ -143,3 +143,22 @@ def test_n_kept_rounds_down_or_to_nearest():
     assert n_kept(61, 0.05, round_to=1, round_mode="down") == 58  # no rounding asked
     with pytest.raises(ValueError, match="Expected round_mode in .*Received: round_mode='up'"):
         n_kept(64, 0.1, round_to=8, round_mode="up")
+
+
+def test_from_scores_rounds_down_when_asked():
+    cnn = CNNModel(vgg16_bn_cifar(10, width=0.125))  # 8 filters in conv1
+    scores = get_ranker("l1").rank_all(cnn)
+    nearest = PrunePlan.from_scores(cnn, scores, 0.05, round_to=4)
+    down = PrunePlan.from_scores(cnn, scores, 0.05, round_to=4, round_mode="down")
+    # conv5 has 32 filters: 5% removes one (31 kept); to nearest 4 that is 32 again, down it is 28.
+    assert len(nearest.keep["conv5"]) == 32
+    assert len(down.keep["conv5"]) == 28 and down.meta["round_mode"] == "down"
+    with pytest.raises(ValueError, match="Expected round_mode in .*Received: round_mode='up'"):
+        PrunePlan.from_scores(cnn, scores, 0.5, round_mode="up")
+
+
+def test_round_modes_are_defined_once():
+    from experiments.config import ROUND_MODES
+    from pruning.plan import ROUND_MODES as plan_modes
+
+    assert ROUND_MODES == plan_modes
