@@ -384,12 +384,15 @@ def prune(model_path, ranker, data_dir, preprocess, image_size, batch_size, limi
 @cli.command(context_settings=CONTEXT)
 @click.argument("model_path")
 @ranking_options
-@click.option("--out-dir", required=True, help="Folder for rank_conv{i}.npy files (1-based conv order).")
+@click.option("--out-dir", required=True,
+              help="Folder for the score files: rank_conv{i}.npy for hrank, {ranker}_conv{i}.npy for others "
+                   "(i: 1-based conv order).")
 def rank(model_path, ranker, data_dir, preprocess, image_size, batch_size, limit_per_class, rank_batches, seed,
          out_dir):
-    """Score every conv's filters and save them as rank_conv{i}.npy."""
+    """Score every conv's filters and save them as rank_conv{i}.npy (hrank) or {ranker}_conv{i}.npy."""
     from experiments.common import ensure_writable_dir
     from pruning import CNNModel
+    from pruning.rankers import score_file
 
     model = load_keras_model(model_path)
     try:
@@ -400,7 +403,7 @@ def rank(model_path, ranker, data_dir, preprocess, image_size, batch_size, limit
         fail(e)
     for conv in CNNModel(model).conv_layers:
         s = scores[conv.name]
-        click.echo(f"rank_conv{conv.index + 1}.npy  {conv.name:<20} {conv.filters:>5} filters  "
+        click.echo(f"{score_file(ranker, conv.index)}  {conv.name:<20} {conv.filters:>5} filters  "
                    f"mean {s.mean():.4g}  min {s.min():.4g}  max {s.max():.4g}")
 
 

@@ -10,7 +10,7 @@ import shutil
 import keras
 import numpy as np
 
-from pruning import CNNModel, PrunePlan, get_ranker, load_scores, measure_latency, model_stats, prune
+from pruning import CNNModel, PrunePlan, load_scores, measure_latency, model_stats, prune
 from pruning.callbacks import TimeHistory
 from save_sqlite import PARTIAL, remove_partial_files
 
@@ -212,30 +212,30 @@ def summary_line(label, s, latency_batch=None, extra=()):
 
 
 # ------------------------------------------------------------------ pruning
-def compute_scores(model, ranker_name, data=None, ranks_dir=None, seed=0, rank_batches=None,
-                   progress=None):
+def compute_scores(model, ranker, data=None, ranks_dir=None, seed=0, rank_batches=None, progress=None,
+                   options=None):
     """Filter scores of every conv, read from `ranks_dir` when all are there, else
-    computed with the ranker and saved there. Returns (scores, reused).
+    computed with the ranker and saved there (files named by ranker, see
+    `pruning.rankers.score_file`). Returns (scores, reused).
 
+    `ranker`: a `pruning.Ranker` or a registered name (+ constructor `options`);
+    `seed` and `rank_batches` reach its constructor where it takes them.
     `progress(label, total)`, if given, returns a context manager yielding an
     `update(n)` callable (click.progressbar fits).
     """
-    from pruning.rankers import save_scores
+    from pruning.rankers import make_ranker, save_scores
 
+    ranker = make_ranker(ranker, options, seed=seed, num_batches=rank_batches)
     cnn = CNNModel(model)
     if ranks_dir:
-        cached = load_scores(cnn, ranks_dir)
+        cached = load_scores(cnn, ranks_dir, ranker=ranker.name)
         if cached is not None:
             return cached, True
-    kwargs = {"seed": seed} if ranker_name == "random" else {}
-    if ranker_name == "hrank":
-        kwargs["num_batches"] = rank_batches
-    ranker = get_ranker(ranker_name, **kwargs)
     total = rank_batches if ranker.needs_data and rank_batches else len(cnn.conv_layers)
-    with (progress or _no_progress)(f"ranking filters ({ranker_name})", total) as update:
+    with (progress or _no_progress)(f"ranking filters ({ranker.name})", total) as update:
         scores = ranker.rank_all(cnn, data=data, progress=update)
     if ranks_dir:
-        save_scores(scores, cnn, ranks_dir)
+        save_scores(scores, cnn, ranks_dir, ranker=ranker.name)
     return scores, False
 
 

@@ -7,6 +7,7 @@ Higher scores mean keep. Adding a criterion is one subclass with a `name` and a
 `rank` method, decorated with `@register_ranker`.
 """
 
+import inspect
 import os
 from concurrent.futures import ThreadPoolExecutor
 
@@ -33,7 +34,28 @@ def get_ranker(name, **kwargs):
         raise ValueError(
             f"Unknown ranker: '{name}'. Expected one of: {', '.join(sorted(RANKERS))}"
         )
-    return RANKERS[name](**kwargs)
+    try:
+        return RANKERS[name](**kwargs)
+    except TypeError as e:
+        raise ValueError(f"Bad options for ranker '{name}': {e}. Received: {kwargs}") from None
+
+
+def make_ranker(ranker, options=None, **defaults):
+    """A ranker from an instance, or a registered name + constructor `options`.
+
+    `defaults` (for example `seed=0, num_batches=20`) reach the constructor only
+    where it takes that argument and `options` does not set it, so a caller treats
+    every ranker alike: no special case per ranker name.
+    """
+    if isinstance(ranker, Ranker):
+        return ranker
+    options = dict(options or {})
+    if ranker in RANKERS:
+        accepted = inspect.signature(RANKERS[ranker].__init__).parameters
+        for key, value in defaults.items():
+            if key in accepted and value is not None:
+                options.setdefault(key, value)
+    return get_ranker(ranker, **options)
 
 
 class Ranker:

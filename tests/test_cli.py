@@ -97,8 +97,10 @@ def test_rank_writes_npy_files(model_file, tmp_path):
     out = tmp_path / "ranks"
     r = CliRunner().invoke(cli, ["rank", model_file, "--ranker", "l2", "--out-dir", str(out)])
     assert r.exit_code == 0, r.output
-    assert sorted(os.listdir(out)) == ["rank_conv1.npy", "rank_conv2.npy"]
-    assert np.load(out / "rank_conv2.npy").shape == (16,)
+    # Named by what they hold: L2 norms, not ranks (rank_conv{i}.npy is HRank's name).
+    assert sorted(os.listdir(out)) == ["l2_conv1.npy", "l2_conv2.npy"]
+    assert np.load(out / "l2_conv2.npy").shape == (16,)
+    assert "l2_conv1.npy" in r.output
 
 
 def test_rank_hrank_on_images(model_file, tmp_path):
