@@ -131,8 +131,9 @@ def run_cifar(cfg, log, progress=None, echo=print, resume=None):
         cfg = from_dict(CifarConfig, {**_json(row["config"]), "seeds": (row["seed"],)})
     cfg.validate()
     summaries = []
-    for seed in cfg.seeds:
-        summaries += run_seed(cfg, seed, log, progress, echo, resume)
+    with common.distributed(cfg):
+        for seed in cfg.seeds:
+            summaries += run_seed(cfg, seed, log, progress, echo, resume)
     return summaries
 
 

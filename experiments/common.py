@@ -123,6 +123,24 @@ def last_finished_phase(run, phases):
     return next((p for p in reversed(phases) if os.path.exists(phase_checkpoint(run, p))), None)
 
 
+@contextlib.contextmanager
+def distributed(cfg):
+    """Runs the block under the config's mixed-precision policy (`cfg.mixed_precision`)
+    and inside its tf.distribute strategy's scope (`cfg.strategy`): every model built,
+    loaded, pruned or compiled in it is placed on the strategy's replicas. The
+    previous dtype policy is restored afterwards."""
+    from experiments.distribute import get_strategy, set_mixed_precision
+
+    previous = keras.mixed_precision.global_policy().name
+    set_mixed_precision(cfg.mixed_precision)
+    try:
+        strategy = get_strategy(cfg.strategy)
+        with strategy.scope():
+            yield strategy
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+
+
 # ------------------------------------------------------------ measuring
 def measure(model, latency_batch=32, latency_runs=10):
     """Params, MACs and inference latency of `model` as run fields."""

@@ -23,7 +23,10 @@ POOLINGS = ("avg", "flatten")
 WEIGHTS_CHOICES = ("auto", "imagenet", "hed", "none")
 SPLIT_BY = ("random", "batch")
 EARLY_STOP = ("loss", "balanced")
-ROUND_MODES = ("nearest", "down")  # pruning.plan.ROUND_MODES (kept here: this module imports no TensorFlow)
+ROUND_MODES = ("nearest", "down")
+# experiments.distribute's names (kept here: this module imports no TensorFlow).
+STRATEGIES = ("default", "mirrored", "multiworker", "tpu")
+PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")  # pruning.plan.ROUND_MODES (kept here: this module imports no TensorFlow)
 PREPROCESSING = ("vgg16", "cifar10", "cifar100", "unit", "none")
 
 
@@ -97,6 +100,11 @@ class CifarConfig:
                           "Root of the run folders (<out-dir>/<run id>-<slug>/: models, rank files).")
     latency_batch: int = option(64, "Batch size for latency (images).", min=1)
     latency_runs: int = option(10, "Timed inference calls per latency measurement.", min=1, cli=False)
+    strategy: str = option("default", "tf.distribute strategy: default (one device), mirrored (every GPU of "
+                           "this machine), multiworker (machines in $TF_CONFIG) or tpu. --batch-size is the "
+                           "global batch.", choices=STRATEGIES)
+    mixed_precision: str = option("float32", "Keras dtype policy: float32, mixed_float16 (GPUs) or "
+                                  "mixed_bfloat16 (TPUs, recent CPUs).", choices=PRECISIONS)
     verbose: int = option(2, "Keras fit verbosity (0-2).", flag="-v", min=0, max=2)
 
     @property
@@ -186,6 +194,11 @@ class RiceConfig:
                           "Root of the run folders (<out-dir>/<run id>-<slug>/: models, checkpoints).")
     latency_batch: int = option(16, "Batch size for latency (images).", min=1)
     latency_runs: int = option(10, "Timed inference calls per latency measurement.", min=1, cli=False)
+    strategy: str = option("default", "tf.distribute strategy: default (one device), mirrored (every GPU of "
+                           "this machine), multiworker (machines in $TF_CONFIG) or tpu. --batch-size is the "
+                           "global batch.", choices=STRATEGIES)
+    mixed_precision: str = option("float32", "Keras dtype policy: float32, mixed_float16 (GPUs) or "
+                                  "mixed_bfloat16 (TPUs, recent CPUs).", choices=PRECISIONS)
     verbose: int = option(2, "Keras fit verbosity (0-2).", flag="-v", min=0, max=2)
 
     def validate(self):

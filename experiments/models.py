@@ -40,7 +40,8 @@ def vgg16_bn_cifar(num_classes=100, width=1.0, input_shape=(32, 32, 3), seed=Non
     x = keras.layers.Dense(max(1, int(512 * width)), kernel_initializer=init, name="linear1")(x)
     x = keras.layers.BatchNormalization(momentum=0.9, epsilon=1e-5, name="norm1")(x)
     x = keras.layers.ReLU(name="relu_fc")(x)
-    outputs = keras.layers.Dense(num_classes, name="classifier")(x)
+    # float32 logits also under a mixed-precision policy (a stable loss).
+    outputs = keras.layers.Dense(num_classes, name="classifier", dtype="float32")(x)
     return keras.Model(inputs, outputs, name="vgg16_bn_cifar")
 
 
@@ -131,7 +132,7 @@ def rice_classifier(num_classes, image_size=224, weights="imagenet", pooling="av
     x = keras.layers.Dense(256, activation="relu", name="fc1",
                            kernel_initializer=keras.initializers.GlorotUniform(seed))(x)
     x = keras.layers.Dropout(dropout, seed=seed, name="dropout")(x)
-    outputs = keras.layers.Dense(num_classes, activation="softmax", name="predictions",
+    outputs = keras.layers.Dense(num_classes, activation="softmax", name="predictions", dtype="float32",
                                  kernel_initializer=keras.initializers.GlorotUniform(seed))(x)
     return keras.Model(inputs, outputs, name="rice_vgg16")
 
@@ -168,5 +169,5 @@ def resnet20_cifar(num_classes=10, width=1.0, input_shape=(32, 32, 3), seed=None
             x = keras.layers.ReLU(name=f"{name}_relu2")(keras.layers.Add(name=f"{name}_add")([y, shortcut]))
     x = keras.layers.GlobalAveragePooling2D(name="avgpool")(x)
     outputs = keras.layers.Dense(num_classes, kernel_initializer=keras.initializers.GlorotUniform(seed),
-                                 name="classifier")(x)
+                                 name="classifier", dtype="float32")(x)
     return keras.Model(inputs, outputs, name="resnet20_cifar")

@@ -257,6 +257,11 @@ def run_rice(cfg, log, progress=None, echo=print, resume=None):
     if resumed is not None:
         cfg = from_dict(RiceConfig, json.loads(resumed["config"] or "{}"))
     cfg.validate()
+    with common.distributed(cfg):
+        return _run_rice(cfg, log, resumed, resume, progress, echo)
+
+
+def _run_rice(cfg, log, resumed, resume, progress, echo):
     common.set_seed(cfg.seed)
     data = RiceData(cfg)
     if data.unreadable:
