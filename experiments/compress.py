@@ -43,7 +43,7 @@ class CompressConfig:
     limit_per_class: Optional[int] = None  # training images per class (None: all)
     test_limit: Optional[int] = None  # CIFAR layout: test images (None: all)
     seed: int = 0
-    ranker: object = "l1"  # a registered name or a pruning.Ranker
+    ranker: object = "taylor"  # a registered name or a pruning.Ranker (default: best in results/frontier.md)
     ranker_options: dict = dataclasses.field(default_factory=dict)  # constructor arguments
     rank_batches: int = 4  # batches of training images for data-driven rankers
     target_macs: Optional[float] = None  # fraction of the baseline kept; give exactly one target
@@ -59,7 +59,7 @@ class CompressConfig:
     lr: float = 1e-3  # Adam learning rate while fine-tuning
     train_all: bool = True  # unfreeze every layer for fine-tuning (False: keep the model's frozen layers)
     augment: bool = False  # random shifts and horizontal flips while fine-tuning
-    distill: bool = False  # the unpruned model teaches the pruned one
+    distill: bool = True  # the unpruned model teaches the pruned one (best in results/frontier.md)
     temperature: float = 4.0
     alpha: float = 0.5  # weight of the distillation term
     sensitivity_images: int = 128  # validation images for allocation="sensitivity"

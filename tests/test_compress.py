@@ -116,7 +116,7 @@ def test_compress_residual_model_on_cifar_layout(tmp_path):
     model = resnet20_cifar(2, 0.25, input_shape=(16, 16, 3), seed=0)
     model.save(path)
     cfg = CompressConfig(model=path, data_dir=str(tmp_path / "data"), target_params=0.6, allocation="uniform",
-                         ranker="random", epochs=1, augment=True, preprocess="cifar10",
+                         ranker="random", epochs=1, augment=True, distill=False, preprocess="cifar10",
                          output=str(tmp_path / "small.keras"), latency_runs=1, latency_batch=2, verbose=0)
     s = run_compress(cfg, ExperimentLog(str(tmp_path / "log.db")), echo=lambda *a: None)
     smaller = keras.models.load_model(str(tmp_path / "small.keras"))
