@@ -15,8 +15,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import click  # noqa: E402
 
-from experiments.config import (PREPROCESSING, ROUND_MODES, CifarConfig, RiceConfig, check_model_file,  # noqa: E402
-                                cli_fields)
+from experiments.config import (PREPROCESSING, ROUND_MODES, CifarConfig, CompressConfig, RiceConfig,  # noqa: E402
+                                check_model_file, cli_fields)
 from save_sqlite import DEFAULT_DB, ENV_VAR, STATUSES, TABLES  # noqa: E402
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -92,7 +92,7 @@ def config_option(field):
                       default=",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in field.default))
         kwargs["show_default"] = True
     elif meta.get("multiple"):
-        kwargs.update(multiple=True, type=type(field.default[0]), default=list(field.default))
+        kwargs.update(multiple=True, type=type(field.default[0]) if field.default else str, default=list(field.default))
     elif meta.get("choices"):
         kwargs["type"] = click.Choice(meta["choices"])
     elif kind in (int, float) and (meta.get("min") is not None or meta.get("max") is not None):
@@ -195,13 +195,14 @@ def cli():
 
 
 # ---------------------------------------------------------- cifar and rice
-def experiment_command(cls, run, results_help):
+def experiment_command(cls, run, results_help, argument=None):
     """Decorator: a training command whose options are the fields of config `cls`,
-    plus --results, --resume and --db. `run` ("module:function") runs the experiment;
-    the decorated function `fn(cfg, summaries, results)` reports its summaries."""
+    plus --results, --resume and --db (`argument`: a field given as the command's
+    positional argument instead). `run` ("module:function") runs the experiment; the
+    decorated function `fn(cfg, summaries, results)` reports its summaries."""
     def decorate(fn):
         @cli.command(fn.__name__, context_settings=CONTEXT, help=fn.__doc__)
-        @config_options(cls)
+        @config_options(cls, skip=(argument,))
         @click.option("--results", default=None, help=results_help)
         @resume_option
         @db_option
@@ -215,6 +216,9 @@ def experiment_command(cls, run, results_help):
                 fn(cfg, summaries, results)
             except ValueError as e:  # an unwritable --results path
                 fail(e)
+        if argument:
+            command = click.argument(argument.upper())(command)
+            command.params.insert(0, command.params.pop())  # the argument first in --help
         return command
     return decorate
 
@@ -439,69 +443,23 @@ def stats(model_path, latency_batch, runs, per_layer, as_json):
 
 
 # -------------------------------------------------------------------- compress
-@cli.command(context_settings=CONTEXT)
-@click.argument("model_path")
-@click.option("--data-dir", required=True,
-              help="Images: <class>/*.jpg (split by --split), or the CIFAR layout {train,test}/<class>/*.jpg.")
-@click.option("--target-macs", type=float, default=None, help="Fraction of the model's MACs to keep, e.g. 0.5.")
-@click.option("--target-params", type=float, default=None, help="Fraction of the parameters to keep.")
-@click.option("--target-latency", type=float, default=None,
-              help="Fraction of the measured latency to keep (batch --latency-batch; noisy on a busy machine).")
-@click.option("--ranker", default="taylor", show_default=True,
-              help="Filter criterion: l1, l2, fpgm, bn_scale, apoz, taylor, hrank, random, or any registered.")
-@click.option("--ranker-option", "ranker_options", multiple=True,
-              help="KEY=VALUE passed to the ranker's constructor (repeatable), e.g. num_batches=8.")
-@click.option("--allocation", type=click.Choice(["uniform", "global", "sensitivity"]), default="global",
-              show_default=True, help="How the budget is spread over layers: one ratio, one threshold over "
-                                      "normalised scores, or by each layer's measured accuracy drop.")
-@click.option("--max-ratio", type=float, default=0.9, show_default=True,
-              help="At most this fraction of any conv's filters is removed.")
-@round_to_option(1)
-@click.option("--exclude", default="", callback=comma_list, help="Comma-separated conv layers left unpruned.")
-@click.option("--steps", type=int, default=1, show_default=True,
-              help="Prune/fine-tune rounds that reach the target gradually.")
-@click.option("--epochs", type=int, default=2, show_default=True, help="Fine-tuning epochs per step.")
-@click.option("--lr", type=float, default=1e-3, show_default=True, help="Adam learning rate for fine-tuning.")
-@click.option("--batch-size", type=int, default=32, show_default=True, help="Fine-tuning batch size.")
-@click.option("--train-all/--keep-frozen", default=True, show_default=True,
-              help="Unfreeze every layer for fine-tuning, or keep the layers the model has frozen.")
-@click.option("--augment/--no-augment", default=False, show_default=True,
-              help="Random shifts and flips while fine-tuning (the teacher then runs on the fly).")
-@click.option("--distill/--no-distill", default=True, show_default=True,
-              help="Distil from the unpruned model while fine-tuning.")
-@click.option("--temperature", type=float, default=4.0, show_default=True, help="Distillation temperature.")
-@click.option("--alpha", type=float, default=0.5, show_default=True,
-              help="Weight of the distillation term (1 - alpha: the labels).")
-@click.option("--preprocess", type=click.Choice(["vgg16", "cifar10", "cifar100", "unit", "none"]),
-              default="vgg16", show_default=True,
-              help="The input transform the model was trained with (rice: vgg16; CIFAR: cifar10/100).")
-@click.option("--image-size", type=int, default=None, help="Resize images to this (default: model input).")
-@click.option("--limit-per-class", type=int, default=None, help="Use at most this many training images per class.")
-@click.option("--rank-batches", type=int, default=4, show_default=True,
-              help="Training batches for data-driven rankers (taylor, hrank, apoz).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the split, ranker and training.")
-@click.option("--output", "-o", default=None,
-              help="The compressed .keras (default: runs/compress/<model>-<metric><target>.keras); "
-                   "the plan goes beside it as .plan.json.")
-@click.option("--latency-batch", type=int, default=16, show_default=True, help="Batch size for latency.")
-@click.option("-v", "--verbose", type=int, default=2, show_default=True, help="Keras fit verbosity (0-2).")
-@db_option
-def compress(model_path, ranker_options, db, **kwargs):
+@experiment_command(CompressConfig, "experiments.compress:run_compress",
+                    "Write the summary (Markdown: targets, steps, kept filters) to this file.", argument="model")
+def compress(cfg, summary, results):
     """Compress a .keras model to a MAC, parameter or latency target, with fine-tuning."""
-    from experiments.compress import CompressConfig, run_compress
+    from experiments.common import write_text
 
-    options = {}
-    for item in ranker_options:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise click.BadParameter(f"Expected KEY=VALUE. Received: {item!r}", param_hint="--ranker-option")
-        try:
-            options[key] = json.loads(value)
-        except ValueError:
-            options[key] = value
-    cfg = CompressConfig(model=model_path, ranker_options=options, **kwargs)
-    summary = run_experiment(run_compress, cfg, db)
-    click.echo("kept filters: " + ", ".join(f"{n} {v}" for n, v in summary["layers"].items()))
+    line = "kept filters: " + ", ".join(f"{n} {v}" for n, v in summary["layers"].items())
+    click.echo(line)
+    if results:
+        steps = "\n".join(f"| {s['step']} | {s['goal']:.3f} | {s['pruned_top1']:.4f} | {s['test_top1']:.4f} | "
+                          f"{s['macs']:,} |" for s in summary["steps"])
+        write_text(results, f"# compress: run {summary['run_id']}\n\ntarget: {summary['metric']} "
+                            f"{summary['target']}, reached {summary['reached']:.3f}; top-1 "
+                            f"{summary['baseline']['test_top1']:.4f} -> {summary['final']['test_top1']:.4f}\n\n"
+                            "| step | goal | right after pruning | fine-tuned | MACs |\n|---|---|---|---|---|\n"
+                            f"{steps}\n\n{line}\n")
+        click.echo(f"wrote {results}")
 
 
 # ------------------------------------------------------------------------ logs

@@ -10,107 +10,23 @@ with indices of the original model's filters).
 """
 
 import dataclasses
-import inspect
 import os
-from typing import Optional
 
 import keras
 import numpy as np
 import tensorflow as tf
 
 from experiments import common
+from experiments.config import CompressConfig  # noqa: F401  (the config block of this experiment)
 from experiments.data import (
-    AUTOTUNE, PREPROCESSING, folder_dataset, list_image_folder, load_cifar_folder, preprocessing,
+    AUTOTUNE, folder_dataset, list_image_folder, load_cifar_folder, preprocessing,
     random_crop_flip, stratified_split,
 )
-from pruning import CNNModel, Ranker, get_ranker, model_stats, prune
-from pruning.allocation import ALLOCATIONS, METRICS, PlanCost, allocate, compose
+from pruning import CNNModel, model_stats, prune
+from pruning.allocation import PlanCost, allocate, compose
 from pruning.criteria import outputs_probabilities
-from pruning.distill import Distiller, check_distill, teacher_logits
-from pruning.rankers import RANKERS
-
-
-@dataclasses.dataclass
-class CompressConfig:
-    model: str = ""  # the .keras model to compress
-    data_dir: str = ""  # <class>/*.jpg, or CIFAR-style {train,test}/<class>/*.jpg
-    output: Optional[str] = None  # the compressed .keras (default: out_dir/<model>-compressed.keras)
-    out_dir: str = os.path.join("runs", "compress")
-    image_size: Optional[int] = None  # pixels; default: the model's input size
-    preprocess: str = "vgg16"  # the input transform the model was trained with (data.PREPROCESSING)
-    split: tuple = (0.7, 0.15, 0.15)  # train/val/test of a <class>/*.jpg folder
-    val_fraction: float = 0.1  # of train, for the CIFAR layout (its test split is the test set)
-    limit_per_class: Optional[int] = None  # training images per class (None: all)
-    test_limit: Optional[int] = None  # CIFAR layout: test images (None: all)
-    seed: int = 0
-    ranker: object = "taylor"  # a registered name or a pruning.Ranker (default: best in results/frontier.md)
-    ranker_options: dict = dataclasses.field(default_factory=dict)  # constructor arguments
-    rank_batches: int = 4  # batches of training images for data-driven rankers
-    target_macs: Optional[float] = None  # fraction of the baseline kept; give exactly one target
-    target_params: Optional[float] = None
-    target_latency: Optional[float] = None  # of the measured baseline latency (batch latency_batch)
-    allocation: str = "global"  # uniform | global | sensitivity
-    max_ratio: float = 0.9  # at most this fraction of any conv's filters is removed
-    round_to: int = 1
-    exclude: tuple = ()
-    steps: int = 1  # prune/fine-tune rounds that reach the target gradually
-    epochs: int = 2  # fine-tuning epochs per step
-    batch_size: int = 32
-    lr: float = 1e-3  # Adam learning rate while fine-tuning
-    train_all: bool = True  # unfreeze every layer for fine-tuning (False: keep the model's frozen layers)
-    augment: bool = False  # random shifts and horizontal flips while fine-tuning
-    distill: bool = True  # the unpruned model teaches the pruned one (best in results/frontier.md)
-    temperature: float = 4.0
-    alpha: float = 0.5  # weight of the distillation term
-    sensitivity_images: int = 128  # validation images for allocation="sensitivity"
-    latency_batch: int = 16
-    latency_runs: int = 10
-    verbose: int = 2
-
-    @property
-    def target(self):
-        """(metric, fraction kept) of the one target given."""
-        given = [(m, getattr(self, f"target_{m}")) for m in METRICS if getattr(self, f"target_{m}") is not None]
-        if len(given) != 1:
-            raise ValueError("Expected exactly one of target_macs, target_params and target_latency. "
-                             f"Received: {', '.join(f'target_{m}={v}' for m, v in given) or 'none'}")
-        return given[0]
-
-    def validate(self):
-        metric, value = self.target
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
-            raise ValueError(f"Expected target_{metric} in (0, 1]. Received: target_{metric}={value!r}")
-        if not os.path.isfile(self.model):
-            raise ValueError(f"Model file not found: {self.model!r}. Expected a .keras file")
-        if not os.path.isdir(self.data_dir):
-            raise ValueError(f"Data folder not found: {self.data_dir!r}. Expected <class>/*.jpg or "
-                             "{train,test}/<class>/*.jpg")
-        if self.allocation not in ALLOCATIONS:
-            raise ValueError(f"Expected allocation in {ALLOCATIONS}. Received: allocation={self.allocation!r}")
-        if self.preprocess not in PREPROCESSING:
-            raise ValueError(f"Expected preprocess in {PREPROCESSING}. Received: preprocess={self.preprocess!r}")
-        for name, v, lo in (("steps", self.steps, 1), ("epochs", self.epochs, 0), ("batch_size", self.batch_size, 1),
-                            ("rank_batches", self.rank_batches, 1), ("round_to", self.round_to, 1)):
-            if not isinstance(v, int) or v < lo:
-                raise ValueError(f"Expected {name} an integer >= {lo}. Received: {name}={v!r}")
-        if self.distill:
-            check_distill(self.temperature, self.alpha)
-        make_ranker(self.ranker, self.ranker_options, self.seed)
-
-
-# ------------------------------------------------------------------ pieces
-def make_ranker(ranker, options=None, seed=0):
-    """A Ranker from an instance, or a registered name + constructor options; a `seed`
-    argument, when the ranker's constructor takes one, defaults to `seed`."""
-    if isinstance(ranker, Ranker):
-        return ranker
-    options = dict(options or {})
-    if ranker in RANKERS and "seed" in inspect.signature(RANKERS[ranker].__init__).parameters:
-        options.setdefault("seed", seed)
-    try:
-        return get_ranker(ranker, **options)
-    except TypeError as e:
-        raise ValueError(f"Bad options for ranker '{ranker}': {e}. Received: {options}") from None
+from pruning.distill import Distiller, teacher_logits
+from pruning.rankers import make_ranker
 
 
 def load_arrays(cfg):
@@ -278,10 +194,18 @@ def cost_of(model, metric, latency_batch=16, latency_runs=10):
 
 
 # --------------------------------------------------------------- the command
-def run_compress(cfg, log, model=None, progress=None, echo=print):
+def run_compress(cfg, log, model=None, progress=None, echo=print, resume=None):
     """Evaluates, prunes to the target in `cfg.steps` rounds (each fine-tuned, optionally
-    distilled), evaluates again and saves the model and the plan. Returns a summary."""
+    distilled), evaluates again and saves the model and the plan in the run's folder
+    (`<out_dir>/<run id>-<slug>/`, and also to `cfg.output` when given). Returns a summary."""
+    if resume is not None:
+        raise ValueError(f"compress runs cannot be resumed. Received: resume={resume}; run it again instead.")
     cfg.validate()
+    with common.distributed(cfg):
+        return _run_compress(cfg, log, model, echo)
+
+
+def _run_compress(cfg, log, model, echo):
     metric, target = cfg.target
     common.set_seed(cfg.seed)
     model = model if model is not None else keras.models.load_model(cfg.model)
@@ -306,16 +230,17 @@ def run_compress(cfg, log, model=None, progress=None, echo=print):
         if n_val else None
     evaluate_fn = accuracy_fn(sens_x, y_val[:n_val]) if n_val else None
     calib_x = np.concatenate([b[0].numpy() for b in rank_ds])  # BN re-estimation after each prune
-    ranker = make_ranker(cfg.ranker, cfg.ranker_options, cfg.seed)
-    output = cfg.output or os.path.join(
-        cfg.out_dir, f"{os.path.splitext(os.path.basename(cfg.model))[0]}-{metric}{target:g}.keras")
-    plan_path = os.path.splitext(output)[0] + ".plan.json"
+    ranker = make_ranker(cfg.ranker, cfg.ranker_kwargs, seed=cfg.seed)
+    stem = os.path.splitext(os.path.basename(cfg.model))[0]
     config = {**common.config_dict(cfg), "ranker": ranker.name, "num_classes": classes, "classes": names,
               "images": {"train": len(x_tr), "val": len(x_val), "test": len(x_te)}}
     dataset = os.path.basename(os.path.normpath(cfg.data_dir))
 
     with log.run("compress", model=os.path.basename(cfg.model), dataset=dataset, ranker=ranker.name,
                  seed=cfg.seed, config=config) as parent:
+        parent.make_dir(cfg.out_dir, common.slug(stem, f"{metric}{target:g}", ranker.name, f"seed{cfg.seed}"))
+        output = os.path.join(parent.dir, f"{stem}-{metric}{target:g}.keras")
+        plan_path = os.path.splitext(output)[0] + ".plan.json"
         base = evaluate(model, test_ds)
         base_sizes, base_latency = common.measure(model, cfg.latency_batch, cfg.latency_runs)
         echo(f"baseline: top-1 {base['test_top1']:.4f}, {base_sizes['params']:,} params, "
@@ -360,6 +285,8 @@ def run_compress(cfg, log, model=None, progress=None, echo=print):
                                 "reached": final_cost / base_cost, "allocation": cfg.allocation})
         common.save_model(current, output)
         common.write_text(plan_path, total_plan.to_json())
+        if cfg.output:  # a copy where the user asked; the run's own folder keeps the original
+            common.save_model(current, cfg.output)
         summary = {"run_id": parent.id, "metric": metric, "target": target, "reached": final_cost / base_cost,
                    "baseline": {**base, **base_sizes}, "final": {**final, **sizes},
                    "speedup": base_sizes["latency_ms"] / sizes["latency_ms"], "steps": steps,

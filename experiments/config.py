@@ -26,7 +26,10 @@ EARLY_STOP = ("loss", "balanced")
 ROUND_MODES = ("nearest", "down")
 # experiments.distribute's names (kept here: this module imports no TensorFlow).
 STRATEGIES = ("default", "mirrored", "multiworker", "tpu")
-PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")  # pruning.plan.ROUND_MODES (kept here: this module imports no TensorFlow)
+PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
+# pruning.allocation's names (kept here: this module imports no TensorFlow; a test checks they match).
+ALLOCATIONS = ("uniform", "global", "sensitivity")
+TARGET_METRICS = ("macs", "params", "latency")  # pruning.plan.ROUND_MODES (kept here: this module imports no TensorFlow)
 PREPROCESSING = ("vgg16", "cifar10", "cifar100", "unit", "none")
 
 
@@ -252,6 +255,113 @@ class RiceConfig:
                 raise ValueError(f"Unknown convolution layer: {unknown[0]!r} in exclude. Expected names of "
                                  f"VGG16 convs: {', '.join(convs)}")
         get_ranker(self.ranker)
+
+
+@dataclasses.dataclass
+class CompressConfig:
+    """`compress`: a user's model + images -> a smaller model at a MAC, parameter or
+    latency target, fine-tuned (and distilled). Defaults are the best setting measured
+    in results/frontier.md (taylor, global allocation, distillation)."""
+
+    model: str = option("", "The .keras model to compress.", flag="MODEL")
+    data_dir: str = option("", "Images: <class>/*.jpg (split 70/15/15, seeded), or the CIFAR layout "
+                           "{train,test}/<class>/*.jpg.")
+    output: Optional[str] = option(None, "Also copy the compressed .keras here (it is always written to the "
+                                   "run's own folder under --out-dir, with its plan beside it).")
+    out_dir: str = option(os.path.join("runs", "compress"), "Root of the run folders (<out-dir>/<run id>-<slug>/).")
+    image_size: Optional[int] = option(None, "Resize images to this many pixels (default: the model's input).",
+                                       min=8)
+    preprocess: str = option("vgg16", "The input transform the model was trained with (rice: vgg16; CIFAR: "
+                             "cifar10/100).", choices=PREPROCESSING)
+    split: tuple = option((0.7, 0.15, 0.15), "Train, validation and test fractions of a <class>/*.jpg folder.",
+                          cli=False)
+    val_fraction: float = option(0.1, "CIFAR layout: fraction of train held out for validation.", min=0.0,
+                                 max=0.5)
+    limit_per_class: Optional[int] = option(None, "Use at most this many training images per class.", min=1)
+    test_limit: Optional[int] = option(None, "CIFAR layout: use at most this many test images.", min=1)
+    seed: int = option(0, "Seed of the split, the ranker and the training.")
+    ranker: str = option("taylor", "Filter criterion: l1, l2, fpgm, bn_scale, apoz, taylor, hrank, random, or any "
+                         "registered.")
+    ranker_options: tuple = option((), "KEY=VALUE passed to the ranker's constructor (repeatable), e.g. "
+                                   "num_batches=8.", flag="--ranker-option", multiple=True)
+    rank_batches: int = option(4, "Training batches for data-driven rankers (taylor, hrank, apoz).", min=1)
+    target_macs: Optional[float] = option(None, "Fraction of the model's MACs to keep, e.g. 0.5 (give exactly "
+                                          "one target).", min=0.0, max=1.0)
+    target_params: Optional[float] = option(None, "Fraction of the parameters to keep.", min=0.0, max=1.0)
+    target_latency: Optional[float] = option(None, "Fraction of the measured latency to keep (batch "
+                                             "--latency-batch; noisy on a busy machine).", min=0.0, max=1.0)
+    allocation: str = option("global", "How the budget is spread over layers: one ratio (uniform), one "
+                             "threshold over normalised scores (global), or by each layer's measured accuracy "
+                             "drop (sensitivity).", choices=ALLOCATIONS)
+    max_ratio: float = option(0.9, "At most this fraction of any conv's filters is removed.", min=0.0, max=0.99)
+    round_to: int = option(1, "Round kept filter counts to a multiple of this.", min=1)
+    exclude: tuple = option((), "Comma-separated conv layers left unpruned.", parse="names")
+    steps: int = option(1, "Prune/fine-tune rounds that reach the target gradually.", min=1)
+    epochs: int = option(2, "Fine-tuning epochs per step.", min=0)
+    batch_size: int = option(32, "Fine-tuning batch size (images).", min=1)
+    lr: float = option(1e-3, "Adam learning rate while fine-tuning.", min=0.0)
+    train_all: bool = option(True, "Unfreeze every layer for fine-tuning (--no-train-all: keep the layers the "
+                             "model has frozen).")
+    augment: bool = option(False, "Random shifts and flips while fine-tuning (the teacher then runs on the fly).")
+    distill: bool = option(True, "Distil from the unpruned model while fine-tuning.")
+    temperature: float = option(4.0, "Distillation temperature.", min=1e-6)
+    alpha: float = option(0.5, "Weight of the distillation term (1 - alpha: the labels).", min=0.0, max=1.0)
+    sensitivity_images: int = option(128, "Validation images for --allocation sensitivity.", min=1)
+    latency_batch: int = option(16, "Batch size for latency (images).", min=1)
+    latency_runs: int = option(10, "Timed inference calls per latency measurement.", min=1, cli=False)
+    strategy: str = option("default", "tf.distribute strategy: default, mirrored, multiworker or tpu.",
+                           choices=STRATEGIES)
+    mixed_precision: str = option("float32", "Keras dtype policy: float32, mixed_float16 or mixed_bfloat16.",
+                                  choices=PRECISIONS)
+    verbose: int = option(2, "Keras fit verbosity (0-2).", flag="-v", min=0, max=2)
+
+    @property
+    def target(self):
+        """(metric, fraction kept) of the one target given."""
+        given = [(m, getattr(self, f"target_{m}")) for m in TARGET_METRICS if getattr(self, f"target_{m}") is not None]
+        if len(given) != 1:
+            raise ValueError("Expected exactly one of target_macs, target_params and target_latency. "
+                             f"Received: {', '.join(f'target_{m}={v}' for m, v in given) or 'none'}")
+        return given[0]
+
+    @property
+    def ranker_kwargs(self):
+        """--ranker-option KEY=VALUE pairs as constructor arguments (values parsed as JSON when they are)."""
+        import json
+
+        out = {}
+        for item in self.ranker_options:
+            key, sep, value = str(item).partition("=")
+            if not sep or not key:
+                raise ValueError(f"Expected ranker options as KEY=VALUE. Received: {item!r}")
+            try:
+                out[key] = json.loads(value)
+            except ValueError:
+                out[key] = value
+        return out
+
+    def validate(self):
+        from pruning.distill import check_distill
+        from pruning.rankers import make_ranker
+
+        metric, value = self.target
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+            raise ValueError(f"Expected target_{metric} in (0, 1]. Received: target_{metric}={value!r}")
+        check_model_file(self.model, "model")
+        if not os.path.isdir(self.data_dir):
+            raise ValueError(f"Data folder not found: {self.data_dir!r}. Expected <class>/*.jpg or "
+                             "{train,test}/<class>/*.jpg")
+        if self.allocation not in ALLOCATIONS:
+            raise ValueError(f"Expected allocation in {ALLOCATIONS}. Received: allocation={self.allocation!r}")
+        if self.preprocess not in PREPROCESSING:
+            raise ValueError(f"Expected preprocess in {PREPROCESSING}. Received: preprocess={self.preprocess!r}")
+        for name, lo in (("steps", 1), ("epochs", 0), ("batch_size", 1), ("rank_batches", 1), ("round_to", 1)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise ValueError(f"Expected {name} an integer >= {lo}. Received: {name}={v!r}")
+        if self.distill:
+            check_distill(self.temperature, self.alpha)
+        make_ranker(self.ranker, self.ranker_kwargs, seed=self.seed)
 
 
 def _check_counts(cfg, positive, non_negative, optional_positive):

@@ -26,7 +26,7 @@ import warnings
 import keras
 import numpy as np
 
-from pruning.graph import _STRIDE, CNNModel, _is_conv
+from pruning.graph import CNNModel
 from pruning.plan import PrunePlan, check_ratio
 from pruning.rebuild import prune
 from pruning.stats import layer_macs
@@ -47,10 +47,9 @@ class PlanCost:
         self.cnn = model if isinstance(model, CNNModel) else CNNModel(model)
         self._filters = np.array([c.filters for c in self.cnn.conv_layers], np.float64)
         self._mix = {}  # tensor key -> (channels from no conv, channels per conv index)
-        for key, origin in self.cnn.origins.items():
-            conv = origin[origin >= 0] // _STRIDE
-            self._mix[key] = (int((origin < 0).sum()),
-                              np.bincount(conv, minlength=len(self._filters)).astype(np.float64))
+        for key in self.cnn.origins:
+            none, made = self.cnn.channel_counts(key)
+            self._mix[key] = (none, made.astype(np.float64))
 
     def __call__(self, plan):
         """{"macs", "params"} of the pruned model; `plan` a PrunePlan or {name: kept}."""
@@ -79,29 +78,35 @@ class PlanCost:
         return none + float(per_conv @ frac)
 
 
+_KERNEL_CONVS = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D, keras.layers.Conv1DTranspose,
+                 keras.layers.Conv2DTranspose, keras.layers.Conv3DTranspose)
+
+
 def _layer_cost(layer, in_shape, out_shape, cin, cout):
-    """(MACs, params) of one call with `cin` input and `cout` output channels kept."""
+    """(MACs, params) of one call with `cin` input and `cout` output channels kept.
+    MACs come from the layer's handler (`pruning.stats.layer_macs`) on the narrowed
+    shapes; parameters from the kernel layout of each weighted kind."""
     def bias(n):
         return n if getattr(layer, "use_bias", False) else 0
 
-    spatial = float(np.prod(out_shape[1:-1])) if len(out_shape) > 2 else 1.0
-    if _is_conv(layer):
+    shapes = (tuple(in_shape[:-1]) + (cin,), tuple(out_shape[:-1]) + (cout,)) if len(in_shape) else (in_shape, out_shape)
+    macs = layer_macs(layer, *shapes)
+    if isinstance(layer, _KERNEL_CONVS):
         k = float(np.prod(layer.kernel_size))
-        return spatial * k * cin * cout, k * cin * cout + bias(cout)
-    if isinstance(layer, keras.layers.SeparableConv2D):
+        return macs, k * cin * cout / getattr(layer, "groups", 1) + bias(cout)
+    if isinstance(layer, (keras.layers.SeparableConv1D, keras.layers.SeparableConv2D)):
         k, mid = float(np.prod(layer.kernel_size)), cin * layer.depth_multiplier
-        return spatial * (k * mid + mid * cout), k * mid + mid * cout + bias(cout)
-    if isinstance(layer, keras.layers.DepthwiseConv2D):
+        return macs, k * mid + mid * cout + bias(cout)
+    if isinstance(layer, (keras.layers.DepthwiseConv1D, keras.layers.DepthwiseConv2D)):
         k, mid = float(np.prod(layer.kernel_size)), cin * layer.depth_multiplier
-        return spatial * k * mid, k * mid + bias(mid)
+        return macs, k * mid + bias(mid)
     if isinstance(layer, keras.layers.BatchNormalization):
         return 0, len(layer.weights) * cin
     if isinstance(layer, keras.layers.Dense):
         units = layer.units
         lead = float(np.prod(in_shape[1:-1])) if len(in_shape) > 2 else 1.0
         return lead * cin * units, cin * units + bias(units)
-    weights = sum(int(np.prod(w.shape)) for w in layer.weights)
-    return layer_macs(layer, in_shape, out_shape), weights
+    return macs, sum(int(np.prod(w.shape)) for w in layer.weights)
 
 
 # ------------------------------------------------------------------ allocation

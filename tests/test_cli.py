@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from main_train import cli
 from save_sqlite import ExperimentLog
 
-COMMANDS = [[], ["cifar"], ["rice"], ["prune"], ["rank"], ["stats"], ["logs"], ["logs", "list"],
+COMMANDS = [[], ["cifar"], ["rice"], ["compress"], ["prune"], ["rank"], ["stats"], ["logs"], ["logs", "list"],
             ["logs", "show"], ["logs", "export"], ["report"]]
 
 
@@ -203,16 +203,18 @@ def test_cifar_missing_image_dir_fails_before_any_run(tmp_path):
     assert ExperimentLog(db).runs() == []
 
 
-@pytest.mark.parametrize("command,cls", [("cifar", "CifarConfig"), ("rice", "RiceConfig")])
-def test_every_option_default_is_its_config_field_default(command, cls):
+@pytest.mark.parametrize("command,cls,args", [("cifar", "CifarConfig", []), ("rice", "RiceConfig", []),
+                                              ("compress", "CompressConfig", ["m.keras"])])
+def test_every_option_default_is_its_config_field_default(command, cls, args):
     import dataclasses
 
     import experiments.config as config
 
     cls = getattr(config, cls)
-    ctx = cli.commands[command].make_context(command, [])
+    ctx = cli.commands[command].make_context(command, list(args))
     defaults = cls()
-    fields = {f.name for f in dataclasses.fields(cls) if f.metadata.get("cli", True)}
+    # The positional argument (compress's MODEL) is the only field without an option.
+    fields = {f.name for f in dataclasses.fields(cls) if f.metadata.get("cli", True)} - ({"model"} if args else set())
     assert fields <= set(ctx.params)  # every config field has an option
     for name in fields:
         value = ctx.params[name]
@@ -267,3 +269,10 @@ def test_prune_lists_the_convs_a_uniform_ratio_skips(tmp_path):
     assert line.startswith("skipped 2 convs: ") and "a (" in line and "head (" in line and "model output" in line
     m = keras.models.load_model(pruned)
     assert m.get_layer("b").filters == 4 and m.get_layer("a").filters == 8
+
+
+def test_config_choice_lists_match_the_library():
+    from experiments.config import ALLOCATIONS, TARGET_METRICS
+    from pruning.allocation import ALLOCATIONS as allocations, METRICS
+
+    assert (ALLOCATIONS, TARGET_METRICS) == (allocations, METRICS)
