@@ -24,6 +24,7 @@ from experiments.data import (
 )
 from pruning import CNNModel, model_stats, prune
 from pruning.allocation import PlanCost, allocate, compose
+from pruning.graph import leaf_layers
 from pruning.criteria import outputs_probabilities
 from pruning.distill import Distiller, teacher_logits
 from pruning.rankers import make_ranker
@@ -116,7 +117,7 @@ def recalibrate_batchnorm(model, images, batch_size=256):
     (preprocessed), weights untouched. Pruning changes what each BN layer sees, and
     stale statistics can leave a pruned model predicting one class at inference even
     when its weights are fine (AdaBN-style recalibration; Li et al., 2016)."""
-    bns = [l for l in _leaf_layers(model) if isinstance(l, keras.layers.BatchNormalization)]
+    bns = [l for l in leaf_layers(model) if isinstance(l, keras.layers.BatchNormalization)]
     if not bns or len(images) == 0:
         return model
     sums = {id(b): [0.0, 0.0] for b in bns}
@@ -141,12 +142,6 @@ def recalibrate_batchnorm(model, images, batch_size=256):
     return model
 
 
-def _leaf_layers(model):
-    for layer in model.layers:
-        if isinstance(layer, keras.Model):
-            yield from _leaf_layers(layer)
-        else:
-            yield layer
 
 
 def prune_to_target(model, ranker, metric, target, allocation="global", rank_data=None, evaluate_fn=None,
@@ -264,7 +259,7 @@ def _run_compress(cfg, log, model, echo):
                     pruned.trainable = True
                 common.set_seed(cfg.seed + i)
                 finetune(pruned, train_ds, cfg.epochs, cfg.lr, teacher, cfg.distill, cfg.temperature, cfg.alpha,
-                         common.epoch_callbacks(run, f"step{i}"), verbose=cfg.verbose, validation_data=val_ds)
+                         [run.callback(f"step{i}")], verbose=cfg.verbose, validation_data=val_ds)
                 after = evaluate(pruned, test_ds)
                 sizes = model_stats(pruned)
                 step = {"step": i, "goal": goal, "reached": plan.meta["reached"] * now / base_cost,
@@ -285,8 +280,9 @@ def _run_compress(cfg, log, model, echo):
                                 "reached": final_cost / base_cost, "allocation": cfg.allocation})
         common.save_model(current, output)
         common.write_text(plan_path, total_plan.to_json())
-        if cfg.output:  # a copy where the user asked; the run's own folder keeps the original
+        if cfg.output:  # a copy (model and plan) where the user asked; the run's own folder keeps the original
             common.save_model(current, cfg.output)
+            common.write_text(os.path.splitext(cfg.output)[0] + ".plan.json", total_plan.to_json())
         summary = {"run_id": parent.id, "metric": metric, "target": target, "reached": final_cost / base_cost,
                    "baseline": {**base, **base_sizes}, "final": {**final, **sizes},
                    "speedup": base_sizes["latency_ms"] / sizes["latency_ms"], "steps": steps,

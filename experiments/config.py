@@ -52,6 +52,26 @@ def option(default, help, *, min=None, max=None, choices=None, flag=None, multip
         "parse": parse, "cli": cli})
 
 
+# Fields every experiment config has, defined once.
+def strategy_field():
+    return option("default", "tf.distribute strategy: default (one device), mirrored (every GPU of this "
+                  "machine), multiworker (machines in $TF_CONFIG) or tpu. --batch-size is the global batch.",
+                  choices=STRATEGIES)
+
+
+def precision_field():
+    return option("float32", "Keras dtype policy: float32, mixed_float16 (GPUs) or mixed_bfloat16 (TPUs, recent "
+                  "CPUs).", choices=PRECISIONS)
+
+
+def verbose_field():
+    return option(2, "Keras fit verbosity (0-2).", flag="-v", min=0, max=2)
+
+
+def latency_runs_field():
+    return option(10, "Timed inference calls per latency measurement.", min=1, cli=False)
+
+
 def check_ratios(values, name, indexed=False):
     """Each value in [0, 1), at least one; `indexed` names a bad one `name[i]`."""
     from pruning import check_ratio
@@ -102,13 +122,10 @@ class CifarConfig:
     out_dir: str = option(os.path.join("runs", "cifar"),
                           "Root of the run folders (<out-dir>/<run id>-<slug>/: models, rank files).")
     latency_batch: int = option(64, "Batch size for latency (images).", min=1)
-    latency_runs: int = option(10, "Timed inference calls per latency measurement.", min=1, cli=False)
-    strategy: str = option("default", "tf.distribute strategy: default (one device), mirrored (every GPU of "
-                           "this machine), multiworker (machines in $TF_CONFIG) or tpu. --batch-size is the "
-                           "global batch.", choices=STRATEGIES)
-    mixed_precision: str = option("float32", "Keras dtype policy: float32, mixed_float16 (GPUs) or "
-                                  "mixed_bfloat16 (TPUs, recent CPUs).", choices=PRECISIONS)
-    verbose: int = option(2, "Keras fit verbosity (0-2).", flag="-v", min=0, max=2)
+    latency_runs: int = latency_runs_field()
+    strategy: str = strategy_field()
+    mixed_precision: str = precision_field()
+    verbose: int = verbose_field()
 
     @property
     def rate_spec(self):
@@ -196,13 +213,10 @@ class RiceConfig:
     out_dir: str = option(os.path.join("runs", "rice"),
                           "Root of the run folders (<out-dir>/<run id>-<slug>/: models, checkpoints).")
     latency_batch: int = option(16, "Batch size for latency (images).", min=1)
-    latency_runs: int = option(10, "Timed inference calls per latency measurement.", min=1, cli=False)
-    strategy: str = option("default", "tf.distribute strategy: default (one device), mirrored (every GPU of "
-                           "this machine), multiworker (machines in $TF_CONFIG) or tpu. --batch-size is the "
-                           "global batch.", choices=STRATEGIES)
-    mixed_precision: str = option("float32", "Keras dtype policy: float32, mixed_float16 (GPUs) or "
-                                  "mixed_bfloat16 (TPUs, recent CPUs).", choices=PRECISIONS)
-    verbose: int = option(2, "Keras fit verbosity (0-2).", flag="-v", min=0, max=2)
+    latency_runs: int = latency_runs_field()
+    strategy: str = strategy_field()
+    mixed_precision: str = precision_field()
+    verbose: int = verbose_field()
 
     def validate(self):
         from experiments.models import VGG16_BLOCKS
@@ -266,8 +280,8 @@ class CompressConfig:
     model: str = option("", "The .keras model to compress.", flag="MODEL")
     data_dir: str = option("", "Images: <class>/*.jpg (split 70/15/15, seeded), or the CIFAR layout "
                            "{train,test}/<class>/*.jpg.")
-    output: Optional[str] = option(None, "Also copy the compressed .keras here (it is always written to the "
-                                   "run's own folder under --out-dir, with its plan beside it).")
+    output: Optional[str] = option(None, "Also copy the compressed .keras here, its plan beside it as .plan.json "
+                                   "(both are always written to the run's own folder under --out-dir).")
     out_dir: str = option(os.path.join("runs", "compress"), "Root of the run folders (<out-dir>/<run id>-<slug>/).")
     image_size: Optional[int] = option(None, "Resize images to this many pixels (default: the model's input).",
                                        min=8)
@@ -308,12 +322,10 @@ class CompressConfig:
     alpha: float = option(0.5, "Weight of the distillation term (1 - alpha: the labels).", min=0.0, max=1.0)
     sensitivity_images: int = option(128, "Validation images for --allocation sensitivity.", min=1)
     latency_batch: int = option(16, "Batch size for latency (images).", min=1)
-    latency_runs: int = option(10, "Timed inference calls per latency measurement.", min=1, cli=False)
-    strategy: str = option("default", "tf.distribute strategy: default, mirrored, multiworker or tpu.",
-                           choices=STRATEGIES)
-    mixed_precision: str = option("float32", "Keras dtype policy: float32, mixed_float16 or mixed_bfloat16.",
-                                  choices=PRECISIONS)
-    verbose: int = option(2, "Keras fit verbosity (0-2).", flag="-v", min=0, max=2)
+    latency_runs: int = latency_runs_field()
+    strategy: str = strategy_field()
+    mixed_precision: str = precision_field()
+    verbose: int = verbose_field()
 
     @property
     def target(self):

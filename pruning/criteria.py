@@ -13,7 +13,7 @@ the Keras backend (`value_and_grads`), so it runs under TensorFlow, JAX and torc
 import keras
 import numpy as np
 
-from pruning.rankers import Ranker, _cnn, filter_kernel, register_ranker
+from pruning.rankers import DataRanker, Ranker, _cnn, filter_kernel, register_ranker
 
 
 @register_ranker
@@ -65,7 +65,7 @@ def following_batchnorm(cnn, conv):
 
 
 @register_ranker
-class APoZRanker(Ranker):
+class APoZRanker(DataRanker):
     """APoZ (Hu et al., 2016): Average Percentage of Zeros of each channel's map after
     the activation (the tensor HRank reads, `CNNModel.feature_key`), over `data`.
 
@@ -77,13 +77,6 @@ class APoZRanker(Ranker):
     """
 
     name = "apoz"
-    needs_data = True
-
-    def __init__(self, num_batches=None):
-        self.num_batches = num_batches
-
-    def rank(self, model, layer, data=None):
-        return self.rank_all(model, [layer], data)[_cnn(model).conv(layer).name]
 
     def rank_all(self, model, layers=None, data=None, progress=None):
         cnn = _cnn(model)
@@ -103,7 +96,7 @@ class APoZRanker(Ranker):
 
 
 @register_ranker
-class TaylorRanker(Ranker):
+class TaylorRanker(DataRanker):
     """First-order Taylor expansion of the loss (Molchanov et al., ICLR 2017).
 
     For each example, channel c of the activation `a` (the post-BN/ReLU map,
@@ -117,13 +110,6 @@ class TaylorRanker(Ranker):
     """
 
     name = "taylor"
-    needs_data = True
-
-    def __init__(self, num_batches=None):
-        self.num_batches = num_batches
-
-    def rank(self, model, layer, data=None):
-        return self.rank_all(model, [layer], data)[_cnn(model).conv(layer).name]
 
     def rank_all(self, model, layers=None, data=None, progress=None):
         cnn = _cnn(model)

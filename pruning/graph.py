@@ -367,6 +367,15 @@ class CNNModel:
         return "\n".join(rows)
 
 
+def leaf_layers(model):
+    """Every layer of `model` that is not itself a model, nested models walked in order."""
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            yield from leaf_layers(layer)
+        else:
+            yield layer
+
+
 def _functional(model):
     """The Functional graph behind a model (Sequential keeps one once built)."""
     if isinstance(model, keras.Sequential):

@@ -83,6 +83,23 @@ class Ranker:
         return f"{type(self).__name__}()"
 
 
+class DataRanker(Ranker):
+    """A ranker that scores every layer from one pass over `data` (`rank_all`);
+    `rank` is `rank_all` for one layer.
+
+    Args:
+        num_batches: how many batches of `data` to use (None: all).
+    """
+
+    needs_data = True
+
+    def __init__(self, num_batches=None):
+        self.num_batches = num_batches
+
+    def rank(self, model, layer, data=None):
+        return self.rank_all(model, [layer], data)[_cnn(model).conv(layer).name]
+
+
 def _cnn(model):
     return model if isinstance(model, CNNModel) else CNNModel(model)
 
@@ -133,7 +150,7 @@ class RandomRanker(Ranker):
 
 
 @register_ranker
-class HRankRanker(Ranker):
+class HRankRanker(DataRanker):
     """HRank (Lin et al., CVPR 2020): average rank of each channel's feature maps.
 
     The maps are read after the conv's BatchNormalization and activation (see
@@ -148,14 +165,10 @@ class HRankRanker(Ranker):
     """
 
     name = "hrank"
-    needs_data = True
 
     def __init__(self, num_batches=None, overlap=True):
-        self.num_batches = num_batches
+        super().__init__(num_batches)
         self.overlap = overlap
-
-    def rank(self, model, layer, data=None):
-        return self.rank_all(model, [layer], data)[_cnn(model).conv(layer).name]
 
     def rank_all(self, model, layers=None, data=None, progress=None):
         if data is None:

@@ -20,7 +20,7 @@ import tensorflow as tf
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 import keras, numpy as np
-from experiments.common import epoch_callbacks, prune_logged, set_seed
+from experiments.common import prune_logged, set_seed
 from experiments.distribute import get_strategy, replicas
 from pruning import CNNModel, get_ranker
 from save_sqlite import ExperimentLog
@@ -45,14 +45,14 @@ for name in ("default", "mirrored"):
             model = keras.Model(inp, keras.layers.Dense(2, name="fc")(h))
             model.compile(keras.optimizers.SGD(0.05), keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                           metrics=["accuracy"], jit_compile=False)
-        model.fit(data, epochs=2, verbose=0, callbacks=epoch_callbacks(run, "pretrain"))
+        model.fit(data, epochs=2, verbose=0, callbacks=[run.callback("pretrain")])
         scores = get_ranker("l1").rank_all(model)  # host-side: reads the (mirrored) weights
         with strategy.scope():  # the pruned model's variables must belong to the strategy
             pruned, plan = prune_logged(model, scores, 0.5, run, ranker="l1")
             pruned.compile(keras.optimizers.SGD(0.05),
                            keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"],
                            jit_compile=False)
-        pruned.fit(data, epochs=1, verbose=0, callbacks=epoch_callbacks(run, "finetune"))
+        pruned.fit(data, epochs=1, verbose=0, callbacks=[run.callback("finetune")])
         acc = float(pruned.evaluate(data, verbose=0)[1])
         run.finish(metrics={"accuracy": acc})
     out[name] = {"replicas": replicas(strategy), "run": run.id,

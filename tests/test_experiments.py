@@ -52,6 +52,7 @@ def test_cifar_pipeline_on_mock_tfds(tmp_path):
     assert "| hrank | 1 |" in (tmp_path / "cmp.md").read_text()
 
 
+@pytest.mark.slow  # about 2 minutes; the mock-tfds test runs the same pipeline by default
 @pytest.mark.skipif(not os.path.isdir(CIFAR_DIR), reason=f"shared CIFAR-10 images not found at {CIFAR_DIR}")
 def test_cifar_pipeline_on_shared_images(tmp_path):
     db, out = str(tmp_path / "log.db"), str(tmp_path / "runs")

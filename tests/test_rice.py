@@ -117,15 +117,16 @@ def test_eval_dir_and_batch_split_are_logged_for_every_run(tmp_path):
 
 
 def test_eval_dir_with_other_classes_is_a_one_line_error(tmp_path):
-    (tmp_path / "eval" / "Wheat").mkdir(parents=True)
-    shutil.copy(os.path.join(SAMPLE_RICE, "Arborio", sorted(os.listdir(os.path.join(SAMPLE_RICE, "Arborio")))[0]),
-                tmp_path / "eval" / "Wheat")
+    for other in ("Oat", "Wheat"):  # two classes (one is refused earlier), not the rice varieties
+        (tmp_path / "eval" / other).mkdir(parents=True)
+        shutil.copy(os.path.join(SAMPLE_RICE, "Arborio", sorted(os.listdir(os.path.join(SAMPLE_RICE, "Arborio")))[0]),
+                    tmp_path / "eval" / other)
     r = CliRunner().invoke(cli, ["rice", "--weights", "none", "--image-size", "32", "--limit-per-class", "10",
                                  "--eval-dir", str(tmp_path / "eval"), "--db", str(tmp_path / "l.db")])
     assert r.exit_code != 0
-    assert "has classes ['Wheat']; expected the data folder's" in r.output
+    assert "has classes ['Oat', 'Wheat']; expected the data folder's" in r.output
     r = CliRunner().invoke(cli, ["rice", "--holdout-range", "5", "--db", str(tmp_path / "l.db")])
-    assert r.exit_code != 0 and "Expected FIRST-LAST" in r.output
+    assert r.exit_code != 0 and "Expected holdout_range FIRST,LAST" in r.output
 
 
 def test_grain_crop_and_grey_world():
