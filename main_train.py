@@ -10,6 +10,7 @@ import dataclasses
 import json
 import os
 import typing
+import warnings
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -331,9 +332,12 @@ def echo_skipped(plan):
               help="How --round-to rounds: nearest, or down (always removes at least the ratio).")
 @click.option("--save-plan", default=None, help="Also write the plan as JSON (replay it with --plan).")
 @click.option("--force", is_flag=True, help="Replace --output even when it is the model of a logged run.")
+@click.option("--allow-inexact", is_flag=True,
+              help="Also prune convs feeding layers whose output then changes (LayerNormalization over "
+                   "channels); prints the measured output change.")
 @db_option
 def prune(model_path, ranker, data_dir, preprocess, image_size, batch_size, limit_per_class, rank_batches, seed,
-          ratio, plan_path, exclude, output, round_to, round_mode, save_plan, force, db):
+          ratio, plan_path, exclude, output, round_to, round_mode, save_plan, force, allow_inexact, db):
     """Prune any .keras model with a ranker and ratio (or a plan file)."""
     from experiments.common import ensure_writable_dir, finish_model_run
     from pruning import CNNModel, PrunePlan, model_stats
@@ -354,7 +358,7 @@ def prune(model_path, ranker, data_dir, preprocess, image_size, batch_size, limi
     model = load_keras_model(model_path)
     rate_spec = None if ratio is None else (ratio[0] if len(ratio) == 1 else list(ratio))
     try:
-        cnn = CNNModel(model)
+        cnn = CNNModel(model, allow_inexact=allow_inexact)
         if plan_path:
             plan = PrunePlan.load(plan_path)
             plan.validate(cnn)
@@ -365,9 +369,14 @@ def prune(model_path, ranker, data_dir, preprocess, image_size, batch_size, limi
                                 rank_batches, seed, preprocess)
             plan = PrunePlan.from_scores(cnn, scores, rate_spec, exclude=exclude, meta={"ranker": ranker},
                                          round_to=round_to, round_mode=round_mode)
-        pruned = prune_model(cnn, plan)
+        with warnings.catch_warnings(record=True) as caught:  # --allow-inexact: the measured change
+            warnings.simplefilter("always", UserWarning)
+            pruned = prune_model(cnn, plan)
     except ValueError as e:
         fail(e)
+    for w in caught:
+        if str(w.message).startswith("Pruned inexactly"):
+            click.echo(str(w.message))
     with interrupt_message(), log.run("prune", model=os.path.basename(model_path), ranker=plan.meta.get("ranker"),
                                       pruning_ratio=rate_spec if isinstance(rate_spec, float) else None,
                                       rates=rate_spec if isinstance(rate_spec, list) else None, seed=seed,

@@ -159,12 +159,12 @@ def run(args, rows_path):
         model, cached = baseline(name, args.baseline_seed, args, train_ds)
         models[name] = (model, accuracy(model), model_stats(model)["macs"],
                         MaskedTrainer(model, args.finetune_lr, args.temperature, args.alpha))  # compiled once
+        print(f"[{time.strftime('%H:%M:%S')}] {name}: baseline {models[name][1]:.4f} "
+              f"({'cached' if cached else f'trained in {time.time() - t0:.0f}s'})", flush=True)
     calib_idx = np.random.default_rng(args.baseline_seed).permutation(len(x))[:args.calibration_images]
     calibration = np.concatenate([b[0].numpy() for b in array_dataset(x[calib_idx], y[calib_idx], 10, 256, prep)])
     for m in models.values():
         m[3].calibration = calibration
-        print(f"[{time.strftime('%H:%M:%S')}] {name}: baseline {models[name][1]:.4f} "
-              f"({'cached' if cached else f'trained in {time.time() - t0:.0f}s'})", flush=True)
     rows, checked = [], set()
     for seed in seeds:
         ft = np.random.default_rng(seed).permutation(len(x))[:args.finetune_images]
@@ -301,9 +301,11 @@ def plot(summary, path):
 def markdown(args, summary, wins, losses, best, wall, load, png):
     lines = [
         "# Frontier: accuracy against MACs (CIFAR-10 JPEGs, CPU)", "",
-        f"Command: `PYTHONPATH=. python benchmarks/frontier.py {' '.join(sys.argv[1:])}`", "",
+        (f"Report written from saved rows: `PYTHONPATH=. python benchmarks/frontier.py --from-json {args.from_json} "
+         f"--out {args.out}` (the command that measured them is in the note below)." if args.from_json else
+         f"Command: `PYTHONPATH=. python benchmarks/frontier.py {' '.join(sys.argv[1:])}`"), "",
         f"Wall time {wall / 60:.1f} min on {platform.node()} ({os.cpu_count()} cores, {platform.processor() or platform.machine()}), "
-        f"load average at start / end {load[0]} / {load[1]} (the machine was shared with other jobs).", "",
+        f"load average (1, 5, 15 min) at start / end {load[0]} / {load[1]}.", "",
         *([args.note, ""] if args.note else []),
         f"Setup: one baseline per model (seed {args.baseline_seed}) trained {args.epochs} epochs on "
         f"{args.train_images} training images (Adam {args.lr}, cosine, crop+flip); the seeds vary the ranking "
@@ -350,6 +352,7 @@ def main(argv=None):
             unique.setdefault((r["model"], r["seed"], r["criterion"], r["allocation"], r["target"]), r)
         rows = list(unique.values())
         wall = args.wall_seconds or wall
+        load0, load1 = (l[0] if len(l) == 1 else l for l in (load0, load1))  # one file: its own reading
     else:
         load0 = tuple(round(v, 2) for v in os.getloadavg())
         start = time.time()

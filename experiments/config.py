@@ -18,7 +18,8 @@ from typing import Optional
 # Choice lists, each defined once.
 CIFAR_DATASETS = ("cifar100", "cifar10")
 SCHEDULES = ("blockwise", "oneshot")
-RETRAIN_CHOICES = ("head", "all")
+RETRAIN_CHOICES = ("head", "top", "all")
+FLIPS = ("none", "horizontal", "both")
 POOLINGS = ("avg", "flatten")
 WEIGHTS_CHOICES = ("auto", "imagenet", "hed", "none")
 SPLIT_BY = ("random", "batch")
@@ -189,7 +190,14 @@ class RiceConfig:
     patience: int = option(5, "EarlyStopping patience (epochs).", min=1)
     early_stop: str = option("loss", "Keep the epoch with the lowest val loss, or the highest mean per-class "
                              "val recall (balanced: every variety counts).", choices=EARLY_STOP)
-    augment: bool = option(False, "Random flips in training (turns off feature caching).")
+    augment: bool = option(False, "Augment the training images on the fly every epoch (--flips, --zoom, "
+                           "--colour-jitter; turns off feature caching).")
+    flips: str = option("horizontal", "Random flips of augmented images (--augment or --views): none, "
+                        "horizontal, or both (also vertical; for images with no up, such as grains).",
+                        choices=FLIPS)
+    zoom: float = option(0.0, "Random zoom of augmented images: each is scaled about its centre by a factor "
+                         "between 1/(1+ZOOM) and 1+ZOOM (log-uniform; black border). 0.6: 0.625x-1.6x.",
+                         min=0.0, max=3.0)
     grain_crop: bool = option(False, "Crop a square around each grain (decoded at twice --image-size), so "
                               "zoom does not matter.")
     grey_world: bool = option(False, "Per-image colour normalisation: scale R, G, B so the grain's mean "
@@ -207,8 +215,8 @@ class RiceConfig:
                            "filters) removed; odd counts can run slower than the unpruned model).", min=1)
     round_mode: str = option("nearest", "How --round-to rounds: nearest (61 of 64 -> 64 at --round-to 16: "
                              "nothing removed) or down (always removes at least the ratio).", choices=ROUND_MODES)
-    retrain: str = option("head", "After pruning: retrain the head with the convs frozen, or everything.",
-                          choices=RETRAIN_CHOICES)
+    retrain: str = option("head", "After pruning: retrain the head with the convs frozen, the --unfreeze top "
+                          "convs and the head (top), or everything.", choices=RETRAIN_CHOICES)
     retrain_epochs: int = option(30, "Epochs of retraining after pruning.", min=0)
     out_dir: str = option(os.path.join("runs", "rice"),
                           "Root of the run folders (<out-dir>/<run id>-<slug>/: models, checkpoints).")
@@ -251,6 +259,16 @@ class RiceConfig:
         if any(self.colour_jitter) and not (self.augment or self.views):
             raise ValueError(f"colour_jitter={tuple(self.colour_jitter)} needs views >= 1 (jittered copies on "
                              "the cached-feature path) or augment (training on images).")
+        if self.flips not in FLIPS:
+            raise ValueError(f"Expected flips in {FLIPS}. Received: flips={self.flips!r}")
+        if not 0 <= self.zoom <= 3:
+            raise ValueError(f"Expected zoom in [0, 3]. Received: zoom={self.zoom}")
+        if self.zoom and not (self.augment or self.views):
+            raise ValueError(f"zoom={self.zoom} needs views >= 1 (zoomed copies on the cached-feature path) "
+                             "or augment (training on images).")
+        if self.retrain == "top" and self.unfreeze == 0:
+            raise ValueError("retrain='top' retrains the --unfreeze top convs; it needs unfreeze >= 1. "
+                             "Received: unfreeze=0")
         _check_counts(self, ("batch_size", "latency_batch", "latency_runs", "patience"),
                       ("head_epochs", "finetune_epochs", "retrain_epochs", "unfreeze"), ("limit_per_class",))
         if self.weights not in WEIGHTS_CHOICES:
@@ -275,7 +293,8 @@ class RiceConfig:
 class CompressConfig:
     """`compress`: a user's model + images -> a smaller model at a MAC, parameter or
     latency target, fine-tuned (and distilled). Defaults are the best setting measured
-    in results/frontier.md (taylor, global allocation, distillation)."""
+    in results/frontier.md (taylor, uniform allocation, distillation; uniform and global
+    were tied within 0.1 point there)."""
 
     model: str = option("", "The .keras model to compress.", flag="MODEL")
     data_dir: str = option("", "Images: <class>/*.jpg (split 70/15/15, seeded), or the CIFAR layout "
@@ -304,7 +323,7 @@ class CompressConfig:
     target_params: Optional[float] = option(None, "Fraction of the parameters to keep.", min=0.0, max=1.0)
     target_latency: Optional[float] = option(None, "Fraction of the measured latency to keep (batch "
                                              "--latency-batch; noisy on a busy machine).", min=0.0, max=1.0)
-    allocation: str = option("global", "How the budget is spread over layers: one ratio (uniform), one "
+    allocation: str = option("uniform", "How the budget is spread over layers: one ratio (uniform), one "
                              "threshold over normalised scores (global), or by each layer's measured accuracy "
                              "drop (sensitivity).", choices=ALLOCATIONS)
     max_ratio: float = option(0.9, "At most this fraction of any conv's filters is removed.", min=0.0, max=0.99)

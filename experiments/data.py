@@ -1,15 +1,16 @@
-"""tf.data input pipelines: image folders, tfds CIFAR, stratified splits, augmentation."""
+"""tf.data input pipelines: image folders, tfds CIFAR, augmentation (the folder listing and the
+splits live in experiments.splits, without TensorFlow, and are re-exported here)."""
 
 import os
-import re
 import warnings
 
 import numpy as np
 import tensorflow as tf
 
 from experiments.config import PREPROCESSING
+from experiments.splits import (  # noqa: F401  (re-exported)
+    IMAGE_EXTENSIONS, batch_split, file_index, list_image_folder, stratified_split)
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
 
 # Per-channel statistics of the training images, RGB in [0, 1].
 CIFAR_STATS = {
@@ -20,37 +21,6 @@ AUTOTUNE = tf.data.AUTOTUNE
 
 
 # ---------------------------------------------------------------- image folders
-def list_image_folder(root, limit_per_class=None, seed=0):
-    """Paths and labels of `root/<class>/*.jpg`, classes sorted by folder name.
-
-    Returns (paths, labels, class_names). With `limit_per_class`, a seeded random
-    subset of each class is kept.
-    """
-    if not os.path.isdir(root):
-        raise ValueError(f"Data folder not found: {root!r}. Expected a folder of <class>/<image>.jpg")
-    class_names = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
-    if not class_names:
-        raise ValueError(f"No class folders in {root!r}. Expected a folder of <class>/<image>.jpg")
-    if len(class_names) < 2:
-        raise ValueError(f"Expected at least 2 class folders in {root!r} (one class trains a model that "
-                         f"is always right). Received: {class_names}")
-    if limit_per_class is not None and limit_per_class < 1:
-        raise ValueError(f"Expected limit_per_class >= 1. Received: limit_per_class={limit_per_class}")
-    rng = np.random.default_rng(seed)
-    paths, labels = [], []
-    for label, name in enumerate(class_names):
-        folder = os.path.join(root, name)
-        files = sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS))
-        if not files:
-            raise ValueError(f"No images in class folder {folder!r}. Expected files ending in "
-                             f"{', '.join(IMAGE_EXTENSIONS)}")
-        if limit_per_class is not None and limit_per_class < len(files):
-            files = [files[i] for i in sorted(rng.choice(len(files), limit_per_class, replace=False))]
-        paths += [os.path.join(folder, f) for f in files]
-        labels += [label] * len(files)
-    return paths, np.asarray(labels, np.int64), class_names
-
-
 def find_unreadable(paths):
     """Paths whose bytes do not decode as an image (checked once, up front, so a bad
     file is reported by name instead of failing an epoch halfway)."""
@@ -89,62 +59,6 @@ def drop_unreadable(paths, labels):
     return [paths[i] for i in keep], labels[keep], sorted(bad)
 
 
-def stratified_split(labels, fractions=(0.7, 0.15, 0.15), seed=0):
-    """Index arrays (train, val, test): each class is shuffled with `seed` and cut by
-    `fractions`, so every split has the class proportions of the whole."""
-    fractions = np.asarray(fractions, float)
-    if fractions.shape != (3,) or np.any(fractions < 0) or not np.isclose(fractions.sum(), 1):
-        raise ValueError(f"Expected three fractions summing to 1. Received: fractions={tuple(fractions)}")
-    rng = np.random.default_rng(seed)
-    parts = ([], [], [])
-    for c in np.unique(labels):
-        idx = rng.permutation(np.nonzero(labels == c)[0])
-        n_train = int(round(fractions[0] * len(idx)))
-        n_val = int(round(fractions[1] * len(idx)))
-        for part, chunk in zip(parts, (idx[:n_train], idx[n_train:n_train + n_val], idx[n_train + n_val:])):
-            part.extend(chunk.tolist())
-    return tuple(np.sort(np.asarray(p, np.int64)) for p in parts)
-
-
-_INDEX = re.compile(r"\((\d+)\)\.[^.]+$")
-
-
-def file_index(path):
-    """N of a file named `<name> (N).<ext>`: the Rice Image Dataset numbers its images
-    in the order they were photographed, so an index range is a photographic batch."""
-    m = _INDEX.search(os.path.basename(path))
-    if m is None:
-        raise ValueError(f"Expected an image named '<name> (N).<ext>' for a batch split. Received: {path!r}")
-    return int(m.group(1))
-
-
-def batch_split(paths, labels, holdout, fractions=(0.7, 0.15, 0.15), seed=0):
-    """Index arrays (train, val, test, heldout) that keep a photographic batch out of training.
-
-    `heldout` is every image whose file index N (see `file_index`) lies in the inclusive
-    range `holdout` = (first, last), in every class; the other images are split as
-    `stratified_split` does, so `test` is a random held-out part of the batches seen in
-    training and `heldout` a batch never seen.
-    """
-    first, last = (int(v) for v in holdout)
-    if not 0 <= first <= last:
-        raise ValueError(f"Expected a holdout range first-last with 0 <= first <= last. "
-                         f"Received: holdout={first}-{last}")
-    index = np.array([file_index(p) for p in paths], np.int64)
-    labels = np.asarray(labels)
-    held = (index >= first) & (index <= last)
-    if not held.any():
-        raise ValueError(f"No image has a file index in the holdout range {first}-{last} "
-                         f"(indices found: {index.min()}-{index.max()}).")
-    rest = np.nonzero(~held)[0]
-    missing = sorted(set(np.unique(labels).tolist()) - set(np.unique(labels[rest]).tolist()))
-    if missing:
-        raise ValueError(f"Classes {missing} have no image outside the holdout range {first}-{last}; "
-                         "nothing of them is left to train on.")
-    train, val, test = (rest[s] for s in stratified_split(labels[rest], fractions, seed))
-    return train, val, test, np.nonzero(held)[0]
-
-
 def colour_jitter(hue=0.0, saturation=0.0, brightness=0.0, seed=0):
     """A batch augmentation (for `folder_dataset(augment=...)`) that shifts each image's hue by
     up to +-`hue` of the colour circle, scales its saturation by a factor in
@@ -163,6 +77,46 @@ def colour_jitter(hue=0.0, saturation=0.0, brightness=0.0, seed=0):
         s = tf.clip_by_value(hsv[..., 1] * (1 + draw(saturation)), 0.0, 1.0)
         v = tf.clip_by_value(hsv[..., 2] * (1 + draw(brightness)), 0.0, 1.0)
         return tf.image.hsv_to_rgb(tf.stack([h, s, v], -1)) * 255.0
+
+    return augment
+
+
+def random_zoom(zoom, seed=0):
+    """A batch augmentation: each image is scaled about its centre by a factor drawn
+    log-uniformly between 1 / (1 + `zoom`) and 1 + `zoom` (bilinear; the border is
+    filled with black, the rice dataset's background). Photographic batches differ in
+    the camera's zoom, so a grain's absolute size is not a reliable cue."""
+    if not 0 <= zoom <= 3:
+        raise ValueError(f"Expected zoom in [0, 3]. Received: zoom={zoom}")
+
+    def augment(x):
+        n, h, w = tf.shape(x)[0], tf.cast(tf.shape(x)[1], tf.float32), tf.cast(tf.shape(x)[2], tf.float32)
+        inv = tf.exp(-tf.random.uniform([n], -1.0, 1.0, seed=seed) * float(np.log1p(zoom)))  # 1 / scale
+        zero = tf.zeros_like(inv)
+        # Output pixel (u, v) reads input ((u - c) / scale + c): the centre c stays put.
+        cx, cy = (w - 1) / 2, (h - 1) / 2
+        transforms = tf.stack([inv, zero, cx * (1 - inv), zero, inv, cy * (1 - inv), zero, zero], axis=1)
+        return tf.raw_ops.ImageProjectiveTransformV3(
+            images=x, transforms=transforms, output_shape=tf.shape(x)[1:3], fill_value=0.0,
+            interpolation="BILINEAR", fill_mode="CONSTANT")
+
+    return augment
+
+
+def random_flips(mode, seed=0):
+    """A batch augmentation: random horizontal flips (`mode="horizontal"`), or horizontal
+    and vertical ones (`"both"`), one draw per image and axis; None for `"none"`."""
+    if mode not in ("none", "horizontal", "both"):
+        raise ValueError(f"Expected flips in ('none', 'horizontal', 'both'). Received: flips={mode!r}")
+    if mode == "none":
+        return None
+    axes = (2,) if mode == "horizontal" else (2, 1)
+
+    def augment(x):
+        for axis in axes:
+            flip = tf.random.uniform([tf.shape(x)[0], 1, 1, 1], seed=seed) < 0.5
+            x = tf.where(flip, tf.reverse(x, [axis]), x)
+        return x
 
     return augment
 

@@ -15,7 +15,8 @@ import numpy as np
 from experiments import common
 from experiments.config import RiceConfig, from_dict  # noqa: F401  (RiceConfig: the config block)
 from experiments.data import (batch_split, check_splits, colour_jitter, drop_unreadable, folder_dataset, grain_crop,
-                              grey_world, list_image_folder, preprocessing, stratified_split)
+                              grey_world, list_image_folder, preprocessing, random_flips, random_zoom,
+                              stratified_split)
 from experiments.models import resolve_weights, rice_classifier
 from pruning import CNNModel, inline
 
@@ -26,14 +27,12 @@ SPLITS = ("train", "val", "test")
 EXTRA_EVALS = ("heldout", "eval_dir")
 
 
-def _flip(x):
-    return keras.ops.where(keras.random.uniform((keras.ops.shape(x)[0], 1, 1, 1)) < 0.5, x[:, :, ::-1], x)
-
-
-def train_augmentation(cfg, flips):
-    """The batch augmentation of training images: colour jitter, then random flips."""
+def train_augmentation(cfg):
+    """The batch augmentation of training images (--augment, --views): colour jitter,
+    zoom, then random flips."""
+    flips = random_flips(cfg.flips, seed=cfg.seed)
     return _chain(([colour_jitter(*cfg.colour_jitter, seed=cfg.seed)] if any(cfg.colour_jitter) else [])
-                  + ([_flip] if flips else []))
+                  + ([random_zoom(cfg.zoom, seed=cfg.seed)] if cfg.zoom else []) + ([flips] if flips else []))
 
 
 def _chain(fns):
@@ -92,19 +91,20 @@ class RiceData:
                                  f"expected the data folder's {self.class_names}.")
             e_paths, e_labels, self.eval_unreadable = drop_unreadable(e_paths, e_labels)
             self._add("eval_dir", e_paths, e_labels)
-        self.train = self.train_images(shuffle=True, flips=cfg.augment)
+        self.train = self.train_images(shuffle=True, augment=cfg.augment)
 
     def _add(self, name, paths, labels):
         self.files[name], self.ys[name] = paths, labels
         self.ordered[name] = folder_dataset(paths, labels, load_size(self.cfg), self.cfg.batch_size,
                                             preprocess=self.pre)
 
-    def train_images(self, shuffle, flips):
-        """Training batches, augmented by --colour-jitter (and flips): re-drawn each pass."""
+    def train_images(self, shuffle, augment):
+        """Training batches; with `augment`, augmented as `train_augmentation` says, drawn
+        anew on each pass."""
         cfg = self.cfg
         return folder_dataset(self.files["train"], self.ys["train"], load_size(cfg), cfg.batch_size,
                               preprocess=self.pre, shuffle=shuffle, seed=cfg.seed,
-                              augment=train_augmentation(cfg, flips))
+                              augment=train_augmentation(cfg) if augment else None)
 
     @property
     def num_classes(self):
@@ -197,8 +197,8 @@ def train(model, trainable, cfg, data, run, phase, lr, epochs):
         prefix = keras.Model(model.inputs, _layer_input(model, first))
         feats = {name: prefix.predict(data.ordered[name], verbose=0) for name in ("train", "val")}
         x, y = [feats["train"]], [data.y("train")]
-        # --views: jittered copies of the training images, through the frozen part once each.
-        jittered = data.train_images(shuffle=False, flips=False) if cfg.views else None
+        # --views: augmented copies of the training images, through the frozen part once each.
+        jittered = data.train_images(shuffle=False, augment=True) if cfg.views else None
         for _ in range(cfg.views):
             x.append(prefix.predict(jittered, verbose=0))
             y.append(data.y("train"))
@@ -212,6 +212,16 @@ def train(model, trainable, cfg, data, run, phase, lr, epochs):
                    callbacks=[*before, *callbacks, *after])
 
     return common.train_phase(run, phase, model, fit)
+
+
+def retrain_layers(model, cfg):
+    """Layer names trained after pruning: the head (--retrain head), the --unfreeze top
+    convs and the head (top), or every layer (all)."""
+    if cfg.retrain == "head":
+        return set(HEAD_LAYERS)
+    if cfg.retrain == "top":
+        return set(conv_names(model)[-cfg.unfreeze:]) | set(HEAD_LAYERS)
+    return {layer.name for layer in model.layers}
 
 
 def conv_names(model):
@@ -318,7 +328,7 @@ def _run_rice(cfg, log, resumed, resume, progress, echo):
             common.set_seed(cfg.seed)
             pruned, _ = common.prune_logged(model, scores, ratio, run, exclude=cfg.exclude, ranker=cfg.ranker,
                                             round_to=cfg.round_to, round_mode=cfg.round_mode)
-            trainable = HEAD_LAYERS if cfg.retrain == "head" else {l.name for l in pruned.layers}
+            trainable = retrain_layers(pruned, cfg)
             lr = cfg.head_lr if cfg.retrain == "head" else cfg.finetune_lr
             pruned = train(pruned, trainable, cfg, data, run, f"retrain_{cfg.retrain}", lr, cfg.retrain_epochs)
             summary = common.finish_model_run(run, pruned, evaluate_on_test,

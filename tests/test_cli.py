@@ -269,6 +269,14 @@ def test_prune_lists_the_convs_a_uniform_ratio_skips(tmp_path):
     assert line.startswith("skipped 2 convs: ") and "a (" in line and "head (" in line and "model output" in line
     m = keras.models.load_model(pruned)
     assert m.get_layer("b").filters == 4 and m.get_layer("a").filters == 8
+    # --allow-inexact prunes through the LayerNormalization too and prints the measured change
+    inexact = str(tmp_path / "i.keras")
+    r = CliRunner().invoke(cli, ["prune", path, "--ratio", "0.5", "-o", inexact, "--allow-inexact",
+                                 "--db", str(tmp_path / "l.db")])
+    assert r.exit_code == 0, r.output
+    assert "Pruned inexactly through ln: the outputs changed by" in r.output
+    m = keras.models.load_model(inexact)
+    assert m.get_layer("a").filters == 4 and m.get_layer("ln").get_weights()[0].shape == (4,)
 
 
 def test_config_choice_lists_match_the_library():

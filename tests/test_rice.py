@@ -96,7 +96,8 @@ def test_eval_dir_and_batch_split_are_logged_for_every_run(tmp_path):
         "rice", "--weights", "none", "--image-size", "32", "--limit-per-class", "30", "--head-epochs", "1",
         "--retrain-epochs", "1", "--ratios", "0.5", "--split-by", "batch", "--holdout-range", "10001-15000",
         "--eval-dir", str(eval_dir), "--early-stop", "balanced", "--colour-jitter", "0.1,0.2,0.1",
-        "--views", "1", "--latency-batch", "2", "--out-dir", str(tmp_path / "runs"), "-v", "0", "--db", db])
+        "--views", "1", "--zoom", "0.5", "--flips", "both", "--unfreeze", "1", "--finetune-epochs", "1",
+        "--retrain", "top", "--latency-batch", "2", "--out-dir", str(tmp_path / "runs"), "-v", "0", "--db", db])
     assert r.exit_code == 0, r.output
     base, pruned = ExperimentLog(db).runs("rice")
     config = json.loads(base["config"])
@@ -146,3 +147,70 @@ def test_grain_crop_and_grey_world():
     for i in range(2):
         grain = g[i][x[i].sum(-1) > 60]
         np.testing.assert_allclose(grain.mean(0), grain.mean(), rtol=1e-3)  # mean colour is grey
+
+
+def test_random_zoom_scales_about_the_centre_with_a_black_border():
+    import tensorflow as tf
+
+    from experiments.data import random_zoom
+
+    x = np.zeros((64, 33, 33, 3), "float32")
+    x[:, 12:21, 12:21] = 200.0  # a 9x9 grain in the centre
+    tf.random.set_seed(0)
+    y = np.asarray(random_zoom(0.6, seed=1)(tf.constant(x)))
+    assert y.shape == x.shape and y.min() >= 0.0 and y.max() <= 200.0 + 1e-3
+    sides = []
+    for img in y:
+        m = img.sum(-1) > 300  # more than half bright
+        rows, cols = np.nonzero(m.any(1))[0], np.nonzero(m.any(0))[0]
+        sides.append(rows[-1] - rows[0] + 1)
+        assert abs((rows[0] + rows[-1]) / 2 - 16) <= 1 and abs((cols[0] + cols[-1]) / 2 - 16) <= 1  # centred
+        assert img[0, 0].sum() == 0.0  # the border stays black
+    # 9 px times a factor in [1/1.6, 1.6]: between 5 and 15 px, both smaller and larger drawn
+    assert 5 <= min(sides) < 9 < max(sides) <= 15
+    np.testing.assert_allclose(np.asarray(random_zoom(0.0)(tf.constant(x))), x, atol=1e-4)  # zoom 0: identity
+    with pytest.raises(ValueError, match=r"Expected zoom in \[0, 3\]. Received: zoom=-0.1"):
+        random_zoom(-0.1)
+
+
+def test_random_flips_both_flips_each_axis_and_keeps_the_pixels():
+    import tensorflow as tf
+
+    from experiments.data import random_flips
+
+    x = np.zeros((200, 8, 8, 3), "float32")
+    x[:, 0, 1] = 255.0  # one bright pixel near the top-left corner
+    tf.random.set_seed(0)
+    y = np.asarray(random_flips("both", seed=3)(tf.constant(x)))
+    where = {tuple(np.argwhere(img.sum(-1) > 0)[0]) for img in y}
+    assert where == {(0, 1), (0, 6), (7, 1), (7, 6)}  # none, horizontal, vertical, both
+    assert np.allclose(y.sum((1, 2, 3)), 765.0)
+    h = np.asarray(random_flips("horizontal", seed=3)(tf.constant(x)))
+    assert {tuple(np.argwhere(img.sum(-1) > 0)[0]) for img in h} == {(0, 1), (0, 6)}
+    assert random_flips("none") is None
+    with pytest.raises(ValueError, match="Expected flips in"):
+        random_flips("diagonal")
+
+
+def test_retrain_top_trains_the_unfrozen_convs_and_the_head():
+    from experiments.config import RiceConfig
+    from experiments.models import rice_classifier
+    from experiments.rice import HEAD_LAYERS, retrain_layers
+    from pruning import inline
+
+    model = inline(rice_classifier(5, 32, weights=None))
+    cfg = RiceConfig(data_dir=SAMPLE_RICE, unfreeze=3, retrain="top")
+    assert retrain_layers(model, cfg) == {"block5_conv1", "block5_conv2", "block5_conv3", *HEAD_LAYERS}
+    assert retrain_layers(model, RiceConfig(data_dir=SAMPLE_RICE, retrain="head")) == set(HEAD_LAYERS)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--zoom", "0.5"], "zoom=0.5 needs views >= 1"),
+    (["--retrain", "top"], "retrain='top' retrains the --unfreeze top convs; it needs unfreeze >= 1"),
+    (["--flips", "diagonal"], "Invalid value for '--flips'"),
+])
+def test_augmentation_flags_are_checked_before_training(tmp_path, args, message):
+    r = CliRunner().invoke(cli, ["rice", "--data-dir", SAMPLE_RICE, "--weights", "none", *args,
+                                 "--db", str(tmp_path / "l.db")])
+    assert r.exit_code != 0 and message in r.output, r.output
+    assert "Traceback" not in r.output
