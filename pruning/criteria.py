@@ -82,17 +82,14 @@ class APoZRanker(DataRanker):
         cnn = _cnn(model)
         layers = [cnn.conv(l) for l in (layers or cnn.conv_layers)]
         keys = [cnn.feature_key(c) for c in layers]
-        zeros = [np.zeros(c.filters) for c in layers]
-        count = 0
-        for x, _ in _batches(data, self.name, self.num_batches):
-            for j, fmap in enumerate(cnn.forward(x, keys)):
+
+        def zero_fractions(x, y):  # per layer: sum over the batch's images of each channel's zero fraction
+            for fmap in cnn.forward(x, keys):
                 fmap = keras.ops.convert_to_numpy(fmap)
-                zeros[j] += (fmap == 0).reshape(-1, fmap.shape[-1]).mean(axis=0) * fmap.shape[0]
-            count += x.shape[0]
-            if progress:
-                progress(1)
-        _check_count(count, self.name)
-        return {c.name: 1.0 - z / count for c, z in zip(layers, zeros)}
+                yield (fmap == 0).reshape(-1, fmap.shape[-1]).mean(axis=0) * fmap.shape[0]
+
+        apoz = _mean_over_data(self, layers, data, zero_fractions, progress)
+        return {c.name: 1.0 - z for c, z in zip(layers, apoz)}
 
 
 @register_ranker
@@ -116,19 +113,14 @@ class TaylorRanker(DataRanker):
         layers = [cnn.conv(l) for l in (layers or cnn.conv_layers)]
         keys = [cnn.feature_key(c) for c in layers]
         probabilities = outputs_probabilities(cnn.model)
-        totals = [np.zeros(c.filters) for c in layers]
-        count = 0
-        for x, y in _batches(data, self.name, self.num_batches, labels=True):
-            acts, grads = activation_gradients(cnn, keys, x, y, probabilities)
-            for j, (a, g) in enumerate(zip(acts, grads)):
+
+        def taylor_sums(x, y):  # per layer: sum over the batch's images of |sum over positions of a * g|
+            for a, g in zip(*activation_gradients(cnn, keys, x, y, probabilities)):
                 a, g = keras.ops.convert_to_numpy(a), keras.ops.convert_to_numpy(g)
-                ag = (a * g).reshape(a.shape[0], -1, a.shape[-1]).sum(axis=1)  # (batch, C)
-                totals[j] += np.abs(ag).sum(axis=0)
-            count += x.shape[0]
-            if progress:
-                progress(1)
-        _check_count(count, self.name)
-        return {c.name: t / count for c, t in zip(layers, totals)}
+                yield np.abs((a * g).reshape(a.shape[0], -1, a.shape[-1]).sum(axis=1)).sum(axis=0)
+
+        scores = _mean_over_data(self, layers, data, taylor_sums, progress, labels=True)
+        return {c.name: t for c, t in zip(layers, scores)}
 
 
 def outputs_probabilities(model):
@@ -229,6 +221,21 @@ def _batches(data, name, num_batches=None, labels=False):
             raise ValueError(f"The '{name}' ranker needs labels: batches of (images, labels). "
                              "Received: images only")
         yield x, y
+
+
+def _mean_over_data(ranker, layers, data, batch_sums, progress=None, labels=False):
+    """Per-layer channel scores averaged over the images of `data`: `batch_sums(x, y)`
+    yields, for each of `layers`, the sum of its per-image channel scores over one batch."""
+    totals = [np.zeros(c.filters) for c in layers]
+    count = 0
+    for x, y in _batches(data, ranker.name, ranker.num_batches, labels=labels):
+        for total, batch in zip(totals, batch_sums(x, y)):
+            total += batch
+        count += x.shape[0]
+        if progress:
+            progress(1)
+    _check_count(count, ranker.name)
+    return [t / count for t in totals]
 
 
 def _check_count(count, name):
