@@ -1,28 +1,57 @@
-"""Grain colour and area per file-index range of the shared rice folder: where the photographic
-batches change. python benchmarks/rice_batches.py"""
-import os, re, numpy as np
+"""Grain colour, size, shape and orientation per file-index range of the shared rice folder:
+where the photographic batches change, and what changes.
+
+    python benchmarks/rice_batches.py [--data FOLDER] [--split 12000]
+
+Per variety and 1,000-index range: mean colour cast (G-R, B-R), grain area (fraction of the
+frame). Then per variety, images N <= --split against N > --split: the grain's length and width
+(4 standard deviations along its principal axes, pixels of the 250x250 image), their ratio, and
+the share lying near horizontal (principal axis within 20 degrees) or diagonal (25-65 degrees).
+"""
+import os
+import re
+
+import click
+import numpy as np
 from PIL import Image
-root="/work/shared/data/rice/Rice_Image_Dataset"
-rows=[]
-for v in sorted(os.listdir(root)):
-    d=os.path.join(root,v)
-    if not os.path.isdir(d): continue
-    for f in os.listdir(d):
-        m=re.search(r"\((\d+)\)",f)
-        n=int(m.group(1))
-        a=np.asarray(Image.open(os.path.join(d,f)).convert("RGB"),np.float32)
-        mask=a.sum(-1)>60  # grain pixels
-        g=a[mask]
-        rows.append((v,n,*g.mean(0), mask.mean()))
 
 
-# Mean grain colour and area per 1,000-index range, per variety (the table in docs/rice.md).
-for v in sorted({r[0] for r in rows}):
-    r = [x for x in rows if x[0] == v]
-    n = np.array([x[1] for x in r]); c = np.array([x[2:5] for x in r]); a = np.array([x[5] for x in r])
-    print(v, len(r), "images, indices", n.min(), "-", n.max())
-    for lo in range(0, 15000, 1000):
-        s = (n > lo) & (n <= lo + 1000)
-        if s.sum():
-            print(f"  {lo + 1:5d}-{lo + 1000:5d} n={s.sum():3d} G-R={(c[s, 1] - c[s, 0]).mean():5.1f} "
-                  f"B-R={(c[s, 2] - c[s, 0]).mean():5.1f} area={a[s].mean():.3f}")
+def grain_stats(path):
+    """(G-R, B-R, area fraction, length px, width px, axis angle in degrees [0, 180))."""
+    a = np.asarray(Image.open(path).convert("RGB"), np.float32)
+    mask = a.sum(-1) > 60  # grain pixels on the black background
+    g = a[mask]
+    ys, xs = np.nonzero(mask)
+    ev, vec = np.linalg.eigh(np.cov(np.stack([xs, ys]).astype(np.float64)))
+    angle = np.degrees(np.arctan2(vec[1, 1], vec[0, 1])) % 180
+    return (g[:, 1] - g[:, 0]).mean(), (g[:, 2] - g[:, 0]).mean(), mask.mean(), 4 * np.sqrt(ev[1]), \
+        4 * np.sqrt(ev[0]), angle
+
+
+@click.command()
+@click.option("--data", default="../shared/data/rice/Rice_Image_Dataset", show_default=True)
+@click.option("--split", default=12000, show_default=True, help="Compare files N <= SPLIT with N > SPLIT.")
+def main(data, split):
+    for v in sorted(os.listdir(data)):
+        d = os.path.join(data, v)
+        if not os.path.isdir(d):
+            continue
+        files = [f for f in os.listdir(d) if re.search(r"\((\d+)\)", f)]
+        n = np.array([int(re.search(r"\((\d+)\)", f).group(1)) for f in files])
+        s = np.array([grain_stats(os.path.join(d, f)) for f in files])
+        print(v, len(files), "images, indices", n.min(), "-", n.max())
+        for lo in range(0, 15000, 1000):
+            k = (n > lo) & (n <= lo + 1000)
+            if k.sum():
+                print(f"  {lo + 1:5d}-{lo + 1000:5d} n={k.sum():3d} G-R={s[k, 0].mean():5.1f} "
+                      f"B-R={s[k, 1].mean():5.1f} area={s[k, 2].mean():.3f}")
+        for name, k in ((f"N <= {split}", n <= split), (f"N > {split}", n > split)):
+            length, width, angle = s[k, 3], s[k, 4], s[k, 5]
+            folded = np.minimum(angle, 180 - angle)  # 0: horizontal, 90: vertical
+            print(f"  {name:>9}: length {length.mean():5.1f} +- {length.std():4.1f} px, width {width.mean():4.1f} px, "
+                  f"length/width {np.mean(length / width):4.2f} +- {np.std(length / width):4.2f}, "
+                  f"horizontal {np.mean(folded < 20):.2f}, diagonal {np.mean((folded > 25) & (folded < 65)):.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -198,6 +198,8 @@ class RiceConfig:
     zoom: float = option(0.0, "Random zoom of augmented images: each is scaled about its centre by a factor "
                          "between 1/(1+ZOOM) and 1+ZOOM (log-uniform; black border). 0.6: 0.625x-1.6x.",
                          min=0.0, max=3.0)
+    rotate: float = option(0.0, "Random rotation of augmented images: an angle in [-ROTATE, ROTATE] degrees "
+                           "about the centre (black border). 180: any orientation.", min=0.0, max=180.0)
     grain_crop: bool = option(False, "Crop a square around each grain (decoded at twice --image-size), so "
                               "zoom does not matter.")
     grey_world: bool = option(False, "Per-image colour normalisation: scale R, G, B so the grain's mean "
@@ -256,16 +258,19 @@ class RiceConfig:
         for name, v, hi in zip(("hue", "saturation", "brightness"), self.colour_jitter, (0.5, 1.0, 1.0)):
             if not 0 <= v <= hi:
                 raise ValueError(f"Expected {name} jitter in [0, {hi}]. Received: {name}={v}")
-        if any(self.colour_jitter) and not (self.augment or self.views):
-            raise ValueError(f"colour_jitter={tuple(self.colour_jitter)} needs views >= 1 (jittered copies on "
-                             "the cached-feature path) or augment (training on images).")
         if self.flips not in FLIPS:
             raise ValueError(f"Expected flips in {FLIPS}. Received: flips={self.flips!r}")
         if not 0 <= self.zoom <= 3:
             raise ValueError(f"Expected zoom in [0, 3]. Received: zoom={self.zoom}")
-        if self.zoom and not (self.augment or self.views):
-            raise ValueError(f"zoom={self.zoom} needs views >= 1 (zoomed copies on the cached-feature path) "
-                             "or augment (training on images).")
+        if not 0 <= self.rotate <= 180:
+            raise ValueError(f"Expected rotate in [0, 180] (degrees). Received: rotate={self.rotate}")
+        # Augmentation applies to --views copies or to --augment training; without either it would do nothing.
+        for name, value, used, copies in (
+                ("colour_jitter", tuple(self.colour_jitter), any(self.colour_jitter), "jittered"),
+                ("zoom", self.zoom, self.zoom > 0, "zoomed"), ("rotate", self.rotate, self.rotate > 0, "turned")):
+            if used and not (self.augment or self.views):
+                raise ValueError(f"{name}={value} needs views >= 1 ({copies} copies on the cached-feature path) "
+                                 "or augment (training on images).")
         if self.retrain == "top" and self.unfreeze == 0:
             raise ValueError("retrain='top' retrains the --unfreeze top convs; it needs unfreeze >= 1. "
                              "Received: unfreeze=0")

@@ -81,21 +81,27 @@ def colour_jitter(hue=0.0, saturation=0.0, brightness=0.0, seed=0):
     return augment
 
 
-def random_zoom(zoom, seed=0):
+def random_affine(zoom=0.0, rotate=0.0, seed=0):
     """A batch augmentation: each image is scaled about its centre by a factor drawn
-    log-uniformly between 1 / (1 + `zoom`) and 1 + `zoom` (bilinear; the border is
-    filled with black, the rice dataset's background). Photographic batches differ in
-    the camera's zoom, so a grain's absolute size is not a reliable cue."""
+    log-uniformly between 1 / (1 + `zoom`) and 1 + `zoom`, and turned by an angle drawn
+    uniformly in [-`rotate`, `rotate`] degrees (one bilinear resample for both; the border
+    is filled with black, the rice dataset's background). Photographic batches differ in
+    the camera's zoom and in how the grains lie, so neither a grain's absolute size nor its
+    orientation is a reliable cue."""
     if not 0 <= zoom <= 3:
         raise ValueError(f"Expected zoom in [0, 3]. Received: zoom={zoom}")
+    if not 0 <= rotate <= 180:
+        raise ValueError(f"Expected rotate in [0, 180] (degrees). Received: rotate={rotate}")
 
     def augment(x):
         n, h, w = tf.shape(x)[0], tf.cast(tf.shape(x)[1], tf.float32), tf.cast(tf.shape(x)[2], tf.float32)
         inv = tf.exp(-tf.random.uniform([n], -1.0, 1.0, seed=seed) * float(np.log1p(zoom)))  # 1 / scale
-        zero = tf.zeros_like(inv)
-        # Output pixel (u, v) reads input ((u - c) / scale + c): the centre c stays put.
+        angle = tf.random.uniform([n], -1.0, 1.0, seed=seed + 1) * float(np.radians(rotate))
+        a, b = inv * tf.cos(angle), inv * tf.sin(angle)
+        # Output pixel p reads input c + R(-angle) (p - c) / scale: the centre c stays put.
         cx, cy = (w - 1) / 2, (h - 1) / 2
-        transforms = tf.stack([inv, zero, cx * (1 - inv), zero, inv, cy * (1 - inv), zero, zero], axis=1)
+        zero = tf.zeros_like(inv)
+        transforms = tf.stack([a, -b, cx - a * cx + b * cy, b, a, cy - b * cx - a * cy, zero, zero], axis=1)
         return tf.raw_ops.ImageProjectiveTransformV3(
             images=x, transforms=transforms, output_shape=tf.shape(x)[1:3], fill_value=0.0,
             interpolation="BILINEAR", fill_mode="CONSTANT")

@@ -15,7 +15,7 @@ import numpy as np
 from experiments import common
 from experiments.config import RiceConfig, from_dict  # noqa: F401  (RiceConfig: the config block)
 from experiments.data import (batch_split, check_splits, colour_jitter, drop_unreadable, folder_dataset, grain_crop,
-                              grey_world, list_image_folder, preprocessing, random_flips, random_zoom,
+                              grey_world, list_image_folder, preprocessing, random_affine, random_flips,
                               stratified_split)
 from experiments.models import resolve_weights, rice_classifier
 from pruning import CNNModel, inline
@@ -29,10 +29,11 @@ EXTRA_EVALS = ("heldout", "eval_dir")
 
 def train_augmentation(cfg):
     """The batch augmentation of training images (--augment, --views): colour jitter,
-    zoom, then random flips."""
+    zoom and rotation (one resample), then random flips."""
     flips = random_flips(cfg.flips, seed=cfg.seed)
     return _chain(([colour_jitter(*cfg.colour_jitter, seed=cfg.seed)] if any(cfg.colour_jitter) else [])
-                  + ([random_zoom(cfg.zoom, seed=cfg.seed)] if cfg.zoom else []) + ([flips] if flips else []))
+                  + ([random_affine(cfg.zoom, cfg.rotate, seed=cfg.seed)] if cfg.zoom or cfg.rotate else [])
+                  + ([flips] if flips else []))
 
 
 def _chain(fns):

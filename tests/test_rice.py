@@ -96,7 +96,7 @@ def test_eval_dir_and_batch_split_are_logged_for_every_run(tmp_path):
         "rice", "--weights", "none", "--image-size", "32", "--limit-per-class", "30", "--head-epochs", "1",
         "--retrain-epochs", "1", "--ratios", "0.5", "--split-by", "batch", "--holdout-range", "10001-15000",
         "--eval-dir", str(eval_dir), "--early-stop", "balanced", "--colour-jitter", "0.1,0.2,0.1",
-        "--views", "1", "--zoom", "0.5", "--flips", "both", "--unfreeze", "1", "--finetune-epochs", "1",
+        "--views", "1", "--zoom", "0.5", "--rotate", "30", "--flips", "both", "--unfreeze", "1", "--finetune-epochs", "1",
         "--retrain", "top", "--latency-batch", "2", "--out-dir", str(tmp_path / "runs"), "-v", "0", "--db", db])
     assert r.exit_code == 0, r.output
     base, pruned = ExperimentLog(db).runs("rice")
@@ -149,15 +149,15 @@ def test_grain_crop_and_grey_world():
         np.testing.assert_allclose(grain.mean(0), grain.mean(), rtol=1e-3)  # mean colour is grey
 
 
-def test_random_zoom_scales_about_the_centre_with_a_black_border():
+def test_random_affine_scales_about_the_centre_with_a_black_border():
     import tensorflow as tf
 
-    from experiments.data import random_zoom
+    from experiments.data import random_affine
 
     x = np.zeros((64, 33, 33, 3), "float32")
     x[:, 12:21, 12:21] = 200.0  # a 9x9 grain in the centre
     tf.random.set_seed(0)
-    y = np.asarray(random_zoom(0.6, seed=1)(tf.constant(x)))
+    y = np.asarray(random_affine(0.6, seed=1)(tf.constant(x)))
     assert y.shape == x.shape and y.min() >= 0.0 and y.max() <= 200.0 + 1e-3
     sides = []
     for img in y:
@@ -168,9 +168,34 @@ def test_random_zoom_scales_about_the_centre_with_a_black_border():
         assert img[0, 0].sum() == 0.0  # the border stays black
     # 9 px times a factor in [1/1.6, 1.6]: between 5 and 15 px, both smaller and larger drawn
     assert 5 <= min(sides) < 9 < max(sides) <= 15
-    np.testing.assert_allclose(np.asarray(random_zoom(0.0)(tf.constant(x))), x, atol=1e-4)  # zoom 0: identity
+    np.testing.assert_allclose(np.asarray(random_affine(0.0)(tf.constant(x))), x, atol=1e-4)  # zoom 0: identity
     with pytest.raises(ValueError, match=r"Expected zoom in \[0, 3\]. Received: zoom=-0.1"):
-        random_zoom(-0.1)
+        random_affine(-0.1)
+
+
+def test_random_affine_rotates_about_the_centre():
+    import tensorflow as tf
+
+    from experiments.data import random_affine
+
+    x = np.zeros((64, 33, 33, 3), "float32")
+    x[:, 16, 4:29] = 255.0  # a horizontal bar through the centre, 25 px long
+    tf.random.set_seed(0)
+    y = np.asarray(random_affine(0.0, 90, seed=1)(tf.constant(x)))
+    angles, lengths = [], []
+    for img in y:
+        rows, cols = np.nonzero(img.sum(-1) > 200)
+        cov = np.cov(np.stack([cols, rows]).astype(float))
+        ev, vec = np.linalg.eigh(cov)
+        angles.append(np.degrees(np.arctan2(vec[1, 1], vec[0, 1])) % 180)
+        lengths.append(np.ptp(rows) + np.ptp(cols))
+        assert abs(rows.mean() - 16) <= 1 and abs(cols.mean() - 16) <= 1  # turned about the centre
+        assert img[0, 0].sum() == 0.0
+    folded = np.minimum(angles, 180 - np.asarray(angles))  # 0: horizontal, 90: vertical
+    assert folded.min() < 15 and folded.max() > 60  # near-horizontal and steep bars both drawn
+    assert 20 <= min(lengths) and max(lengths) <= 40  # no zoom: the bar keeps its length (|dx| + |dy|)
+    with pytest.raises(ValueError, match=r"Expected rotate in \[0, 180\] \(degrees\). Received: rotate=200"):
+        random_affine(0.0, 200)
 
 
 def test_random_flips_both_flips_each_axis_and_keeps_the_pixels():
@@ -206,6 +231,8 @@ def test_retrain_top_trains_the_unfrozen_convs_and_the_head():
 
 @pytest.mark.parametrize("args, message", [
     (["--zoom", "0.5"], "zoom=0.5 needs views >= 1"),
+    (["--rotate", "90"], "rotate=90.0 needs views >= 1"),
+    (["--views", "1", "--rotate", "200"], "Invalid value for '--rotate'"),
     (["--retrain", "top"], "retrain='top' retrains the --unfreeze top convs; it needs unfreeze >= 1"),
     (["--flips", "diagonal"], "Invalid value for '--flips'"),
 ])

@@ -1,0 +1,253 @@
+"""Rice recipe comparison on the CPU, on cached features (issue 14): which training-image
+augmentation makes the held-out photographic batch readable with the convs the CPU can afford
+to train (none, or block5).
+
+Same data, split, weights, preprocessing and augmentation functions as `main_train.py rice
+--split-by batch` (train/val/test from files N <= 12,000, held-out batch N in 12,001-15,000):
+the images are decoded once at --size, the frozen VGG16 (HED) runs once up to block4_pool on
+them and on K augmented views of the training images per recipe (cached in --cache), then
+  head: frozen block5 -> GlobalAveragePooling -> Dense 256 -> Dropout 0.5 -> softmax, Adam 1e-3,
+        up to 30 epochs, early stopping on the balanced val recall (patience 5, best restored);
+  block5: the same head, then block5 + head fine-tuned (Adam 1e-5) for --block5-epochs.
+
+    PYTHONPATH=. python benchmarks/rice_recipe_cpu.py --recipes base,zoom,zoom_rot --views 4 \\
+        --out results/rice_recipe_cpu/rows.jsonl
+"""
+
+import json
+import os
+import platform
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import click  # noqa: E402
+import numpy as np  # noqa: E402
+
+# Recipe name -> augmentation of the training views (flips both always: a grain has no up).
+RECIPES = {
+    "base": dict(),
+    "zoom": dict(zoom=0.6),
+    "rot": dict(rotate=180),
+    "zoom_rot": dict(zoom=0.6, rotate=180),
+    "zoom_colour": dict(zoom=0.6, colour=(0.2, 0.6, 0.3)),
+    "zoom_rot_colour": dict(zoom=0.6, rotate=180, colour=(0.2, 0.6, 0.3)),
+    "zoom_rot_grey": dict(zoom=0.6, rotate=180, grey=True),
+    "zoom_rot_colour_grey": dict(zoom=0.6, rotate=180, colour=(0.2, 0.6, 0.3), grey=True),
+    "zoom_rot_gain": dict(zoom=0.6, rotate=180, gain=0.15),
+    "zoom_rot_colour_gain": dict(zoom=0.6, rotate=180, colour=(0.2, 0.6, 0.3), gain=0.15),
+    "gain": dict(gain=0.15),
+    "colour_gain": dict(colour=(0.2, 0.6, 0.3), gain=0.15),
+}
+
+
+def load(root, size):
+    import tensorflow as tf
+
+    from experiments.data import load_image
+    from experiments.splits import batch_split, list_image_folder
+
+    paths, labels, names = list_image_folder(root)
+    ds = tf.data.Dataset.from_tensor_slices(paths).map(lambda p: load_image(p, size), num_parallel_calls=2)
+    x = np.concatenate([b.numpy() for b in ds.batch(256)])
+    return x, labels, names, dict(zip(("train", "val", "test", "heldout"),
+                                      batch_split(paths, labels, (12001, 15000), (0.7, 0.15, 0.15), 0)))
+
+
+def channel_gains(gain, seed=0):
+    """A batch augmentation measured here only (it did not help, so the tool has no flag
+    for it): R, G and B of each image multiplied by factors drawn independently in
+    [1 - `gain`, 1 + `gain`], a camera's white balance. The late Jasmine batch's cast is
+    about such a gain: G x1.10 and B x1.08 against the earlier images. RGB in [0, 255]."""
+    import tensorflow as tf
+
+    def augment(x):
+        g = 1.0 + tf.random.uniform([tf.shape(x)[0], 1, 1, 3], -gain, gain, seed=seed)
+        return tf.clip_by_value(x * g, 0.0, 255.0)
+
+    return augment
+
+
+def transform(recipe, seed):
+    """(augmentation, input transform) of a recipe: lists of batch functions, the tool's own."""
+    from experiments.data import colour_jitter, grey_world, preprocessing, random_affine, random_flips
+
+    r = RECIPES[recipe]
+    aug = [colour_jitter(*r["colour"], seed=seed)] if "colour" in r else []
+    if r.get("gain"):
+        aug.append(channel_gains(r["gain"], seed=seed))
+    if r.get("zoom") or r.get("rotate"):
+        aug.append(random_affine(r.get("zoom", 0.0), r.get("rotate", 0.0), seed=seed))
+    aug.append(random_flips("both", seed=seed))
+    pre = [grey_world] if r.get("grey") else []
+    pre.append(preprocessing("vgg16"))
+    return aug, pre
+
+
+def apply(fns, x):
+    for fn in fns:
+        x = fn(x)
+    return x
+
+
+def features(prefix, x, fns, batch=64):
+    import tensorflow as tf
+
+    out = []
+    for i in range(0, len(x), batch):
+        out.append(prefix(apply(fns, tf.constant(x[i:i + batch])), training=False).numpy())
+    return np.concatenate(out)
+
+
+def balanced_recall(pred, y, k):
+    return float(np.mean([(pred[y == c] == c).mean() for c in range(k)]))
+
+
+def fit(base, f_train, y_train, f_val, y_val, tune_block5, epochs, lr, head=None):
+    """Head (and block5 with `tune_block5`) on block4_pool features; early stopping on the
+    balanced val recall (patience 5, best weights restored). Returns (predict, head): with
+    block5 frozen its output is computed once and the head trained on it (the same model,
+    30x less work per epoch)."""
+    import keras
+
+    names = ("block5_conv1", "block5_conv2", "block5_conv3", "block5_pool")
+
+    def block5(inp):
+        h = inp
+        for name in names:
+            layer = base.get_layer(name)
+            layer.trainable = tune_block5
+            h = layer(h)
+        return h
+
+    k = int(y_train.max()) + 1
+    if head is None:
+        keras.utils.set_random_seed(0)
+        head = [keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(256, activation="relu"),
+                keras.layers.Dropout(0.5), keras.layers.Dense(k, activation="softmax")]
+    b5 = keras.Model(inp := keras.Input(f_train.shape[1:]), block5(inp))
+    if not tune_block5:
+        f_train, f_val = (b5.predict(f, batch_size=128, verbose=0) for f in (f_train, f_val))
+    inp = keras.Input(f_train.shape[1:])
+    h = inp if not tune_block5 else block5(inp)
+    for layer in head:
+        h = layer(h)
+    model = keras.Model(inp, h)
+    model.compile(keras.optimizers.Adam(lr), "sparse_categorical_crossentropy")
+    best, wait, weights = -1.0, 0, None
+    order = np.random.default_rng(0).permutation(len(f_train))
+    for _ in range(epochs):
+        model.fit(f_train[order], y_train[order], batch_size=32, epochs=1, verbose=0)
+        r = balanced_recall(model.predict(f_val, batch_size=256, verbose=0).argmax(1), y_val, k)
+        if r > best:
+            best, wait, weights = r, 0, model.get_weights()
+        else:
+            wait += 1
+            if wait >= 5:
+                break
+    model.set_weights(weights)
+    if tune_block5:
+        return (lambda f: model.predict(f, batch_size=256, verbose=0)), head
+    return (lambda f: model.predict(b5.predict(f, batch_size=128, verbose=0), batch_size=256, verbose=0)), head
+
+
+def describe(aug):
+    parts = ["flips both"]
+    if aug.get("zoom"):
+        parts.append(f"zoom x/{1 + aug['zoom']:g}")
+    if aug.get("rotate"):
+        parts.append(f"rotate +-{aug['rotate']:g}")
+    if aug.get("colour"):
+        parts.append("colour " + "/".join(f"{v:g}" for v in aug["colour"]))
+    if aug.get("gain"):
+        parts.append(f"channel gains +-{aug['gain']:g}")
+    if aug.get("grey"):
+        parts.append("grey world input")
+    return ", ".join(parts)
+
+
+def write_report(rows_path, path):
+    """A markdown table of the rows, best held-out accuracy first."""
+    rows = [json.loads(line) for line in open(rows_path)]
+    lines = ["| recipe | views | trained | random test | held-out batch | Jasmine (held-out) | late Jasmine read as "
+             "| features s | fit s | machine |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: -r["heldout"]):
+        read = ", ".join(f"{k} {v}" for k, v in r.get("jasmine_read_as", {}).items() if v)
+        lines.append(f"| {describe(r['aug'])} | {r['views']} | {r['stage']} | {r['test']:.4f} | {r['heldout']:.4f} | "
+                     f"{r['heldout_recall'].get('Jasmine', float('nan')):.3f} | {read} | {r['features_s']} | "
+                     f"{r['fit_s']} | {r['machine']} |")
+    with open(path, "w") as fh:
+        fh.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+@click.command()
+@click.option("--data", default="../shared/data/rice/Rice_Image_Dataset", show_default=True)
+@click.option("--size", default=64, show_default=True)
+@click.option("--recipes", default="base,zoom_rot", show_default=True, help=f"Comma-separated: {list(RECIPES)}")
+@click.option("--views", default=4, show_default=True)
+@click.option("--block5-epochs", default=0, show_default=True, help="0: head only.")
+@click.option("--cache", default="runs/rice_recipe_cpu", show_default=True)
+@click.option("--out", default="results/rice_recipe_cpu/rows.jsonl", show_default=True)
+@click.option("--report", default=None, help="Only write a markdown table of the rows in --out to this file.")
+def main(data, size, recipes, views, block5_epochs, cache, out, report):
+    if report:
+        return write_report(out, report)
+    import keras
+
+    from experiments.models import vgg16_base
+
+    os.makedirs(cache, exist_ok=True)
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    t0 = time.time()
+    x, y, names, split = load(data, size)
+    print(f"{len(x)} images at {size}px, split {[len(v) for v in split.values()]}, {time.time() - t0:.0f} s",
+          flush=True)
+    base = vgg16_base((size, size, 3), "hed")
+    prefix = keras.Model(base.inputs, base.get_layer("block4_pool").output)
+    block5 = {n: base.get_layer(n).get_weights() for n in ("block5_conv1", "block5_conv2", "block5_conv3")}
+    for recipe in recipes.split(","):
+        t1 = time.time()
+        aug, pre = transform(recipe, seed=0)
+        path = os.path.join(cache, f"{size}_{'grey' if RECIPES[recipe].get('grey') else 'plain'}.npy")
+        if not os.path.exists(path):
+            np.save(path, features(prefix, x, pre))
+        f = np.load(path)
+        vpath = os.path.join(cache, f"{size}_{recipe}_v{views}.npy")
+        if not os.path.exists(vpath):
+            keras.utils.set_random_seed(1)
+            tr = x[split["train"]]
+            np.save(vpath, np.concatenate([features(prefix, tr, aug + pre) for _ in range(views)]))
+        fv = np.load(vpath)
+        t_feat = time.time() - t1
+        f_train = np.concatenate([f[split["train"]], fv])
+        y_train = np.concatenate([y[split["train"]]] * (views + 1))
+        stages = [("head", False, 30, 1e-3)] + ([("block5", True, block5_epochs, 1e-5)] if block5_epochs else [])
+        head = None
+        for stage, tune, epochs, lr in stages:
+            t2 = time.time()
+            predict, head = fit(base, f_train, y_train, f[split["val"]], y[split["val"]], tune, epochs, lr, head)
+            row = dict(recipe=recipe, aug=RECIPES[recipe], size=size, views=views, stage=stage,
+                       features_s=round(t_feat), fit_s=round(time.time() - t2),
+                       machine=f"{platform.node()} ({os.cpu_count()} CPUs), load {os.getloadavg()[0]:.1f}")
+            for s in ("test", "heldout"):
+                pred = predict(f[split[s]]).argmax(1)
+                row[s] = round(float((pred == y[split[s]]).mean()), 4)
+                row[f"{s}_recall"] = {n: round(float((pred[y[split[s]] == c] == c).mean()), 3)
+                                      for c, n in enumerate(names)}
+                if s == "heldout":
+                    jas = names.index("Jasmine") if "Jasmine" in names else None
+                    if jas is not None:
+                        row["jasmine_read_as"] = {names[c]: int(((y[split[s]] == jas) & (pred == c)).sum())
+                                                  for c in range(len(names))}
+            print(json.dumps(row), flush=True)
+            with open(out, "a") as fh:
+                fh.write(json.dumps(row) + "\n")
+        for name, w in block5.items():  # the next recipe starts from the pretrained block5 again
+            base.get_layer(name).set_weights(w)
+
+
+if __name__ == "__main__":
+    main()
