@@ -105,7 +105,7 @@ def balanced_recall(pred, y, k):
     return float(np.mean([(pred[y == c] == c).mean() for c in range(k)]))
 
 
-def fit(base, f_train, y_train, f_val, y_val, tune_block5, epochs, lr, head=None):
+def fit(base, f_train, y_train, f_val, y_val, tune_block5, epochs, lr, head=None, seed=0):
     """Head (and block5 with `tune_block5`) on block4_pool features; early stopping on the
     balanced val recall (patience 5, best weights restored). Returns (predict, head): with
     block5 frozen its output is computed once and the head trained on it (the same model,
@@ -124,7 +124,7 @@ def fit(base, f_train, y_train, f_val, y_val, tune_block5, epochs, lr, head=None
 
     k = int(y_train.max()) + 1
     if head is None:
-        keras.utils.set_random_seed(0)
+        keras.utils.set_random_seed(seed)
         head = [keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(256, activation="relu"),
                 keras.layers.Dropout(0.5), keras.layers.Dense(k, activation="softmax")]
     b5 = keras.Model(inp := keras.Input(f_train.shape[1:]), block5(inp))
@@ -137,7 +137,7 @@ def fit(base, f_train, y_train, f_val, y_val, tune_block5, epochs, lr, head=None
     model = keras.Model(inp, h)
     model.compile(keras.optimizers.Adam(lr), "sparse_categorical_crossentropy")
     best, wait, weights = -1.0, 0, None
-    order = np.random.default_rng(0).permutation(len(f_train))
+    order = np.random.default_rng(seed).permutation(len(f_train))
     for _ in range(epochs):
         model.fit(f_train[order], y_train[order], batch_size=32, epochs=1, verbose=0)
         r = balanced_recall(model.predict(f_val, batch_size=256, verbose=0).argmax(1), y_val, k)
@@ -171,11 +171,11 @@ def describe(aug):
 def write_report(rows_path, path):
     """A markdown table of the rows, best held-out accuracy first."""
     rows = [json.loads(line) for line in open(rows_path)]
-    lines = ["| recipe | views | trained | random test | held-out batch | Jasmine (held-out) | late Jasmine read as "
-             "| features s | fit s | machine |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| recipe | views | trained | seed | random test | held-out batch | Jasmine (held-out) | late Jasmine read as "
+             "| features s | fit s | machine |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: -r["heldout"]):
         read = ", ".join(f"{k} {v}" for k, v in r.get("jasmine_read_as", {}).items() if v)
-        lines.append(f"| {describe(r['aug'])} | {r['views']} | {r['stage']} | {r['test']:.4f} | {r['heldout']:.4f} | "
+        lines.append(f"| {describe(r['aug'])} | {r['views']} | {r['stage']} | {r.get('seed', 0)} | {r['test']:.4f} | {r['heldout']:.4f} | "
                      f"{r['heldout_recall'].get('Jasmine', float('nan')):.3f} | {read} | {r['features_s']} | "
                      f"{r['fit_s']} | {r['machine']} |")
     with open(path, "w") as fh:
@@ -191,8 +191,9 @@ def write_report(rows_path, path):
 @click.option("--block5-epochs", default=0, show_default=True, help="0: head only.")
 @click.option("--cache", default="runs/rice_recipe_cpu", show_default=True)
 @click.option("--out", default="results/rice_recipe_cpu/rows.jsonl", show_default=True)
+@click.option("--seed", default=0, show_default=True, help="Seeds the views, the head's initial weights and the order.")
 @click.option("--report", default=None, help="Only write a markdown table of the rows in --out to this file.")
-def main(data, size, recipes, views, block5_epochs, cache, out, report):
+def main(data, size, recipes, views, block5_epochs, cache, out, seed, report):
     if report:
         return write_report(out, report)
     import keras
@@ -210,14 +211,14 @@ def main(data, size, recipes, views, block5_epochs, cache, out, report):
     block5 = {n: base.get_layer(n).get_weights() for n in ("block5_conv1", "block5_conv2", "block5_conv3")}
     for recipe in recipes.split(","):
         t1 = time.time()
-        aug, pre = transform(recipe, seed=0)
+        aug, pre = transform(recipe, seed=seed)
         path = os.path.join(cache, f"{size}_{'grey' if RECIPES[recipe].get('grey') else 'plain'}.npy")
         if not os.path.exists(path):
             np.save(path, features(prefix, x, pre))
         f = np.load(path)
-        vpath = os.path.join(cache, f"{size}_{recipe}_v{views}.npy")
+        vpath = os.path.join(cache, f"{size}_{recipe}_v{views}" + (f"_s{seed}" if seed else "") + ".npy")
         if not os.path.exists(vpath):
-            keras.utils.set_random_seed(1)
+            keras.utils.set_random_seed(1 + seed)
             tr = x[split["train"]]
             np.save(vpath, np.concatenate([features(prefix, tr, aug + pre) for _ in range(views)]))
         fv = np.load(vpath)
@@ -228,8 +229,8 @@ def main(data, size, recipes, views, block5_epochs, cache, out, report):
         head = None
         for stage, tune, epochs, lr in stages:
             t2 = time.time()
-            predict, head = fit(base, f_train, y_train, f[split["val"]], y[split["val"]], tune, epochs, lr, head)
-            row = dict(recipe=recipe, aug=RECIPES[recipe], size=size, views=views, stage=stage,
+            predict, head = fit(base, f_train, y_train, f[split["val"]], y[split["val"]], tune, epochs, lr, head, seed)
+            row = dict(recipe=recipe, aug=RECIPES[recipe], size=size, views=views, stage=stage, seed=seed,
                        features_s=round(t_feat), fit_s=round(time.time() - t2),
                        machine=f"{platform.node()} ({os.cpu_count()} CPUs), load {os.getloadavg()[0]:.1f}")
             for s in ("test", "heldout"):
