@@ -102,7 +102,11 @@ def features(prefix, x, fns, batch=64):
 
 
 def balanced_recall(pred, y, k):
-    return float(np.mean([(pred[y == c] == c).mean() for c in range(k)]))
+    """Mean per-class recall, from the confusion matrix the tool's reports use."""
+    from experiments.common import confusion_matrix
+
+    cm = confusion_matrix(y, pred, k)
+    return float(np.mean(np.diag(cm) / cm.sum(axis=1)))
 
 
 def fit(base, f_train, y_train, f_val, y_val, tune_block5, epochs, lr, head=None, seed=0):
@@ -198,6 +202,7 @@ def main(data, size, recipes, views, block5_epochs, cache, out, seed, report):
         return write_report(out, report)
     import keras
 
+    from experiments.common import confusion_matrix, per_class_report
     from experiments.models import vgg16_base
 
     os.makedirs(cache, exist_ok=True)
@@ -235,14 +240,11 @@ def main(data, size, recipes, views, block5_epochs, cache, out, seed, report):
                        machine=f"{platform.node()} ({os.cpu_count()} CPUs), load {os.getloadavg()[0]:.1f}")
             for s in ("test", "heldout"):
                 pred = predict(f[split[s]]).argmax(1)
-                row[s] = round(float((pred == y[split[s]]).mean()), 4)
-                row[f"{s}_recall"] = {n: round(float((pred[y[split[s]] == c] == c).mean()), 3)
-                                      for c, n in enumerate(names)}
-                if s == "heldout":
-                    jas = names.index("Jasmine") if "Jasmine" in names else None
-                    if jas is not None:
-                        row["jasmine_read_as"] = {names[c]: int(((y[split[s]] == jas) & (pred == c)).sum())
-                                                  for c in range(len(names))}
+                cm = confusion_matrix(y[split[s]], pred, len(names))
+                row[s] = round(float(np.trace(cm) / cm.sum()), 4)
+                row[f"{s}_recall"] = {n: round(v["recall"], 3) for n, v in per_class_report(cm, names).items()}
+                if s == "heldout" and "Jasmine" in names:  # what the late Jasmine grains were read as
+                    row["jasmine_read_as"] = dict(zip(names, cm[names.index("Jasmine")].tolist()))
             print(json.dumps(row), flush=True)
             with open(out, "a") as fh:
                 fh.write(json.dumps(row) + "\n")
