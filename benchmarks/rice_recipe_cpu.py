@@ -29,7 +29,10 @@ import numpy as np  # noqa: E402
 # Recipe name -> augmentation of the training views (flips both always: a grain has no up).
 RECIPES = {
     "base": dict(),
+    "colour": dict(colour=(0.2, 0.6, 0.3)),
     "zoom": dict(zoom=0.6),
+    "zoom35": dict(zoom=0.35),
+    "zoom35_colour": dict(zoom=0.35, colour=(0.2, 0.6, 0.3)),
     "rot": dict(rotate=180),
     "zoom_rot": dict(zoom=0.6, rotate=180),
     "zoom_colour": dict(zoom=0.6, colour=(0.2, 0.6, 0.3)),
@@ -43,17 +46,40 @@ RECIPES = {
 }
 
 
-def load(root, size):
+def decode(paths, size=None):
+    """Images of `paths` as one array: resized to `size` (float32, the tool's `load_image`),
+    or at the photo's own resolution (uint8, `size=None`; all of one size)."""
     import tensorflow as tf
 
     from experiments.data import load_image
+
+    read = (lambda p: load_image(p, size)) if size else (
+        lambda p: tf.io.decode_image(tf.io.read_file(p), channels=3, expand_animations=False))
+    ds = tf.data.Dataset.from_tensor_slices(paths).map(read, num_parallel_calls=2)
+    return np.concatenate([b.numpy() for b in ds.batch(256)])
+
+
+def load(root, size):
     from experiments.splits import batch_split, list_image_folder
 
     paths, labels, names = list_image_folder(root)
-    ds = tf.data.Dataset.from_tensor_slices(paths).map(lambda p: load_image(p, size), num_parallel_calls=2)
-    x = np.concatenate([b.numpy() for b in ds.batch(256)])
-    return x, labels, names, dict(zip(("train", "val", "test", "heldout"),
-                                      batch_split(paths, labels, (12001, 15000), (0.7, 0.15, 0.15), 0)))
+    return paths, decode(paths, size), labels, names, dict(zip(
+        ("train", "val", "test", "heldout"), batch_split(paths, labels, (12001, 15000), (0.7, 0.15, 0.15), 0)))
+
+
+def rescaled(x, scale):
+    """`x` (a batch at the model's size) as if photographed `scale` times larger: resized
+    about the centre (antialiased when shrinking), black border or cropped to the same size."""
+    import tensorflow as tf
+
+    size = x.shape[1]
+    n = int(round(size * scale))
+    r = tf.image.resize(tf.constant(x), (n, n), antialias=scale < 1).numpy()
+    if n <= size:
+        a = (size - n) // 2
+        return np.pad(r, [(0, 0), (a, size - n - a), (a, size - n - a), (0, 0)])
+    a = (n - size) // 2
+    return r[:, a:a + size, a:a + size]
 
 
 def channel_gains(gain, seed=0):
@@ -97,8 +123,15 @@ def features(prefix, x, fns, batch=64):
 
     out = []
     for i in range(0, len(x), batch):
-        out.append(prefix(apply(fns, tf.constant(x[i:i + batch])), training=False).numpy())
+        out.append(prefix(apply(fns, tf.cast(tf.constant(x[i:i + batch]), tf.float32)), training=False).numpy())
     return np.concatenate(out)
+
+
+def resize_to(size):
+    """Batch function: antialiased resize to (size, size), after augmenting at the source resolution."""
+    import tensorflow as tf
+
+    return lambda x: tf.image.resize(x, (size, size), antialias=True)
 
 
 def balanced_recall(pred, y, k):
@@ -157,8 +190,19 @@ def fit(base, f_train, y_train, f_val, y_val, tune_block5, epochs, lr, head=None
     return (lambda f: model.predict(b5.predict(f, batch_size=128, verbose=0), batch_size=256, verbose=0)), head
 
 
-def describe(aug):
-    parts = ["flips both"]
+def score(into, name, probs, y, names):
+    """Accuracy and per-class recall of `probs` against `y` into `into[name]`,
+    `into[name + "_recall"]` (from the tool's confusion matrix and report); returns the matrix."""
+    from experiments.common import confusion_matrix, per_class_report
+
+    cm = confusion_matrix(y, probs.argmax(1), len(names))
+    into[name] = round(float(np.trace(cm) / cm.sum()), 4)
+    into[f"{name}_recall"] = {n: round(v["recall"], 3) for n, v in per_class_report(cm, names).items()}
+    return cm
+
+
+def describe(aug, augment_at="size"):
+    parts = ["flips both"] + (["augmented at 250 px, then resized"] if augment_at == "source" else [])
     if aug.get("zoom"):
         parts.append(f"zoom x/{1 + aug['zoom']:g}")
     if aug.get("rotate"):
@@ -175,13 +219,25 @@ def describe(aug):
 def write_report(rows_path, path):
     """A markdown table of the rows, best held-out accuracy first."""
     rows = [json.loads(line) for line in open(rows_path)]
-    lines = ["| recipe | views | trained | seed | random test | held-out batch | Jasmine (held-out) | late Jasmine read as "
-             "| features s | fit s | machine |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| recipe | px | views | trained | seed | random test | held-out batch | Jasmine (held-out) | late Jasmine read as "
+             "| features s | fit s | machine |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: -r["heldout"]):
         read = ", ".join(f"{k} {v}" for k, v in r.get("jasmine_read_as", {}).items() if v)
-        lines.append(f"| {describe(r['aug'])} | {r['views']} | {r['stage']} | {r.get('seed', 0)} | {r['test']:.4f} | {r['heldout']:.4f} | "
+        lines.append(f"| {describe(r['aug'], r.get('augment_at', 'size'))} | {r['size']} | {r['views']} | {r['stage']} | {r.get('seed', 0)} | {r['test']:.4f} | {r['heldout']:.4f} | "
                      f"{r['heldout_recall'].get('Jasmine', float('nan')):.3f} | {read} | {r['features_s']} | "
                      f"{r['fit_s']} | {r['machine']} |")
+    scaled = [r for r in rows if r.get("scaled")]
+    if scaled:  # --eval-scales: the same heads on rescaled images
+        lines += ["", "| recipe | seed | images rescaled by | random test | held-out batch | Jasmine (random test) "
+                  "| Jasmine (held-out) | max with scale 1: random test | held-out batch |", "|---|---|---|---|---|---|---|---|---|"]
+        for r in scaled:
+            for scale, e in sorted({"1": {k: r[k] for k in ("test", "heldout", "test_recall", "heldout_recall")},
+                                    **r["scaled"]}.items(), key=lambda kv: float(kv[0])):
+                both = (f"{e['test_max_with_1']:.4f} | {e['heldout_max_with_1']:.4f}" if "test_max_with_1" in e
+                        else "- | -")
+                lines.append(f"| {describe(r['aug'], r.get('augment_at', 'size'))} | {r.get('seed', 0)} | {scale} | "
+                             f"{e['test']:.4f} | {e['heldout']:.4f} | {e['test_recall'].get('Jasmine', float('nan')):.3f} | "
+                             f"{e['heldout_recall'].get('Jasmine', float('nan')):.3f} | {both} |")
     with open(path, "w") as fh:
         fh.write("\n".join(lines) + "\n")
     print("\n".join(lines))
@@ -196,24 +252,37 @@ def write_report(rows_path, path):
 @click.option("--cache", default="runs/rice_recipe_cpu", show_default=True)
 @click.option("--out", default="results/rice_recipe_cpu/rows.jsonl", show_default=True)
 @click.option("--seed", default=0, show_default=True, help="Seeds the views, the head's initial weights and the order.")
+@click.option("--augment-at", type=click.Choice(["size", "source"]), default="size", show_default=True,
+              help="Augment the views at --size (as the tool does) or at the photo's own resolution, then resize.")
+@click.option("--eval-scales", default="", help="Also evaluate each head on the test and held-out images rescaled "
+              "by these factors (comma-separated, e.g. 0.75,1.33): a diagnostic of what size does.")
 @click.option("--report", default=None, help="Only write a markdown table of the rows in --out to this file.")
-def main(data, size, recipes, views, block5_epochs, cache, out, seed, report):
+def main(data, size, recipes, views, block5_epochs, cache, out, seed, augment_at, eval_scales, report):
     if report:
         return write_report(out, report)
     import keras
 
-    from experiments.common import confusion_matrix, per_class_report
+    from experiments.data import preprocessing
     from experiments.models import vgg16_base
 
     os.makedirs(cache, exist_ok=True)
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     t0 = time.time()
-    x, y, names, split = load(data, size)
+    paths, x, y, names, split = load(data, size)
     print(f"{len(x)} images at {size}px, split {[len(v) for v in split.values()]}, {time.time() - t0:.0f} s",
           flush=True)
     base = vgg16_base((size, size, 3), "hed")
     prefix = keras.Model(base.inputs, base.get_layer("block4_pool").output)
     block5 = {n: base.get_layer(n).get_weights() for n in ("block5_conv1", "block5_conv2", "block5_conv3")}
+    scales = [float(v) for v in eval_scales.split(",") if v]
+    scaled = {}
+    for scale in scales:
+        spath = os.path.join(cache, f"{size}_scale{scale:g}.npy")
+        if not os.path.exists(spath):
+            ev = np.concatenate([split["test"], split["heldout"]])
+            np.save(spath, features(prefix, rescaled(x[ev], scale), [preprocessing("vgg16")]))
+        scaled[scale] = np.load(spath)
+    source = decode([paths[i] for i in split["train"]]) if augment_at == "source" else None
     for recipe in recipes.split(","):
         t1 = time.time()
         aug, pre = transform(recipe, seed=seed)
@@ -221,11 +290,12 @@ def main(data, size, recipes, views, block5_epochs, cache, out, seed, report):
         if not os.path.exists(path):
             np.save(path, features(prefix, x, pre))
         f = np.load(path)
-        vpath = os.path.join(cache, f"{size}_{recipe}_v{views}" + (f"_s{seed}" if seed else "") + ".npy")
+        vpath = os.path.join(cache, f"{size}_{recipe}_v{views}" + (f"_s{seed}" if seed else "")
+                             + ("_source" if augment_at == "source" else "") + ".npy")
         if not os.path.exists(vpath):
             keras.utils.set_random_seed(1 + seed)
-            tr = x[split["train"]]
-            np.save(vpath, np.concatenate([features(prefix, tr, aug + pre) for _ in range(views)]))
+            tr, fns = (x[split["train"]], aug + pre) if source is None else (source, aug + [resize_to(size)] + pre)
+            np.save(vpath, np.concatenate([features(prefix, tr, fns) for _ in range(views)]))
         fv = np.load(vpath)
         t_feat = time.time() - t1
         f_train = np.concatenate([f[split["train"]], fv])
@@ -236,15 +306,23 @@ def main(data, size, recipes, views, block5_epochs, cache, out, seed, report):
             t2 = time.time()
             predict, head = fit(base, f_train, y_train, f[split["val"]], y[split["val"]], tune, epochs, lr, head, seed)
             row = dict(recipe=recipe, aug=RECIPES[recipe], size=size, views=views, stage=stage, seed=seed,
+                       augment_at=augment_at,
                        features_s=round(t_feat), fit_s=round(time.time() - t2),
                        machine=f"{platform.node()} ({os.cpu_count()} CPUs), load {os.getloadavg()[0]:.1f}")
+            probs = {s: predict(f[split[s]]) for s in ("test", "heldout")}
             for s in ("test", "heldout"):
-                pred = predict(f[split[s]]).argmax(1)
-                cm = confusion_matrix(y[split[s]], pred, len(names))
-                row[s] = round(float(np.trace(cm) / cm.sum()), 4)
-                row[f"{s}_recall"] = {n: round(v["recall"], 3) for n, v in per_class_report(cm, names).items()}
+                cm = score(row, s, probs[s], y[split[s]], names)
                 if s == "heldout" and "Jasmine" in names:  # what the late Jasmine grains were read as
                     row["jasmine_read_as"] = dict(zip(names, cm[names.index("Jasmine")].tolist()))
+            n_test = len(split["test"])
+            for scale, fs in scaled.items():  # the same head on rescaled test / held-out images
+                entry = {}
+                for s, part in (("test", fs[:n_test]), ("heldout", fs[n_test:])):
+                    p = predict(part)
+                    score(entry, s, p, y[split[s]], names)
+                    # Test-time rescaling: the class most probable at scale 1 or at this scale.
+                    score(entry, f"{s}_max_with_1", np.maximum(p, probs[s]), y[split[s]], names)
+                row.setdefault("scaled", {})[f"{scale:g}"] = entry
             print(json.dumps(row), flush=True)
             with open(out, "a") as fh:
                 fh.write(json.dumps(row) + "\n")
