@@ -201,7 +201,7 @@ def score(into, name, probs, y, names):
     return cm
 
 
-def describe(aug, augment_at="size"):
+def describe(aug, augment_at="size", mix_with=None):
     parts = ["flips both"] + (["augmented at 250 px, then resized"] if augment_at == "source" else [])
     if aug.get("zoom"):
         parts.append(f"zoom x/{1 + aug['zoom']:g}")
@@ -213,7 +213,7 @@ def describe(aug, augment_at="size"):
         parts.append(f"channel gains +-{aug['gain']:g}")
     if aug.get("grey"):
         parts.append("grey world input")
-    return ", ".join(parts)
+    return (f"views of {mix_with!r} and of: " if mix_with else "") + ", ".join(parts)
 
 
 def write_report(rows_path, path):
@@ -223,7 +223,7 @@ def write_report(rows_path, path):
              "| features s | fit s | machine |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: -r["heldout"]):
         read = ", ".join(f"{k} {v}" for k, v in r.get("jasmine_read_as", {}).items() if v)
-        lines.append(f"| {describe(r['aug'], r.get('augment_at', 'size'))} | {r['size']} | {r['views']} | {r['stage']} | {r.get('seed', 0)} | {r['test']:.4f} | {r['heldout']:.4f} | "
+        lines.append(f"| {describe(r['aug'], r.get('augment_at', 'size'), r.get('mix_with'))} | {r['size']} | {r['views']} | {r['stage']} | {r.get('seed', 0)} | {r['test']:.4f} | {r['heldout']:.4f} | "
                      f"{r['heldout_recall'].get('Jasmine', float('nan')):.3f} | {read} | {r['features_s']} | "
                      f"{r['fit_s']} | {r['machine']} |")
     scaled = [r for r in rows if r.get("scaled")]
@@ -256,8 +256,10 @@ def write_report(rows_path, path):
               help="Augment the views at --size (as the tool does) or at the photo's own resolution, then resize.")
 @click.option("--eval-scales", default="", help="Also evaluate each head on the test and held-out images rescaled "
               "by these factors (comma-separated, e.g. 0.75,1.33): a diagnostic of what size does.")
+@click.option("--mix-with", default=None, help="Also train on the --views views of this recipe, made at --size "
+              "(e.g. base: half the views keep the grain's size).")
 @click.option("--report", default=None, help="Only write a markdown table of the rows in --out to this file.")
-def main(data, size, recipes, views, block5_epochs, cache, out, seed, augment_at, eval_scales, report):
+def main(data, size, recipes, views, block5_epochs, cache, out, seed, augment_at, eval_scales, mix_with, report):
     if report:
         return write_report(out, report)
     import keras
@@ -290,23 +292,28 @@ def main(data, size, recipes, views, block5_epochs, cache, out, seed, augment_at
         if not os.path.exists(path):
             np.save(path, features(prefix, x, pre))
         f = np.load(path)
-        vpath = os.path.join(cache, f"{size}_{recipe}_v{views}" + (f"_s{seed}" if seed else "")
-                             + ("_source" if augment_at == "source" else "") + ".npy")
-        if not os.path.exists(vpath):
-            keras.utils.set_random_seed(1 + seed)
-            tr, fns = (x[split["train"]], aug + pre) if source is None else (source, aug + [resize_to(size)] + pre)
-            np.save(vpath, np.concatenate([features(prefix, tr, fns) for _ in range(views)]))
-        fv = np.load(vpath)
+        fv = []
+        for name, at in ([(mix_with, "size")] if mix_with else []) + [(recipe, augment_at)]:
+            vpath = os.path.join(cache, f"{size}_{name}_v{views}" + (f"_s{seed}" if seed else "")
+                                 + ("_source" if at == "source" else "") + ".npy")
+            if not os.path.exists(vpath):
+                keras.utils.set_random_seed(1 + seed)
+                name_aug, _ = transform(name, seed=seed)
+                tr, fns = (x[split["train"]], name_aug + pre) if at == "size" else (
+                    source, name_aug + [resize_to(size)] + pre)
+                np.save(vpath, np.concatenate([features(prefix, tr, fns) for _ in range(views)]))
+            fv.append(np.load(vpath))
+        fv = np.concatenate(fv)
         t_feat = time.time() - t1
         f_train = np.concatenate([f[split["train"]], fv])
-        y_train = np.concatenate([y[split["train"]]] * (views + 1))
+        y_train = np.concatenate([y[split["train"]]] * (len(fv) // len(split["train"]) + 1))
         stages = [("head", False, 30, 1e-3)] + ([("block5", True, block5_epochs, 1e-5)] if block5_epochs else [])
         head = None
         for stage, tune, epochs, lr in stages:
             t2 = time.time()
             predict, head = fit(base, f_train, y_train, f[split["val"]], y[split["val"]], tune, epochs, lr, head, seed)
             row = dict(recipe=recipe, aug=RECIPES[recipe], size=size, views=views, stage=stage, seed=seed,
-                       augment_at=augment_at,
+                       augment_at=augment_at, mix_with=mix_with,
                        features_s=round(t_feat), fit_s=round(time.time() - t2),
                        machine=f"{platform.node()} ({os.cpu_count()} CPUs), load {os.getloadavg()[0]:.1f}")
             probs = {s: predict(f[split[s]]) for s in ("test", "heldout")}
