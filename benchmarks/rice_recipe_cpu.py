@@ -287,7 +287,7 @@ def main(data, size, recipes, views, block5_epochs, cache, out, seed, augment_at
     source = decode([paths[i] for i in split["train"]]) if augment_at == "source" else None
     for recipe in recipes.split(","):
         t1 = time.time()
-        aug, pre = transform(recipe, seed=seed)
+        _, pre = transform(recipe, seed=seed)  # the input transform; each view set draws its own augmentation
         path = os.path.join(cache, f"{size}_{'grey' if RECIPES[recipe].get('grey') else 'plain'}.npy")
         if not os.path.exists(path):
             np.save(path, features(prefix, x, pre))
