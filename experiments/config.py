@@ -32,6 +32,22 @@ PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 ALLOCATIONS = ("uniform", "global", "sensitivity")
 TARGET_METRICS = ("macs", "params", "latency")  # pruning.plan.ROUND_MODES (kept here: this module imports no TensorFlow)
 PREPROCESSING = ("vgg16", "cifar10", "cifar100", "unit", "none")
+# Augmentation ranges: hue in fractions of the colour circle, saturation and brightness as factors
+# 1 +- v, zoom as a factor up to 1 + v, rotation in degrees.
+JITTER_MAX = {"hue": 0.5, "saturation": 1.0, "brightness": 1.0}
+ZOOM_MAX, ROTATE_MAX = 3.0, 180.0
+
+
+def check_augmentation(colour_jitter=(0.0, 0.0, 0.0), zoom=0.0, rotate=0.0):
+    """Raises ValueError naming the first value outside its range (the ranges above): the one
+    check of `RiceConfig` and of experiments.data's augmentations."""
+    for (name, hi), v in zip(JITTER_MAX.items(), colour_jitter):
+        if not 0 <= v <= hi:
+            raise ValueError(f"Expected {name} jitter in [0, {hi}]. Received: {name}={v}")
+    if not 0 <= zoom <= ZOOM_MAX:
+        raise ValueError(f"Expected zoom in [0, {ZOOM_MAX:g}]. Received: zoom={zoom}")
+    if not 0 <= rotate <= ROTATE_MAX:
+        raise ValueError(f"Expected rotate in [0, {ROTATE_MAX:g}] (degrees). Received: rotate={rotate}")
 
 
 def option(default, help, *, min=None, max=None, choices=None, flag=None, multiple=False, parse=None,
@@ -197,9 +213,9 @@ class RiceConfig:
                         choices=FLIPS)
     zoom: float = option(0.0, "Random zoom of augmented images: each is scaled about its centre by a factor "
                          "between 1/(1+ZOOM) and 1+ZOOM (log-uniform; black border). 0.6: 0.625x-1.6x.",
-                         min=0.0, max=3.0)
+                         min=0.0, max=ZOOM_MAX)
     rotate: float = option(0.0, "Random rotation of augmented images: an angle in [-ROTATE, ROTATE] degrees "
-                           "about the centre (black border). 180: any orientation.", min=0.0, max=180.0)
+                           "about the centre (black border). 180: any orientation.", min=0.0, max=ROTATE_MAX)
     grain_crop: bool = option(False, "Crop a square around each grain (decoded at twice --image-size), so "
                               "zoom does not matter.")
     grey_world: bool = option(False, "Per-image colour normalisation: scale R, G, B so the grain's mean "
@@ -255,15 +271,9 @@ class RiceConfig:
         if len(self.colour_jitter) != 3:
             raise ValueError("Expected colour_jitter HUE,SATURATION,BRIGHTNESS (3 numbers). "
                              f"Received: colour_jitter={tuple(self.colour_jitter)}")
-        for name, v, hi in zip(("hue", "saturation", "brightness"), self.colour_jitter, (0.5, 1.0, 1.0)):
-            if not 0 <= v <= hi:
-                raise ValueError(f"Expected {name} jitter in [0, {hi}]. Received: {name}={v}")
         if self.flips not in FLIPS:
             raise ValueError(f"Expected flips in {FLIPS}. Received: flips={self.flips!r}")
-        if not 0 <= self.zoom <= 3:
-            raise ValueError(f"Expected zoom in [0, 3]. Received: zoom={self.zoom}")
-        if not 0 <= self.rotate <= 180:
-            raise ValueError(f"Expected rotate in [0, 180] (degrees). Received: rotate={self.rotate}")
+        check_augmentation(self.colour_jitter, self.zoom, self.rotate)
         # Augmentation applies to --views copies or to --augment training; without either it would do nothing.
         for name, value, used, copies in (
                 ("colour_jitter", tuple(self.colour_jitter), any(self.colour_jitter), "jittered"),

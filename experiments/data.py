@@ -7,7 +7,7 @@ import warnings
 import numpy as np
 import tensorflow as tf
 
-from experiments.config import PREPROCESSING
+from experiments.config import PREPROCESSING, check_augmentation
 from experiments.splits import (  # noqa: F401  (re-exported)
     IMAGE_EXTENSIONS, batch_split, file_index, list_image_folder, stratified_split)
 
@@ -65,9 +65,7 @@ def colour_jitter(hue=0.0, saturation=0.0, brightness=0.0, seed=0):
     [1 - saturation, 1 + saturation] and its brightness in [1 - brightness, 1 + brightness].
     Images are RGB in [0, 255]; one draw per image (seeded ops: reproducible run to run
     given the global seed)."""
-    for name, v, hi in (("hue", hue, 0.5), ("saturation", saturation, 1.0), ("brightness", brightness, 1.0)):
-        if not 0 <= v <= hi:
-            raise ValueError(f"Expected {name} jitter in [0, {hi}]. Received: {name}={v}")
+    check_augmentation(colour_jitter=(hue, saturation, brightness))
 
     def augment(x):
         n = tf.shape(x)[0]
@@ -88,10 +86,7 @@ def random_affine(zoom=0.0, rotate=0.0, seed=0):
     is filled with black, the rice dataset's background). Photographic batches differ in
     the camera's zoom and in how the grains lie, so neither a grain's absolute size nor its
     orientation is a reliable cue."""
-    if not 0 <= zoom <= 3:
-        raise ValueError(f"Expected zoom in [0, 3]. Received: zoom={zoom}")
-    if not 0 <= rotate <= 180:
-        raise ValueError(f"Expected rotate in [0, 180] (degrees). Received: rotate={rotate}")
+    check_augmentation(zoom=zoom, rotate=rotate)
 
     def augment(x):
         n, h, w = tf.shape(x)[0], tf.cast(tf.shape(x)[1], tf.float32), tf.cast(tf.shape(x)[2], tf.float32)
