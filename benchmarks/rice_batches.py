@@ -9,11 +9,14 @@ frame). Then per variety, images N <= --split against N > --split: the grain's l
 the share lying near horizontal (principal axis within 20 degrees) or diagonal (25-65 degrees).
 """
 import os
-import re
+import sys
 
 import click
 import numpy as np
 from PIL import Image
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from experiments.splits import file_index, list_image_folder  # noqa: E402  (no TensorFlow)
 
 
 def grain_stats(path):
@@ -32,13 +35,11 @@ def grain_stats(path):
 @click.option("--data", default="../shared/data/rice/Rice_Image_Dataset", show_default=True)
 @click.option("--split", default=12000, show_default=True, help="Compare files N <= SPLIT with N > SPLIT.")
 def main(data, split):
-    for v in sorted(os.listdir(data)):
-        d = os.path.join(data, v)
-        if not os.path.isdir(d):
-            continue
-        files = [f for f in os.listdir(d) if re.search(r"\((\d+)\)", f)]
-        n = np.array([int(re.search(r"\((\d+)\)", f).group(1)) for f in files])
-        s = np.array([grain_stats(os.path.join(d, f)) for f in files])
+    paths, labels, names = list_image_folder(data)
+    for label, v in enumerate(names):
+        files = [paths[i] for i in np.flatnonzero(labels == label)]
+        n = np.array([file_index(f) for f in files])
+        s = np.array([grain_stats(f) for f in files])
         print(v, len(files), "images, indices", n.min(), "-", n.max())
         for lo in range(0, 15000, 1000):
             k = (n > lo) & (n <= lo + 1000)
