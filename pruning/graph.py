@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import keras
 import numpy as np
 
-from pruning.handlers import handler_for, is_producer  # noqa: F401 (public here too)
+from pruning.handlers import channel_count, handler_for, is_producer  # noqa: F401 (public here too)
 
 # A channel's origin is encoded as conv_index * _STRIDE + filter_index, or _NO_ORIGIN
 # when the channel does not come from a prunable convolution (input pixels, Dense
@@ -156,7 +156,7 @@ class CNNModel:
     # ---------------------------------------------------------------- analyse
     def _analyse(self):
         t = _Tracer(self)
-        origins = {k: np.full(self.shapes[k][-1], _NO_ORIGIN, np.int64) for k in self.input_keys}
+        origins = {k: np.full(channel_count(self.shapes[k]), _NO_ORIGIN, np.int64) for k in self.input_keys}
         for call in self.calls:
             ins = [origins[k] for k in call.inputs]
             outs = t.run(call, ins)
@@ -431,11 +431,11 @@ class _Tracer:
         ctx = _Context(self, call, ins)
         outs = handler_for(call.layer).channels(call.layer, ctx)
         if len(outs) != len(call.outputs) or any(
-                len(o) != ctx.out_shapes[j][-1] for j, o in enumerate(outs)):
+                len(o) != channel_count(ctx.out_shapes[j]) for j, o in enumerate(outs)):
             raise ValueError(
                 f"The handler of layer '{call.layer.name}' of class {type(call.layer).__name__} "
                 f"returned channels for shapes {[len(o) for o in outs]}; its outputs have "
-                f"{[s[-1] for s in ctx.out_shapes]} channels."
+                f"{[channel_count(s) for s in ctx.out_shapes]} channels."
             )
         return [np.asarray(o, np.int64) for o in outs]
 
@@ -499,7 +499,7 @@ class _Context:
     def block(self, reason):
         """No conv whose channels reach this call can be pruned; untracked outputs."""
         self._t.block(set().union(*(_sources(o) for o in self.inputs)), reason)
-        return [self.untracked(s[-1]) for s in self.out_shapes]
+        return [self.untracked(channel_count(s)) for s in self.out_shapes]
 
     def inexact(self, reason):
         """True when the model allows an inexact pass here (it is recorded); else

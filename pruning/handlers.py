@@ -102,6 +102,13 @@ def _channel_axis_is_last(layer, ndim):
 
 
 # --------------------------------------------------------------------- base
+def channel_count(shape):
+    """Channels of a tensor of this shape (batch axis first): its last axis, or 0 for a
+    tensor with no axis besides the batch (a per-image scalar such as `ops.sum(x,
+    axis=(1, 2, 3))`) or with an unknown last axis, whose values no filter maps to."""
+    return 0 if len(shape) < 2 or shape[-1] is None else int(shape[-1])
+
+
 class LayerHandler:
     """How one kind of layer maps, slices and counts channels.
 
@@ -115,7 +122,7 @@ class LayerHandler:
         if any(ctx.tracked(x) for x in ctx.inputs):
             return ctx.block(f"its channels reach layer '{layer.name}' of class "
                              f"{type(layer).__name__}, which the rebuilder cannot slice")
-        return [ctx.untracked(s[-1]) for s in ctx.out_shapes]
+        return [ctx.untracked(channel_count(s)) for s in ctx.out_shapes]
 
     def config(self, layer, config, in_keep, out_keep):
         """`layer.get_config()` adapted to kept input channels / output filters (None: all)."""
@@ -144,6 +151,8 @@ class LayerHandler:
         new = type(layer).from_config(config)
         outputs = new(*args, **kwargs)
         new.set_weights(self.slice_weights(layer, layer.get_weights(), in_keep, out_keep))
+        if hasattr(new, "finalize_state"):  # an adapted Normalization reads its weights here, as on loading
+            new.finalize_state()
         return new, outputs
 
 
@@ -241,7 +250,7 @@ class ElementwiseHandler(LayerHandler):
     channel by channel. A size-1 channel axis broadcasts and ties nothing."""
 
     def channels(self, layer, ctx):
-        width = ctx.out_shapes[0][-1]
+        width = channel_count(ctx.out_shapes[0])
         full = [x for x in ctx.inputs if len(x) == width]
         ctx.tie(full)
         return [full[0] if full else ctx.untracked(width)]

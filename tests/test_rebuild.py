@@ -221,3 +221,27 @@ def test_pruned_vgg_is_physically_smaller():
     assert model_stats(pruned)["macs"] < 0.15 * model_stats(model)["macs"]
     assert [w.shape for w in pruned.get_layer("conv1").get_weights()] == [(3, 3, 3, 10), (10,)]
     assert pruned.get_layer("linear1").get_weights()[0].shape == (77, 256)
+
+
+def test_per_image_scalars_and_an_adapted_normalization_survive_pruning():
+    """A side branch of keras.ops that reduces each image to scalars (no channel axis)
+    and an adapted Normalization: the convs still prune, and the branch computes the
+    same values after the rebuild."""
+    inputs = keras.Input((12, 12, 3))
+    x = keras.layers.Conv2D(8, 3, name="c1")(inputs)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    total = keras.ops.sum(inputs, axis=(1, 2, 3))  # shape (batch,)
+    spread = keras.ops.std(inputs, axis=(1, 2, 3))
+    norm = keras.layers.Normalization(name="norm")
+    side = norm(keras.ops.stack([total, spread], axis=-1))
+    outputs = keras.layers.Dense(3, name="out")(keras.layers.Concatenate()([x, side]))
+    model = keras.Model(inputs, outputs)
+    data = np.random.default_rng(0).normal(size=(16, 12, 12, 3)).astype("float32")
+    norm.adapt(np.stack([data.sum((1, 2, 3)), data.std((1, 2, 3))], -1))
+    cnn = CNNModel(model)
+    assert cnn.conv("c1").prunable
+    pruned = prune(cnn, PrunePlan.from_indices(cnn, {"c1": [0, 2, 5]}))
+    assert pruned.get_layer("c1").filters == 3
+    side_of = lambda m: keras.Model(m.inputs, m.get_layer("norm").output).predict(data, verbose=0)  # noqa: E731
+    np.testing.assert_allclose(side_of(pruned), side_of(model), atol=1e-5)
+    np.testing.assert_allclose(side_of(model).mean(0), 0, atol=1e-4)
