@@ -220,6 +220,14 @@ class RiceConfig:
                               "zoom does not matter.")
     grey_world: bool = option(False, "Per-image colour normalisation: scale R, G, B so the grain's mean "
                               "colour is grey.")
+    grain_shape: bool = option(False, "A second expert inside the model reads 9 descriptors of the grain that do "
+                               "not depend on its size (aspect ratio, outline, colour); the prediction is the "
+                               "geometric mean of its probabilities and the CNN head's.")
+    upright: bool = option(False, "Inside the model, centre each grain, turn it horizontal and scale it to one "
+                           "length before the convs (input decoded at twice --image-size), so the CNN does not "
+                           "see size.")
+    grey: bool = option(False, "The convs see the image in grey (inside the model; colour is left to "
+                        "--grain-shape).")
     colour_jitter: tuple = option((0.0, 0.0, 0.0), "Max hue shift (fraction of the colour circle), saturation "
                                   "and brightness change: HUE,SATURATION,BRIGHTNESS.", parse="floats")
     views: int = option(0, "Jittered copies of the training images run once through the frozen part "
@@ -273,6 +281,9 @@ class RiceConfig:
                              f"Received: colour_jitter={tuple(self.colour_jitter)}")
         if self.flips not in FLIPS:
             raise ValueError(f"Expected flips in {FLIPS}. Received: flips={self.flips!r}")
+        if self.upright and self.grain_crop:
+            raise ValueError("Expected at most one of --upright and --grain-crop (both set the grain's size). "
+                             "Received: upright=True, grain_crop=True")
         check_augmentation(self.colour_jitter, self.zoom, self.rotate)
         # Augmentation applies to --views copies or to --augment training; without either it would do nothing.
         for name, value, used, copies in (

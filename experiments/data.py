@@ -8,6 +8,7 @@ import numpy as np
 import tensorflow as tf
 
 from experiments.config import PREPROCESSING, check_augmentation
+from experiments.grain import GRAIN_THRESHOLD, grain_mask
 from experiments.splits import (  # noqa: F401  (re-exported)
     IMAGE_EXTENSIONS, batch_split, file_index, list_image_folder, stratified_split)
 
@@ -122,13 +123,7 @@ def random_flips(mode, seed=0):
     return augment
 
 
-def grain_mask(x, threshold=60.0):
-    """Pixels brighter than `threshold` (sum of R, G, B in [0, 255]): the grain on the
-    dataset's black background."""
-    return tf.reduce_sum(x, axis=-1) > threshold
-
-
-def grain_crop(out_size, margin=0.15, threshold=60.0):
+def grain_crop(out_size, margin=0.15, threshold=GRAIN_THRESHOLD):
     """A batch transform: a square crop around each image's grain (its bright pixels' box,
     widened by `margin` of its longer side, centred), resized to `out_size`. The grain then
     fills the frame whatever the camera's zoom, so shape, not absolute size, is what a model
@@ -136,7 +131,7 @@ def grain_crop(out_size, margin=0.15, threshold=60.0):
 
     def crop(x):
         n, h, w = tf.shape(x)[0], tf.cast(tf.shape(x)[1], tf.float32), tf.cast(tf.shape(x)[2], tf.float32)
-        mask = grain_mask(x, threshold)
+        mask = grain_mask(x, threshold) > 0
         rows, cols = tf.reduce_any(mask, axis=2), tf.reduce_any(mask, axis=1)
 
         def extent(v, size):  # first and last True index along one axis (whole axis if none)
@@ -156,10 +151,10 @@ def grain_crop(out_size, margin=0.15, threshold=60.0):
     return crop
 
 
-def grey_world(x, threshold=60.0):
+def grey_world(x, threshold=GRAIN_THRESHOLD):
     """Per-image colour normalisation: each channel is scaled so the grain's mean colour is
     grey (the three channel means equal, brightness kept), removing a batch's colour cast."""
-    mask = tf.cast(grain_mask(x, threshold), x.dtype)[..., None]
+    mask = grain_mask(x, threshold)[..., None]
     mean = tf.reduce_sum(x * mask, axis=(1, 2), keepdims=True) / tf.maximum(
         tf.reduce_sum(mask, axis=(1, 2), keepdims=True), 1.0)
     gain = tf.reduce_mean(mean, axis=-1, keepdims=True) / tf.maximum(mean, 1.0)

@@ -118,23 +118,70 @@ def copy_hed_backbone(base):
 
 
 def rice_classifier(num_classes, image_size=224, weights="imagenet", pooling="avg", dropout=0.5,
-                    seed=None):
+                    seed=None, grain_shape=False, upright=False, grey=False):
     """VGG16 base (frozen) + GlobalAveragePooling (or Flatten) + Dense 256 ReLU +
-    Dropout + softmax. Inputs are VGG-preprocessed images (see experiments.data)."""
+    Dropout + softmax. Inputs are VGG-preprocessed images (see experiments.data).
+
+    Options that keep grain size out of the decision (`experiments.grain`; each is
+    computed inside the model, so the saved file needs nothing else):
+    - `upright`: the input is 2 * `image_size` pixels; each grain is centred, turned
+      and scaled to one length, then resized to `image_size` for the convs.
+    - `grey`: the convs see the grain in grey (colour is left to the descriptors).
+    - `grain_shape`: a second expert reads 9 size-free descriptors of the grain
+      (aspect ratio, outline, colour), standardised by the `shape_norm` layer (call
+      `adapt_shape_norm`), through Dense 256 + Dropout + softmax ("shape_predictions").
+      The CNN head's softmax is then "cnn_predictions", and "predictions" is the
+      normalised geometric mean of the two experts' probabilities. Each expert is
+      trained on its own output (see `experiments.rice.expert_output`), so neither
+      learns to lean on the other.
+    """
+    from experiments import grain
+
     if pooling not in POOLINGS:
         raise ValueError(f"Expected pooling in {POOLINGS}. Received: pooling={pooling!r}")
     base = vgg16_base((image_size, image_size, 3), weights)
     base.trainable = False
-    inputs = keras.Input((image_size, image_size, 3), name="image")
-    x = base(inputs, training=False)
+    size = 2 * image_size if upright else image_size
+    inputs = keras.Input((size, size, 3), name="image")
+    x = inputs
+    if upright or grey:
+        rgb = grain.from_vgg(inputs)
+        x = grain.upright(rgb, image_size) if upright else rgb
+        x = grain.to_vgg(grain.grey(x) if grey else x)
+    x = base(x, training=False)
     pool = keras.layers.GlobalAveragePooling2D if pooling == "avg" else keras.layers.Flatten
     x = pool(name="features")(x)
     x = keras.layers.Dense(256, activation="relu", name="fc1",
                            kernel_initializer=keras.initializers.GlorotUniform(seed))(x)
     x = keras.layers.Dropout(dropout, seed=seed, name="dropout")(x)
-    outputs = keras.layers.Dense(num_classes, activation="softmax", name="predictions", dtype="float32",
+    outputs = keras.layers.Dense(num_classes, activation="softmax", dtype="float32",
+                                 name="cnn_predictions" if grain_shape else "predictions",
                                  kernel_initializer=keras.initializers.GlorotUniform(seed))(x)
+    if grain_shape:
+        s = keras.layers.Normalization(name="shape_norm")(grain.grain_shape(grain.from_vgg(inputs)))
+        s = keras.layers.Dense(256, activation="relu", name="shape_fc1",
+                               kernel_initializer=keras.initializers.GlorotUniform(seed))(s)
+        s = keras.layers.Dropout(dropout, seed=seed, name="shape_dropout")(s)
+        s = keras.layers.Dense(num_classes, activation="softmax", name="shape_predictions", dtype="float32",
+                               kernel_initializer=keras.initializers.GlorotUniform(seed))(s)
+        # Mean of the log-probabilities (1e-7: a zero probability must not give -inf).
+        log_mean = (keras.ops.log(outputs + 1e-7) + keras.ops.log(s + 1e-7)) / 2.0
+        outputs = keras.layers.Activation("softmax", name="predictions", dtype="float32")(log_mean)
     return keras.Model(inputs, outputs, name="rice_vgg16")
+
+
+def adapt_shape_norm(model, images):
+    """Sets the `shape_norm` layer's mean and variance to those of the grain descriptors
+    of `images` (a dataset of model inputs, or an array); returns the descriptors.
+    A model without that layer is left as it is (returns None)."""
+    try:
+        norm = model.get_layer("shape_norm")
+    except ValueError:
+        return None
+    source = norm._inbound_nodes[0].input_tensors[0]
+    values = keras.Model(model.inputs, source).predict(images, verbose=0)
+    norm.adapt(values)
+    return values
 
 
 def resnet20_cifar(num_classes=10, width=1.0, input_shape=(32, 32, 3), seed=None):

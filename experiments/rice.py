@@ -17,14 +17,19 @@ from experiments.config import RiceConfig, from_dict  # noqa: F401  (RiceConfig:
 from experiments.data import (batch_split, check_splits, colour_jitter, drop_unreadable, folder_dataset, grain_crop,
                               grey_world, list_image_folder, preprocessing, random_affine, random_flips,
                               stratified_split)
-from experiments.models import resolve_weights, rice_classifier
+from experiments.models import adapt_shape_norm, resolve_weights, rice_classifier
 from pruning import CNNModel, inline
 
-HEAD_LAYERS = ("features", "fc1", "dropout", "predictions")
+HEAD_LAYERS = ("features", "fc1", "dropout", "predictions", "cnn_predictions")
+# The grain descriptors' expert (--grain-shape), trained on its own output after the CNN head.
+SHAPE_LAYERS = ("shape_fc1", "shape_dropout", "shape_predictions")
 SPLITS = ("train", "val", "test")
 # Extra evaluation sets besides the random test split: the held-out photographic batch
 # (--split-by batch) and a separate folder (--eval-dir). Each is logged as its own metrics.
 EXTRA_EVALS = ("heldout", "eval_dir")
+# Decoded images of one split are cached in memory up to this size (float32 bytes); a larger
+# split (the full Kaggle dataset at 224 px is about 32 GB) is decoded again on each pass.
+CACHE_LIMIT_BYTES = 2 * 1024 ** 3
 
 
 def train_augmentation(cfg):
@@ -50,8 +55,9 @@ def _chain(fns):
 
 
 def load_size(cfg):
-    """Decoded image size: twice the input size when the grain is cropped out of it."""
-    return 2 * cfg.image_size if cfg.grain_crop else cfg.image_size
+    """Decoded image size: twice the input size when the grain is cropped out of it or
+    turned upright inside the model."""
+    return 2 * cfg.image_size if cfg.grain_crop or cfg.upright else cfg.image_size
 
 
 def input_transform(cfg):
@@ -97,7 +103,11 @@ class RiceData:
     def _add(self, name, paths, labels):
         self.files[name], self.ys[name] = paths, labels
         self.ordered[name] = folder_dataset(paths, labels, load_size(self.cfg), self.cfg.batch_size,
-                                            preprocess=self.pre)
+                                            preprocess=self.pre, cache=self.fits_in_memory(len(paths)))
+
+    def fits_in_memory(self, images):
+        """Whether `images` decoded images stay under CACHE_LIMIT_BYTES."""
+        return images * load_size(self.cfg) ** 2 * 3 * 4 <= CACHE_LIMIT_BYTES
 
     def train_images(self, shuffle, augment):
         """Training batches; with `augment`, augmented as `train_augmentation` says, drawn
@@ -105,7 +115,8 @@ class RiceData:
         cfg = self.cfg
         return folder_dataset(self.files["train"], self.ys["train"], load_size(cfg), cfg.batch_size,
                               preprocess=self.pre, shuffle=shuffle, seed=cfg.seed,
-                              augment=train_augmentation(cfg) if augment else None)
+                              augment=train_augmentation(cfg) if augment else None,
+                              cache=self.fits_in_memory(len(self.files["train"])))
 
     @property
     def num_classes(self):
@@ -176,9 +187,21 @@ def compile_model(model, lr):
                   metrics=["accuracy"])
 
 
-def train(model, trainable, cfg, data, run, phase, lr, epochs):
+def expert_output(model, name="cnn_predictions"):
+    """The layer name a phase trains toward: an expert's own softmax in a model with
+    two experts (--grain-shape), else None (the model's output)."""
+    try:
+        model.get_layer(name)
+    except ValueError:
+        return None
+    return name
+
+
+def train(model, trainable, cfg, data, run, phase, lr, epochs, output=None):
     """Trains the layers named in `trainable`, everything else frozen, as a resumable
-    phase of `run` (see `common.train_phase`); returns the trained model.
+    phase of `run` (see `common.train_phase`); returns the trained model. With
+    `output` (a layer name), the loss is taken on that layer's output instead of the
+    model's (one expert of --grain-shape, whose layers the model shares).
 
     Without augmentation the frozen layers before the first trainable one are
     deterministic, so their output is computed once per split and the rest of the
@@ -187,7 +210,8 @@ def train(model, trainable, cfg, data, run, phase, lr, epochs):
     """
     set_trainable(model, trainable)
 
-    def fit(model, callbacks):
+    def fit(full, callbacks):
+        model = full if output is None else keras.Model(full.inputs, full.get_layer(output).output)
         first = next(l.name for l in model.layers if l.trainable and l.weights)
         if cfg.augment or _layer_input(model, first) is model.inputs[0]:
             compile_model(model, lr)
@@ -229,9 +253,23 @@ def conv_names(model):
     return [c.name for c in CNNModel(model).conv_layers]
 
 
-def score(model, data, name):
-    """Accuracy, per-class precision/recall and confusion matrix of `model` on one split."""
-    pred = model.predict(data.ordered[name], verbose=0).argmax(axis=1)
+EXPERTS = ("cnn_predictions", "shape_predictions")
+
+
+def predict_classes(model, data, name):
+    """Predicted classes of `model` on one split, and of each expert of a --grain-shape
+    model ({expert layer: classes}), from one pass over the images."""
+    experts = [n for n in EXPERTS if expert_output(model, n)]
+    probe = model if not experts else keras.Model(
+        model.inputs, [model.outputs[0], *(model.get_layer(n).output for n in experts)])
+    probs = probe.predict(data.ordered[name], verbose=0)
+    probs = probs if experts else [probs]
+    return probs[0].argmax(axis=1), {n: p.argmax(axis=1) for n, p in zip(experts, probs[1:])}
+
+
+def score(pred, data, name):
+    """Accuracy, per-class precision/recall and confusion matrix of predictions `pred`
+    on one split."""
     y = data.y(name)
     cm = common.confusion_matrix(y, pred, data.num_classes)
     return {"top1": float((pred == y).mean()), "images": int(len(y)), "confusion_matrix": cm.tolist(),
@@ -242,14 +280,24 @@ def evaluate(model, data):
     """Run fields of `model`: test_top1 on the test split; under "metrics" the test
     split's confusion matrix and per-class precision and recall, and one such report
     per extra set ("heldout", "eval_dir") under its own key; under "summary" the
-    extra sets' accuracies (heldout_top1, eval_dir_top1) for the results table."""
-    test = score(model, data, "test")
-    details = {"confusion_matrix": test["confusion_matrix"], "class_names": data.class_names,
-               "per_class": test["per_class"]}
-    for name in EXTRA_EVALS:
-        if name in data.ordered:
-            details[name] = {**score(model, data, name), "source": _source(data.cfg, name)}
-    return {"test_top1": test["top1"], "metrics": details,
+    extra sets' accuracies (heldout_top1, eval_dir_top1) for the results table.
+    A --grain-shape model also gets metrics["experts"]: each expert's accuracy alone
+    on every set ({"cnn_predictions": {"test": ..., "heldout": ...}, ...})."""
+    sets = ["test", *(name for name in EXTRA_EVALS if name in data.ordered)]
+    details, experts = {"class_names": data.class_names}, {}
+    for name in sets:
+        pred, by_expert = predict_classes(model, data, name)
+        report = score(pred, data, name)
+        if name == "test":
+            details.update(confusion_matrix=report["confusion_matrix"], per_class=report["per_class"])
+            test_top1 = report["top1"]
+        else:
+            details[name] = {**report, "source": _source(data.cfg, name)}
+        for expert, p in by_expert.items():
+            experts.setdefault(expert, {})[name] = float((p == data.y(name)).mean())
+    if experts:
+        details["experts"] = experts
+    return {"test_top1": test_top1, "metrics": details,
             "summary": {f"{name}_top1": details[name]["top1"] for name in EXTRA_EVALS if name in details}}
 
 
@@ -304,17 +352,31 @@ def _run_rice(cfg, log, resumed, resume, progress, echo):
                 if model.output_shape[-1] != data.num_classes:
                     raise ValueError(f"{cfg.pretrained} predicts {model.output_shape[-1]} classes; "
                                      f"{cfg.data_dir} has {data.num_classes}.")
+                if tuple(model.input_shape[1:3]) != (load_size(cfg),) * 2:
+                    raise ValueError(f"{cfg.pretrained} takes {model.input_shape[1]}x{model.input_shape[2]} "
+                                     f"images; --image-size {cfg.image_size} gives {load_size(cfg)}x"
+                                     f"{load_size(cfg)} (twice the size with --upright or --grain-crop).")
                 for layer in cfg.exclude:
                     CNNModel(model).conv(layer)  # an unknown name fails before any work
             else:
                 # Inlined into one flat graph, so every layer of the base can be frozen or trained.
                 model = inline(rice_classifier(data.num_classes, cfg.image_size, weights, cfg.pooling,
-                                               seed=cfg.seed))
-                model = train(model, HEAD_LAYERS, cfg, data, base_run, "head", cfg.head_lr, cfg.head_epochs)
+                                               seed=cfg.seed, grain_shape=cfg.grain_shape, upright=cfg.upright,
+                                               grey=cfg.grey))
+                adapt_shape_norm(model, data.ordered["train"])
+                cnn_out = expert_output(model)
+                model = train(model, HEAD_LAYERS, cfg, data, base_run, "head", cfg.head_lr, cfg.head_epochs,
+                              cnn_out)
                 if cfg.unfreeze > 0:
                     top = conv_names(model)[-cfg.unfreeze:]
                     model = train(model, set(top) | set(HEAD_LAYERS), cfg, data, base_run, "finetune",
-                                  cfg.finetune_lr, cfg.finetune_epochs)
+                                  cfg.finetune_lr, cfg.finetune_epochs, cnn_out)
+                if cfg.grain_shape:
+                    model = train(model, SHAPE_LAYERS, cfg, data, base_run, "shape_head", cfg.head_lr,
+                                  cfg.head_epochs, "shape_predictions")
+                    # The run's trainable count: every layer some phase trained, both experts.
+                    set_trainable(model, set(HEAD_LAYERS) | set(SHAPE_LAYERS) | set(conv_names(model)[-cfg.unfreeze:]
+                                                                                   if cfg.unfreeze else ()))
             base = common.finish_model_run(base_run, model, evaluate_on_test, filename="baseline.keras",
                                            artifact=cfg.pretrained, save=not cfg.pretrained, label="baseline", **measure)
         summaries.append({**base, "ratio": 0.0})
@@ -331,7 +393,8 @@ def _run_rice(cfg, log, resumed, resume, progress, echo):
                                             round_to=cfg.round_to, round_mode=cfg.round_mode)
             trainable = retrain_layers(pruned, cfg)
             lr = cfg.head_lr if cfg.retrain == "head" else cfg.finetune_lr
-            pruned = train(pruned, trainable, cfg, data, run, f"retrain_{cfg.retrain}", lr, cfg.retrain_epochs)
+            pruned = train(pruned, trainable, cfg, data, run, f"retrain_{cfg.retrain}", lr, cfg.retrain_epochs,
+                           expert_output(pruned))
             summary = common.finish_model_run(run, pruned, evaluate_on_test,
                                               filename=f"pruned-{cfg.ranker}-{ratio:g}.keras", baseline=base,
                                               label=f"ratio {ratio:g}", **measure)

@@ -113,6 +113,7 @@ def test_eval_dir_and_batch_split_are_logged_for_every_run(tmp_path):
             assert m[key]["top1"] == pytest.approx(np.trace(cm) / n)
             assert set(m[key]["per_class"]) == set(CLASSES)
         assert np.array(m["confusion_matrix"]).sum() == config["split_sizes"][2]
+        assert "experts" not in m  # one head, no experts
     assert json.loads(base["metrics"])["eval_dir"]["source"] == str(eval_dir)
     assert "heldout" in r.output and "eval-dir" in r.output
 
@@ -256,3 +257,140 @@ def test_benchmark_rescaling_keeps_the_grain_centred_and_scales_its_size():
         rows, cols = np.nonzero(r[0].sum(-1) > 300)  # pixels at least half as bright as the bar
         assert (rows.max() - rows.min() + 1, cols.max() - cols.min() + 1) == (h, w), scale
         assert abs(rows.mean() - 19.5) <= 0.5 and abs(cols.mean() - 19.5) <= 0.5, scale
+
+
+def _ellipse(size, a, b, angle_deg, centre=None, colour=(200.0, 210.0, 230.0)):
+    """An RGB image in [0, 255] with one filled ellipse (semi-axes a, b pixels) on black."""
+    cy, cx = centre if centre is not None else ((size - 1) / 2, (size - 1) / 2)
+    t = np.deg2rad(angle_deg)
+    yy, xx = np.mgrid[:size, :size].astype("float64")
+    u = (xx - cx) * np.cos(t) + (yy - cy) * np.sin(t)
+    v = -(xx - cx) * np.sin(t) + (yy - cy) * np.cos(t)
+    img = np.zeros((size, size, 3), "float32")
+    img[(u / a) ** 2 + (v / b) ** 2 <= 1] = colour
+    return img
+
+
+def test_grain_shape_reads_aspect_ratio_and_colour_not_size_position_or_angle():
+    from experiments.grain import SHAPE_FEATURES, grain_shape
+
+    small = _ellipse(96, 24, 8, 30, centre=(40, 50))
+    large = _ellipse(96, 40, 13.3, -70)  # the same shape, 1.66 times longer, elsewhere, turned
+    round_ = _ellipse(96, 20, 16, 0)
+    f = np.asarray(grain_shape(np.stack([small, large, round_])))
+    assert f.shape == (3, len(SHAPE_FEATURES))
+    np.testing.assert_allclose(np.exp(f[:2, 0]), 3.0, rtol=0.04)  # long / short axis of a 3:1 ellipse
+    np.testing.assert_allclose(f[0, :3], f[1, :3], atol=0.05)  # size, place and angle do not matter
+    assert np.exp(f[2, 0]) < 1.4 and f[2, 2] > f[0, 2]  # a rounder grain: lower ratio, rounder outline
+    np.testing.assert_allclose(f[0, 3:6], np.array([200, 210, 230]) / 255, atol=1e-4)  # mean R, G, B
+    np.testing.assert_allclose(f[0, 6:], 0, atol=1e-3)  # a flat colour has no spread
+
+
+def test_upright_centres_turns_and_scales_every_grain_to_one_length():
+    from experiments.grain import grain_mask, moments, principal_variances, upright
+
+    x = np.stack([_ellipse(96, 12, 4, 60, centre=(30, 60)), _ellipse(96, 36, 12, -20)])
+    y = upright(x, 48)
+    assert tuple(y.shape) == (2, 48, 48, 3)
+    area, cx, cy, cxx, cyy, cxy = (np.asarray(v) for v in moments(grain_mask(y)))
+    np.testing.assert_allclose(cx, 23.5, atol=0.7)  # centred
+    np.testing.assert_allclose(cy, 23.5, atol=0.7)
+    assert (cxx > 6 * cyy).all() and (np.abs(cxy) < 0.05 * cxx).all()  # long axis horizontal
+    length = 4 * np.sqrt(np.asarray(principal_variances(cxx, cyy, cxy)[0]))
+    np.testing.assert_allclose(length, 0.8 * 48, rtol=0.06)  # the same length, 3 times apart before
+    np.testing.assert_allclose(area[0], area[1], rtol=0.1)
+
+
+def test_grain_model_saves_plain_adapts_and_prunes(tmp_path):
+    """--grain-shape --upright: a plain .keras file; the descriptors are standardised on the
+    training images and survive pruning of the convs."""
+    from experiments.grain import to_vgg
+    from experiments.models import adapt_shape_norm, rice_classifier
+    from pruning.graph import CNNModel
+    from pruning.plan import PrunePlan
+    from pruning.rankers import get_ranker
+    from pruning.rebuild import inline, prune
+
+    keras.utils.set_random_seed(0)
+    model = inline(rice_classifier(5, 32, weights=None, seed=0, grain_shape=True, upright=True))
+    assert model.input_shape == (None, 64, 64, 3)
+    rng = np.random.default_rng(0)
+    images = np.stack([_ellipse(64, rng.uniform(8, 25), rng.uniform(4, 8), rng.uniform(-90, 90),
+                                colour=tuple(rng.uniform(150, 250, 3))) for _ in range(12)])
+    x = np.asarray(to_vgg(images))
+    values = adapt_shape_norm(model, x)
+    norm = model.get_layer("shape_norm")
+    standardised = keras.Model(model.inputs, norm.output).predict(x, verbose=0)
+    np.testing.assert_allclose(standardised.mean(0), 0, atol=1e-4)
+    assert values.shape == (12, 9) and np.all(np.abs(standardised.std(0) - 1) < 1e-2)
+    path = str(tmp_path / "grain.keras")
+    model.save(path)
+    loaded = keras.models.load_model(path)  # no custom objects
+    np.testing.assert_allclose(loaded.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-6)
+    scores = get_ranker("l1").rank_all(CNNModel(model))
+    plan = PrunePlan.from_scores(model, scores, 0.5)
+    pruned = prune(model, plan)
+    assert pruned.count_params() < model.count_params()
+    np.testing.assert_array_equal(pruned.get_layer("shape_norm").get_weights()[0], norm.get_weights()[0])
+    again = keras.Model(pruned.inputs, pruned.get_layer("shape_norm").output).predict(x, verbose=0)
+    np.testing.assert_allclose(again, standardised, atol=1e-5)
+
+
+def test_grain_experts_train_each_on_its_own_output_and_pruning_keeps_the_shape_expert(tmp_path):
+    """--grain-shape --upright --grey: the shape expert is trained (it moved from its
+    initial weights), the pruned model retrains only the CNN expert (the shape expert is
+    the baseline's, weight for weight), both files load without custom objects, and a
+    --pretrained model of another input size is refused with both sizes named."""
+    from experiments.models import rice_classifier
+
+    db = str(tmp_path / "log.db")
+    common = ["--weights", "none", "--image-size", "32", "--limit-per-class", "12", "--latency-batch", "2",
+              "-v", "0", "--db", db]
+    r = CliRunner().invoke(cli, ["rice", *common, "--grain-shape", "--upright", "--grey", "--head-epochs", "1",
+                                 "--retrain-epochs", "1", "--ratios", "0.5", "--out-dir", str(tmp_path / "runs")])
+    assert r.exit_code == 0, r.output
+    base, pruned = ExperimentLog(db).runs("rice")
+    config = json.loads(base["config"])
+    assert config["grain_shape"] and config["upright"] and config["grey"]
+    for run in (base, pruned):  # each expert's own accuracy is logged beside the combined one
+        experts = json.loads(run["metrics"])["experts"]
+        assert set(experts) == {"cnn_predictions", "shape_predictions"}
+        assert all(0 <= experts[e]["test"] <= 1 for e in experts)
+    b, p = (keras.models.load_model(run["artifact"]) for run in (base, pruned))
+    assert b.input_shape == (None, 64, 64, 3) and p.count_params() < b.count_params()
+    for name in ("shape_norm", "shape_fc1", "shape_predictions"):
+        for wb, wp in zip(b.get_layer(name).get_weights(), p.get_layer(name).get_weights()):
+            np.testing.assert_array_equal(wb, wp)
+    fresh = rice_classifier(5, 32, weights=None, seed=0, grain_shape=True, upright=True, grey=True)
+    assert not np.allclose(fresh.get_layer("shape_fc1").get_weights()[0], b.get_layer("shape_fc1").get_weights()[0])
+    r = CliRunner().invoke(cli, ["rice", *common, "--pretrained", base["artifact"], "--ratios", "0.5"])
+    assert r.exit_code != 0 and "takes 64x64 images; --image-size 32 gives 32x32" in r.output, r.output
+
+
+def test_splits_too_large_for_memory_are_decoded_on_each_pass(monkeypatch):
+    """The full Kaggle dataset at --upright 224 (448 px decoded) would need 126 GB of
+    cache; such splits are decoded again on each pass, with the same batches."""
+    from experiments import rice
+    from experiments.config import RiceConfig
+
+    cfg = RiceConfig(data_dir=SAMPLE_RICE, image_size=32, limit_per_class=10, upright=True)
+    cached = rice.RiceData(cfg)
+    assert cached.fits_in_memory(len(cached.files["train"]))
+    assert not rice.RiceData(RiceConfig(data_dir=SAMPLE_RICE, image_size=224, upright=True,
+                                        limit_per_class=10)).fits_in_memory(52_500)
+    monkeypatch.setattr(rice, "CACHE_LIMIT_BYTES", 0)
+    fresh = rice.RiceData(cfg)
+    assert not fresh.fits_in_memory(1)
+    for a, b in zip(cached.ordered["test"], fresh.ordered["test"]):
+        np.testing.assert_array_equal(a[0].numpy(), b[0].numpy())
+
+
+def test_vgg_input_round_trip_is_exact():
+    """The model reads RGB back from its VGG16 input: any offset or channel swap would shift the
+    grain mask and colour descriptors."""
+    from experiments.grain import from_vgg, to_vgg
+
+    x = np.random.default_rng(0).uniform(0, 255, (2, 8, 8, 3)).astype("float32")
+    vgg = keras.applications.vgg16.preprocess_input(x.copy())
+    np.testing.assert_allclose(np.asarray(to_vgg(x)), vgg, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(from_vgg(vgg)), x, atol=1e-3)
