@@ -46,6 +46,11 @@ RECIPES = {
 }
 
 
+def machine():
+    """Which machine and how loaded, for every row's `machine` column."""
+    return f"{platform.node()} ({os.cpu_count()} CPUs), load {os.getloadavg()[0]:.1f}"
+
+
 def decode(paths, size=None):
     """Images of `paths` as one array: resized to `size` (float32, the tool's `load_image`),
     or at the photo's own resolution (uint8, `size=None`; all of one size)."""
@@ -315,7 +320,7 @@ def main(data, size, recipes, views, block5_epochs, cache, out, seed, augment_at
             row = dict(recipe=recipe, aug=RECIPES[recipe], size=size, views=views, stage=stage, seed=seed,
                        augment_at=augment_at, mix_with=mix_with,
                        features_s=round(t_feat), fit_s=round(time.time() - t2),
-                       machine=f"{platform.node()} ({os.cpu_count()} CPUs), load {os.getloadavg()[0]:.1f}")
+                       machine=machine())
             probs = {s: predict(f[split[s]]) for s in ("test", "heldout")}
             for s in ("test", "heldout"):
                 cm = score(row, s, probs[s], y[split[s]], names)
