@@ -68,10 +68,14 @@ def test_cifar_pipeline_on_shared_images(tmp_path):
 
 
 def test_rice_pipeline_on_bundled_sample(tmp_path):
+    """The whole rice run, with the grain experts (--grain-shape --upright --grey): the CNN
+    expert is trained (head, then fine-tuned), then the shape expert; the shape expert was
+    trained (it moved from its initial weights) and the pruned models keep it weight for
+    weight (only the CNN expert is retrained); each expert's accuracy is logged."""
     db, results = str(tmp_path / "log.db"), str(tmp_path / "results")
     r = CliRunner().invoke(cli, [
         "rice", "--data-dir", SAMPLE_RICE, "--limit-per-class", "12", "--weights", "none", "--image-size", "32",
-        "--head-epochs", "2",
+        "--head-epochs", "2", "--grain-shape", "--upright", "--grey",
         "--unfreeze", "2", "--finetune-epochs", "1", "--retrain-epochs", "1", "--ratios", "0.1,0.5",
         "--out-dir", str(tmp_path / "runs"), "--results", results, "-v", "0", "--db", db])
     assert r.exit_code == 0, r.output
@@ -81,7 +85,17 @@ def test_rice_pipeline_on_bundled_sample(tmp_path):
     assert p1["parent_id"] == p5["parent_id"] == base["id"]
     assert (p1["pruning_ratio"], p5["pruning_ratio"]) == (0.1, 0.5)
     assert base["params"] > p1["params"] > p5["params"]
-    assert {e["phase"] for e in log.epochs(base["id"])} == {"head", "finetune"}
+    assert {e["phase"] for e in log.epochs(base["id"])} == {"head", "finetune", "shape_head"}
+    config = json.loads(base["config"])
+    assert config["grain_shape"] and config["upright"] and config["grey"]
+    b = keras.models.load_model(base["artifact"])  # no custom objects
+    assert b.input_shape == (None, 64, 64, 3)
+    fresh = rice_classifier(5, 32, weights=None, seed=0, grain_shape=True, upright=True, grey=True)
+    assert not np.allclose(fresh.get_layer("shape_fc1").get_weights()[0], b.get_layer("shape_fc1").get_weights()[0])
+    for run in (base, p1, p5):
+        experts = json.loads(run["metrics"])["experts"]
+        assert set(experts) == {"cnn_predictions", "shape_predictions"}
+        assert all(0 <= experts[e]["test"] <= 1 for e in experts)
     assert {e["phase"] for e in log.epochs(p5["id"])} == {"retrain_head"}
     layers = {p["layer"]: p for p in log.layer_prunes(p5["id"])}
     assert "block5_conv3" not in layers and layers["block1_conv1"]["filters_after"] == 32
@@ -92,6 +106,12 @@ def test_rice_pipeline_on_bundled_sample(tmp_path):
     assert {"rice_results.md", "rice_accuracy.png"} <= set(os.listdir(results))
     pruned = keras.models.load_model(p5["artifact"])
     assert pruned.get_layer("block1_conv1").filters == 32 and not pruned.get_layer("block1_conv1").trainable
+    for name in ("shape_norm", "shape_fc1", "shape_predictions"):
+        for wb, wp in zip(b.get_layer(name).get_weights(), pruned.get_layer(name).get_weights()):
+            np.testing.assert_array_equal(wb, wp)
+    r = CliRunner().invoke(cli, ["rice", "--data-dir", SAMPLE_RICE, "--limit-per-class", "12", "--weights", "none",
+                                 "--image-size", "32", "--pretrained", base["artifact"], "--db", db])
+    assert r.exit_code != 0 and "takes 64x64 images; --image-size 32 gives 32x32" in r.output, r.output
 
 
 def test_split_is_stratified_disjoint_and_seeded():

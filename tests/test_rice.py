@@ -336,37 +336,6 @@ def test_grain_model_saves_plain_adapts_and_prunes(tmp_path):
     np.testing.assert_allclose(again, standardised, atol=1e-5)
 
 
-def test_grain_experts_train_each_on_its_own_output_and_pruning_keeps_the_shape_expert(tmp_path):
-    """--grain-shape --upright --grey: the shape expert is trained (it moved from its
-    initial weights), the pruned model retrains only the CNN expert (the shape expert is
-    the baseline's, weight for weight), both files load without custom objects, and a
-    --pretrained model of another input size is refused with both sizes named."""
-    from experiments.models import rice_classifier
-
-    db = str(tmp_path / "log.db")
-    common = ["--weights", "none", "--image-size", "32", "--limit-per-class", "12", "--latency-batch", "2",
-              "-v", "0", "--db", db]
-    r = CliRunner().invoke(cli, ["rice", *common, "--grain-shape", "--upright", "--grey", "--head-epochs", "1",
-                                 "--retrain-epochs", "1", "--ratios", "0.5", "--out-dir", str(tmp_path / "runs")])
-    assert r.exit_code == 0, r.output
-    base, pruned = ExperimentLog(db).runs("rice")
-    config = json.loads(base["config"])
-    assert config["grain_shape"] and config["upright"] and config["grey"]
-    for run in (base, pruned):  # each expert's own accuracy is logged beside the combined one
-        experts = json.loads(run["metrics"])["experts"]
-        assert set(experts) == {"cnn_predictions", "shape_predictions"}
-        assert all(0 <= experts[e]["test"] <= 1 for e in experts)
-    b, p = (keras.models.load_model(run["artifact"]) for run in (base, pruned))
-    assert b.input_shape == (None, 64, 64, 3) and p.count_params() < b.count_params()
-    for name in ("shape_norm", "shape_fc1", "shape_predictions"):
-        for wb, wp in zip(b.get_layer(name).get_weights(), p.get_layer(name).get_weights()):
-            np.testing.assert_array_equal(wb, wp)
-    fresh = rice_classifier(5, 32, weights=None, seed=0, grain_shape=True, upright=True, grey=True)
-    assert not np.allclose(fresh.get_layer("shape_fc1").get_weights()[0], b.get_layer("shape_fc1").get_weights()[0])
-    r = CliRunner().invoke(cli, ["rice", *common, "--pretrained", base["artifact"], "--ratios", "0.5"])
-    assert r.exit_code != 0 and "takes 64x64 images; --image-size 32 gives 32x32" in r.output, r.output
-
-
 def test_splits_too_large_for_memory_are_decoded_on_each_pass(monkeypatch):
     """The full Kaggle dataset at --upright 224 (448 px decoded) would need 126 GB of
     cache; such splits are decoded again on each pass, with the same batches."""
