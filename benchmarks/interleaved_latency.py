@@ -29,20 +29,20 @@ def main(models, batch, runs, rounds, out):
     """Median ms per batch of each model over interleaved rounds; speed-up against the first."""
     import keras
 
-    from benchmarks.rice_recipe_cpu import machine
     from experiments.common import write_text
     from pruning import measure_latency, model_stats
+    from pruning.stats import machine_description
 
     loaded = [keras.models.load_model(p) for p in models]
-    load_before = machine()
+    load_before = machine_description()
     times = [[] for _ in loaded]
     for r in range(rounds):
         order = np.roll(np.arange(len(loaded)), r)
         for i in order:
             times[i].append(measure_latency(loaded[i], batch_size=batch, runs=runs, warmup=2)["ms_per_batch"])
     medians = [float(np.median(t)) for t in times]
-    lines = [f"Machine: {load_before} before, {machine()} after. Median over {rounds} interleaved rounds of "
-             f"the median of {runs} calls on a batch of {batch}.", "",
+    lines = [f"Machine: {load_before} before, {machine_description()} after. Median over {rounds} interleaved "
+             f"rounds of the median of {runs} calls on a batch of {batch}.", "",
              "| model | MACs | ms / batch | rounds (ms) | speed-up |", "|---|---|---|---|---|"]
     for path, model, m, t in zip(models, loaded, medians, times):
         lines.append(f"| {path} | {model_stats(model)['macs']:,} | {m:.1f} | {', '.join(f'{v:.0f}' for v in t)} "

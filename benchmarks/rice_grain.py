@@ -53,10 +53,10 @@ def fit_head(cfg, x, y, num_classes):
 
     keras.utils.set_random_seed(cfg.seed)
     inputs = keras.Input(x["train"].shape[1:])
-    h = keras.layers.Dense(256, activation="relu", kernel_initializer=keras.initializers.GlorotUniform(cfg.seed))(inputs)
+    glorot = keras.initializers.GlorotUniform
+    h = keras.layers.Dense(256, activation="relu", kernel_initializer=glorot(cfg.seed))(inputs)
     h = keras.layers.Dropout(0.5, seed=cfg.seed)(h)
-    out = keras.layers.Dense(num_classes, activation="softmax",
-                             kernel_initializer=keras.initializers.GlorotUniform(cfg.seed))(h)
+    out = keras.layers.Dense(num_classes, activation="softmax", kernel_initializer=glorot(cfg.seed))(h)
     head = keras.Model(inputs, out)
     compile_model(head, cfg.head_lr)
     before, after = stopping(cfg, (x["val"], y["val"], num_classes))
@@ -98,10 +98,10 @@ def write_report(rows_path):
         lines.append(f"| {r['cnn_input']} | {HEADS[r['head']]} | {r['px']} ({r['decoded_px']}) | {r['seed']} | "
                      f"{r['val']:.4f} | {r['test']:.4f} | {r['heldout']:.4f} | "
                      f"{r['heldout_recall']['Jasmine']:.3f} | {r['features_s']} | {r['machine']} |")
-    path = os.path.join(os.path.dirname(os.path.abspath(rows_path)), "ablation.md")
-    with open(path, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    return path
+    from experiments.common import write_text
+
+    return write_text(os.path.join(os.path.dirname(os.path.abspath(rows_path)), "ablation.md"),
+                      "\n".join(lines) + "\n")
 
 
 @click.command()
@@ -118,7 +118,7 @@ def main(data, size, inputs, seed, out, report_only):
     if report_only:
         print("wrote", write_report(out))
         return
-    from benchmarks.rice_recipe_cpu import machine
+    from pruning.stats import machine_description
 
     for name in inputs.split(","):
         flags = INPUTS[name]
@@ -127,7 +127,7 @@ def main(data, size, inputs, seed, out, report_only):
         cfg.validate()
         rice = RiceData(cfg)
         y = {n: rice.y(n) for n in SPLITS}
-        host, t = machine(), time.time()
+        host, t = machine_description(), time.time()
         feats = extract(rice, cfg, flags)
         seconds = round(time.time() - t)
         cnn = {n: f[0] for n, f in feats.items()}

@@ -16,7 +16,6 @@ them and on K augmented views of the training images per recipe (cached in --cac
 
 import json
 import os
-import platform
 import sys
 import time
 
@@ -44,11 +43,6 @@ RECIPES = {
     "gain": dict(gain=0.15),
     "colour_gain": dict(colour=(0.2, 0.6, 0.3), gain=0.15),
 }
-
-
-def machine():
-    """Which machine and how loaded, for every row's `machine` column."""
-    return f"{platform.node()} ({os.cpu_count()} CPUs), load {os.getloadavg()[0]:.1f}"
 
 
 def decode(paths, size=None):
@@ -269,6 +263,8 @@ def main(data, size, recipes, views, block5_epochs, cache, out, seed, augment_at
         return write_report(out, report)
     import keras
 
+    from pruning.stats import machine_description
+
     from experiments.data import preprocessing
     from experiments.models import vgg16_base
 
@@ -320,7 +316,7 @@ def main(data, size, recipes, views, block5_epochs, cache, out, seed, augment_at
             row = dict(recipe=recipe, aug=RECIPES[recipe], size=size, views=views, stage=stage, seed=seed,
                        augment_at=augment_at, mix_with=mix_with,
                        features_s=round(t_feat), fit_s=round(time.time() - t2),
-                       machine=machine())
+                       machine=machine_description())
             probs = {s: predict(f[split[s]]) for s in ("test", "heldout")}
             for s in ("test", "heldout"):
                 cm = score(row, s, probs[s], y[split[s]], names)

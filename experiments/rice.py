@@ -375,8 +375,8 @@ def _run_rice(cfg, log, resumed, resume, progress, echo):
                     model = train(model, SHAPE_LAYERS, cfg, data, base_run, "shape_head", cfg.head_lr,
                                   cfg.head_epochs, "shape_predictions")
                     # The run's trainable count: every layer some phase trained, both experts.
-                    set_trainable(model, set(HEAD_LAYERS) | set(SHAPE_LAYERS) | set(conv_names(model)[-cfg.unfreeze:]
-                                                                                   if cfg.unfreeze else ()))
+                    top = conv_names(model)[-cfg.unfreeze:] if cfg.unfreeze else []
+                    set_trainable(model, set(HEAD_LAYERS) | set(SHAPE_LAYERS) | set(top))
             base = common.finish_model_run(base_run, model, evaluate_on_test, filename="baseline.keras",
                                            artifact=cfg.pretrained, save=not cfg.pretrained, label="baseline", **measure)
         summaries.append({**base, "ratio": 0.0})

@@ -1,5 +1,7 @@
 """Parameters, multiply-accumulates (MACs) and measured latency of a model."""
 
+import os
+import platform
 import time
 
 import numpy as np
@@ -42,6 +44,12 @@ def model_stats(model):
         "params": int(model.count_params()),
         "macs": int(sum(r["macs"] for r in layer_stats(model))),
     }
+
+
+def machine_description():
+    """Which machine and how loaded (1-minute load average), for the `machine` column that
+    every latency or timing table carries."""
+    return f"{platform.node()} ({os.cpu_count()} CPUs), load {os.getloadavg()[0]:.1f}"
 
 
 def measure_latency(model, batch_size=1, runs=20, warmup=3, input_shape=None, progress=None):
