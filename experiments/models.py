@@ -129,7 +129,7 @@ def rice_classifier(num_classes, image_size=224, weights="imagenet", pooling="av
     - `grey`: the convs see the grain in grey (colour is left to the descriptors).
     - `grain_shape`: a second expert reads 9 size-free descriptors of the grain
       (aspect ratio, outline, colour), standardised by the `shape_norm` layer (call
-      `adapt_shape_norm`), through Dense 256 + Dropout + softmax ("shape_predictions").
+      `experiments.rice.adapt_shape_norm`), through Dense 256 + Dropout + softmax ("shape_predictions").
       The CNN head's softmax is then "cnn_predictions", and "predictions" is the
       normalised geometric mean of the two experts' probabilities. Each expert is
       trained on its own output (see `experiments.rice.expert_output`), so neither
@@ -168,20 +168,6 @@ def rice_classifier(num_classes, image_size=224, weights="imagenet", pooling="av
         log_mean = (keras.ops.log(outputs + 1e-7) + keras.ops.log(s + 1e-7)) / 2.0
         outputs = keras.layers.Activation("softmax", name="predictions", dtype="float32")(log_mean)
     return keras.Model(inputs, outputs, name="rice_vgg16")
-
-
-def adapt_shape_norm(model, images):
-    """Sets the `shape_norm` layer's mean and variance to those of the grain descriptors
-    of `images` (a dataset of model inputs, or an array); returns the descriptors.
-    A model without that layer is left as it is (returns None)."""
-    try:
-        norm = model.get_layer("shape_norm")
-    except ValueError:
-        return None
-    source = norm._inbound_nodes[0].input_tensors[0]
-    values = keras.Model(model.inputs, source).predict(images, verbose=0)
-    norm.adapt(values)
-    return values
 
 
 def resnet20_cifar(num_classes=10, width=1.0, input_shape=(32, 32, 3), seed=None):

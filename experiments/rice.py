@@ -17,7 +17,7 @@ from experiments.config import RiceConfig, from_dict  # noqa: F401  (RiceConfig:
 from experiments.data import (batch_split, check_splits, colour_jitter, drop_unreadable, folder_dataset, grain_crop,
                               grey_world, list_image_folder, preprocessing, random_affine, random_flips,
                               stratified_split)
-from experiments.models import adapt_shape_norm, resolve_weights, rice_classifier
+from experiments.models import resolve_weights, rice_classifier
 from pruning import CNNModel, inline
 
 HEAD_LAYERS = ("features", "fc1", "dropout", "predictions", "cnn_predictions")
@@ -161,6 +161,19 @@ def stopping(cfg, val):
 def _layer_input(model, name):
     """The tensor `model` feeds into layer `name` (its first node is the model's own)."""
     return model.get_layer(name)._inbound_nodes[0].input_tensors[0]
+
+
+def adapt_shape_norm(model, images):
+    """Sets the `shape_norm` layer's mean and variance to those of the grain descriptors
+    of `images` (a dataset of model inputs, or an array); returns the descriptors.
+    A model without that layer is left as it is (returns None)."""
+    try:
+        norm = model.get_layer("shape_norm")
+    except ValueError:
+        return None
+    values = keras.Model(model.inputs, _layer_input(model, "shape_norm")).predict(images, verbose=0)
+    norm.adapt(values)
+    return values
 
 
 def chain_suffix(model, start):
@@ -367,15 +380,14 @@ def _run_rice(cfg, log, resumed, resume, progress, echo):
                 cnn_out = expert_output(model)
                 model = train(model, HEAD_LAYERS, cfg, data, base_run, "head", cfg.head_lr, cfg.head_epochs,
                               cnn_out)
-                if cfg.unfreeze > 0:
-                    top = conv_names(model)[-cfg.unfreeze:]
+                top = conv_names(model)[-cfg.unfreeze:] if cfg.unfreeze else []
+                if top:
                     model = train(model, set(top) | set(HEAD_LAYERS), cfg, data, base_run, "finetune",
                                   cfg.finetune_lr, cfg.finetune_epochs, cnn_out)
                 if cfg.grain_shape:
                     model = train(model, SHAPE_LAYERS, cfg, data, base_run, "shape_head", cfg.head_lr,
                                   cfg.head_epochs, "shape_predictions")
                     # The run's trainable count: every layer some phase trained, both experts.
-                    top = conv_names(model)[-cfg.unfreeze:] if cfg.unfreeze else []
                     set_trainable(model, set(HEAD_LAYERS) | set(SHAPE_LAYERS) | set(top))
             base = common.finish_model_run(base_run, model, evaluate_on_test, filename="baseline.keras",
                                            artifact=cfg.pretrained, save=not cfg.pretrained, label="baseline", **measure)

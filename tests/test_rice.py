@@ -305,7 +305,8 @@ def test_grain_model_saves_plain_adapts_and_prunes(tmp_path):
     """--grain-shape --upright: a plain .keras file; the descriptors are standardised on the
     training images and survive pruning of the convs."""
     from experiments.grain import to_vgg
-    from experiments.models import adapt_shape_norm, rice_classifier
+    from experiments.models import rice_classifier
+    from experiments.rice import adapt_shape_norm
     from pruning.graph import CNNModel
     from pruning.plan import PrunePlan
     from pruning.rankers import get_ranker
