@@ -577,5 +577,47 @@ def report(out_dir, force, db):
         click.echo(f"wrote {path}")
 
 
+# ------------------------------------------------------------------- dashboard
+@cli.command(context_settings=CONTEXT)
+@click.option("--port", type=click.IntRange(1, 65535), default=8501, show_default=True, help="Port to serve on.")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to bind (127.0.0.1: this machine only; 0.0.0.0: every interface).")
+@db_option
+def dashboard(port, host, db):
+    """Browse the experiment log in a Streamlit app: runs, one run's curves and reports, comparisons.
+
+    The log is opened read-only (never created, migrated or written); reload the page to see
+    runs written meanwhile. Needs the dashboard extra: pip install -e ".[dashboard]".
+    """
+    import importlib.util
+    import subprocess
+    import sys
+
+    from save_sqlite import sigterm_as_interrupt
+
+    missing = [m for m in ("streamlit", "altair") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise UsageFailure(f"The dashboard needs {' and '.join(missing)}, from the dashboard extra: "
+                           'pip install -e ".[dashboard]"')
+    from experiments.dashboard import APP
+    from experiments.dashboard.data import open_read_only
+
+    try:
+        open_read_only(db).close()
+    except ValueError as e:
+        fail(e)
+    command = [sys.executable, "-m", "streamlit", "run", APP, "--server.port", str(port), "--server.address", host,
+               "--server.headless", "true", "--browser.gatherUsageStats", "false",
+               "--server.fileWatcherType", "none", "--", "--db", os.path.abspath(db)]
+    click.echo(f"dashboard of {db} (read-only) on http://{host}:{port}; Ctrl-C stops it", err=True)
+    proc = subprocess.Popen(command)
+    try:
+        with sigterm_as_interrupt():
+            code = proc.wait()
+    except KeyboardInterrupt:
+        proc.terminate()
+        code = proc.wait()
+    raise SystemExit(code)
+
 if __name__ == "__main__":
     cli()
