@@ -608,7 +608,7 @@ def dashboard(port, host, db):
         fail(e)
     command = [sys.executable, "-m", "streamlit", "run", APP, "--server.port", str(port), "--server.address", host,
                "--server.headless", "true", "--browser.gatherUsageStats", "false",
-               "--server.fileWatcherType", "none", "--", "--db", os.path.abspath(db)]
+               "--server.fileWatcherType", "none", "--client.toolbarMode", "viewer", "--", "--db", db]
     click.echo(f"dashboard of {db} (read-only) on http://{host}:{port}; Ctrl-C stops it", err=True)
     proc = subprocess.Popen(command)
     try:

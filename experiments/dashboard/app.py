@@ -94,7 +94,7 @@ def runs_page(log, rows):
     cols[3].metric("best top-1", _fmt(best and best["test_top1"], ".4f"),
                    delta=f"run #{best['id']}" if best else None, delta_color="off")
     frame = table(shown)
-    st.dataframe(frame, hide_index=True, width="stretch", key="runs_table",
+    st.dataframe(frame, hide_index=True, width="stretch", key="runs_table", height=min(38 + 35 * len(frame), 600),
                  column_config={k: c for k, (_, c) in TABLE_COLUMNS.items() if c is not None}
                  | {k: t for k, (t, c) in TABLE_COLUMNS.items() if c is None})
     st.download_button("Export these runs (CSV)", frame.to_csv(index=False), "runs.csv", "text/csv")

@@ -107,5 +107,5 @@ def frontier(points, segments, colours):
                                                                      range=["square", "circle"])))
         lines = alt.Chart(alt.Data(values=[s for s in segments if s.get(key) is not None])).mark_line(
             opacity=0.6).encode(x=x, y=y, color=_ranker(colours, points), detail="segment:N")
-        panels.append((lines + dots).properties(width=300, height=280))
+        panels.append((lines + dots).properties(width=230, height=260))
     return alt.hconcat(*panels)
