@@ -19,7 +19,7 @@ pytest.importorskip("streamlit")
 pytest.importorskip("altair")
 
 from conftest import SAMPLE_RICE  # noqa: E402
-from experiments.config import RiceConfig  # noqa: E402
+from experiments.config import CompressConfig  # noqa: E402
 from experiments.dashboard import APP, browser, data  # noqa: E402
 from main_train import cli  # noqa: E402
 from save_sqlite import ExperimentLog, save_training_log_to_sqlite  # noqa: E402
@@ -39,8 +39,8 @@ def _invoke(args):
 @pytest.fixture(scope="module")
 def fixture_log(tmp_path_factory):
     """A log of real tiny runs: rice (baseline -> pruned, with a held-out batch and an
-    --eval-dir) at seeds 0 and 1, a two-step compress of the first baseline, and a
-    failed and an interrupted run."""
+    --eval-dir), a two-step compress of a small CNN at seeds 0 and 1, and a failed and
+    an interrupted run."""
     root = tmp_path_factory.mktemp("dash")
     db, eval_dir = str(root / "log.db"), root / "eval"
     for name in sorted(os.listdir(SAMPLE_RICE)):
@@ -48,13 +48,19 @@ def fixture_log(tmp_path_factory):
             (eval_dir / name).mkdir(parents=True)
             for f in sorted(os.listdir(os.path.join(SAMPLE_RICE, name)))[-2:]:
                 shutil.copy(os.path.join(SAMPLE_RICE, name, f), eval_dir / name)
+    _invoke([*RICE, "--eval-dir", str(eval_dir), "--out-dir", str(root / "runs"), "--db", db])
+    import keras
+
+    small = keras.Sequential([keras.Input((32, 32, 3)), keras.layers.Conv2D(8, 3, activation="relu"),
+                              keras.layers.Conv2D(16, 3, activation="relu"), keras.layers.GlobalAveragePooling2D(),
+                              keras.layers.Dense(5, activation="softmax")])
+    small.save(root / "small.keras")
     for seed in ("0", "1"):
-        _invoke([*RICE, "--eval-dir", str(eval_dir), "--seed", seed, "--out-dir", str(root / "runs"), "--db", db])
+        _invoke(["compress", str(root / "small.keras"), "--data-dir", SAMPLE_RICE, "--limit-per-class", "6",
+                 "--preprocess", "unit", "--ranker", "l1", "--target-macs", "0.5", "--steps", "2", "--epochs", "1",
+                 "--batch-size", "16", "--latency-batch", "1", "--seed", seed, "--out-dir", str(root / "compress"),
+                 "-v", "0", "--db", db])
     log = ExperimentLog(db)
-    baseline = log.runs("rice")[0]["artifact"]
-    _invoke(["compress", baseline, "--data-dir", SAMPLE_RICE, "--limit-per-class", "6", "--ranker", "l1",
-             "--target-macs", "0.5", "--steps", "2", "--epochs", "1", "--batch-size", "16", "--latency-batch", "1",
-             "--out-dir", str(root / "compress"), "-v", "0", "--db", db])
     with pytest.raises(ValueError):
         with log.run("prune", model="m.keras", ranker="fpgm", pruning_ratio=0.3, seed=0):
             raise ValueError("Expected ratio in [0, 1). Received: ratio=1.2")
@@ -136,23 +142,25 @@ def test_data_layer_reads_the_log_into_a_tree(fixture_log):
         assert r["epochs"] == len(log.epochs(r["id"]))
         assert r["test_top1"] == raw[r["id"]]["test_top1"] and r["status"] == raw[r["id"]]["status"]
     compress = [r for r in rows if r["experiment"] == "compress"]
-    assert [r["depth"] for r in compress] == [0, 1, 1] and compress[1]["tree"].endswith(str(compress[1]["id"]))
+    assert [r["depth"] for r in compress] == [0, 1, 1, 0, 1, 1]
+    assert compress[1]["tree"].endswith(str(compress[1]["id"])) and compress[1]["parent_id"] == compress[0]["id"]
     failed = next(r for r in rows if r["status"] == "failed")
     assert failed["error_line"] == "ValueError: Expected ratio in [0, 1). Received: ratio=1.2"
     assert {r["status"] for r in rows} == {"completed", "failed", "interrupted"}
-    baselines = [r for r in rows if r["experiment"] == "rice" and not r["parent_id"]]
+    baselines = [r for r in compress if not r["parent_id"]]
     group = next(g for g in data.seed_groups(rows) if g["runs"] == [b["id"] for b in baselines])
     tops = [raw[b["id"]]["test_top1"] for b in baselines]
     assert group["n"] == 2 and group["seeds"] == [0, 1]
     assert group["test_top1_mean"] == pytest.approx(statistics.fmean(tops))
     assert group["test_top1_std"] == pytest.approx(statistics.stdev(tops))
     differ = [d["field"] for d in data.differing_fields(baselines)]
-    flags = {f.name for f in dataclasses.fields(RiceConfig)}
-    assert differ[:2] == ["seed", "config.seed"]  # and what the seed's split measured (split sizes)
+    flags = {f.name for f in dataclasses.fields(CompressConfig)}
+    assert differ[:2] == ["seed", "config.seed"]  # and what the seed's split measured
     assert {f for f in differ if f.startswith("config.") and f[7:] in flags} == {"config.seed"}
     points, segments = data.frontier(data.family(rows, baselines[0]["id"]))
     assert {p["id"] for p in points} == {baselines[0]["id"], *baselines[0]["children"]}
-    assert [s["id"] for s in segments] == [baselines[0]["id"], baselines[0]["children"][0]]
+    assert [(s["segment"], s["id"]) for s in segments] == [
+        (c, i) for c in baselines[0]["children"] for i in (baselines[0]["id"], c)]
 
 
 # --------------------------------------------------------------------- pages
@@ -180,10 +188,10 @@ def test_runs_page_shows_every_run_with_the_logs_values(fixture_log, monkeypatch
     at.multiselect(key="filter_status").set_value(["failed"]).run()
     assert list(at.dataframe[0].value["status"]) == ["failed"]
     at.multiselect(key="filter_status").set_value([]).run()
-    at.multiselect(key="filter_experiment").set_value(["rice"])
+    at.multiselect(key="filter_experiment").set_value(["compress"])
     at.multiselect(key="filter_seed").set_value([1]).run()
-    assert sorted(at.dataframe[0].value["id"]) == [r["id"] for r in rows if r["experiment"] == "rice"
-                                                   and r["seed"] == 1]
+    assert sorted(at.dataframe[0].value["id"]) == [r["id"] for r in rows if r["experiment"] == "compress"
+                                                   and r["seed"] == 1] and len(at.dataframe[0].value) == 3
 
 
 def test_run_page_shows_curves_layers_evaluations_and_latency(fixture_log, monkeypatch):
@@ -228,7 +236,7 @@ def test_run_page_of_a_failed_and_a_compress_run(fixture_log, monkeypatch):
     at = _app(fixture_log, monkeypatch, "Run", run=failed["id"])
     assert at.error[0].value.startswith("failed: ValueError: Expected ratio in [0, 1)")
     assert _metrics(at)["epochs"] == "0" and _metrics(at)["test top-1"] == "–"
-    parent, *steps = log.runs("compress")
+    parent, *steps = log.runs("compress")[:3]
     at = _app(fixture_log, monkeypatch, "Run", run=parent["id"])
     assert all(f"?page=Run&run={s['id']}" in at.markdown[1].value for s in steps)
     at = _app(fixture_log, monkeypatch, "Run", run=steps[1]["id"])
@@ -238,27 +246,29 @@ def test_run_page_of_a_failed_and_a_compress_run(fixture_log, monkeypatch):
 
 def test_compare_page_frontier_seeds_and_differing_fields(fixture_log, monkeypatch):
     log = ExperimentLog(fixture_log, readonly=True)
-    rice = log.runs("rice")
-    at = _app(fixture_log, monkeypatch, "Compare", experiment="rice")
-    frontier = _charts(at)[0]
-    points = [v for v in _values(frontier) if "segment" not in v]
-    assert sorted({p["id"] for p in points}) == [r["id"] for r in rice]
-    segments = [v for v in _values(frontier) if "segment" in v]
-    assert {(s["segment"], s["id"]) for s in segments} == {
-        (r["id"], i) for r in rice if r["parent_id"] for i in (r["parent_id"], r["id"])}
+    compress = log.runs("compress")
+    at = _app(fixture_log, monkeypatch, "Compare", experiment="compress")
+    frontier = _values(_charts(at)[0])
+    points = [v for v in frontier if "segment" not in v]
+    assert sorted({p["id"] for p in points}) == [r["id"] for r in compress]
+    assert {(s["segment"], s["id"]) for s in frontier if "segment" in s} == {
+        (r["id"], i) for r in compress if r["parent_id"] for i in (r["parent_id"], r["id"])}
     groups = at.dataframe[0].value
-    base = groups[groups["ranker"] == "baseline"].iloc[0]
-    tops = [r["test_top1"] for r in rice if not r["parent_id"]]
-    assert base["n"] == 2 and base["top-1"] == f"{statistics.fmean(tops):.4f} ± {statistics.stdev(tops):.4f}"
+    parents = [r for r in compress if not r["parent_id"]]
+    row = groups[groups["runs"] == ", ".join(f"#{r['id']}" for r in parents)].iloc[0]
+    tops = [r["test_top1"] for r in parents]
+    assert row["n"] == 2 and row["top-1"] == f"{statistics.fmean(tops):.4f} ± {statistics.stdev(tops):.4f}"
+    assert len(groups) == 3  # the compress runs and each of their two steps, over seeds 0 and 1
     diff = at.dataframe[1].value
-    assert {"seed", "ranker", "pruning_ratio", "config.seed"} <= set(diff["field"])
-    one_baseline = rice[0]["id"]
-    at = _app(fixture_log, monkeypatch, "Compare", experiment="rice", baselines=one_baseline)
-    assert {v["id"] for v in _values(_charts(at)[0])} == {one_baseline, *[r["id"] for r in rice
-                                                                            if r["parent_id"] == one_baseline]}
-    picked = [rice[1]["id"], rice[3]["id"]]  # the two pruned runs: only the seed differs
-    at = _app(fixture_log, monkeypatch, "Compare", runs=",".join(map(str, picked)))
-    assert list(at.dataframe[1].value["field"])[:3] == ["seed", "parent_id", "config.seed"]
+    assert {"seed", "parent_id", "config.seed", "config.step"} <= set(diff["field"])
+    rice = log.runs("rice")
+    at = _app(fixture_log, monkeypatch, "Compare", experiment="compress", baselines=parents[1]["id"])
+    assert {v["id"] for v in _values(_charts(at)[0])} == {parents[1]["id"], *[r["id"] for r in compress
+                                                                               if r["parent_id"] == parents[1]["id"]]}
+    at = _app(fixture_log, monkeypatch, "Compare", runs=f"{rice[0]['id']},{rice[1]['id']}")
+    assert list(at.dataframe[1].value["field"]) == ["ranker", "pruning_ratio", "parent_id"]
+    points = [v for v in _values(_charts(at)[0]) if "segment" not in v]
+    assert {(p["id"], p["test_top1"], p["macs"]) for p in points} == {(r["id"], r["test_top1"], r["macs"]) for r in rice}
 
 
 def test_ranker_colours_are_the_same_on_every_page(fixture_log, monkeypatch):
@@ -291,9 +301,11 @@ def test_empty_log_running_row_and_notebook_log(tmp_path, monkeypatch):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     log.update_run(run_id, pid=dead.pid)  # its process is gone: read as interrupted, as `logs list` does
+    log.close()
+    digest = _sha(running)
     at = _app(running, monkeypatch, "Runs")
     assert list(at.dataframe[0].value["status"]) == ["interrupted"]
-    log.close()
+    assert _sha(running) == digest  # not marked in the file: a writer would have (see ExperimentLog)
     notebook = str(tmp_path / "notebook.db")
     run_id = save_training_log_to_sqlite([1.25, 1.5, 1.75], "vgg16_pruned", 0.3, 0.91, db_path=notebook)
     at = _app(notebook, monkeypatch, "Runs")
@@ -321,7 +333,7 @@ def test_shows_runs_written_while_open_and_survives_a_write(fixture_log, tmp_pat
 
 
 def test_log_unchanged_and_read_only_copy(fixture_log, tmp_path, monkeypatch):
-    pages = (("Runs", {}), ("Run", {"run": 1}), ("Run", {"run": 2}), ("Compare", {}))
+    pages = (("Runs", {}), ("Run", {"run": 2}), ("Compare", {}))
     expected = len(ExperimentLog(fixture_log, readonly=True).runs())
     db = str(tmp_path / "log.db")
     shutil.copy(fixture_log, db)
@@ -413,5 +425,7 @@ def test_every_page_in_headless_chromium(fixture_log, tmp_path):
         log.close()
         text = browser.load(driver, f"{url}/?page=Runs", chart=False)
         assert f"#{new} prune taylor, seed 7 (running)" in text
+    served = open(tmp_path / "server.log").read()  # bound to 127.0.0.1 without --host
+    assert f"on http://127.0.0.1:{url.rsplit(':', 1)[1]}" in served and "0.0.0.0" not in served
     for name in ("runs.png", "run.png", "compare.png"):
         assert open(tmp_path / name, "rb").read(4) == b"\x89PNG"

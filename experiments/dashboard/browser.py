@@ -45,15 +45,16 @@ def free_port():
 
 
 @contextlib.contextmanager
-def serve(db, port=None, host="127.0.0.1", timeout=60, log_file=None):
-    """`python main_train.py dashboard --db DB` on a free port; yields its URL once
-    Streamlit answers its health check, and stops it (the whole process group) after."""
+def serve(db, port=None, host=None, timeout=60, log_file=None):
+    """`python main_train.py dashboard --db DB` on a free port (and `--host`, if given);
+    yields its URL once Streamlit answers its health check, and stops it (the whole
+    process group) after."""
     port = port or free_port()
     out = open(log_file, "w") if log_file else subprocess.DEVNULL
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "main_train.py"), "dashboard", "--db", db,
-                             "--port", str(port), "--host", host], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    url = f"http://{host}:{port}"
+                             "--port", str(port), *(["--host", host] if host else [])], cwd=ROOT, stdout=out,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://{host or '127.0.0.1'}:{port}"
     try:
         deadline = time.monotonic() + timeout
         while True:
