@@ -426,6 +426,6 @@ def test_every_page_in_headless_chromium(fixture_log, tmp_path):
         text = browser.load(driver, f"{url}/?page=Runs", chart=False)
         assert f"#{new} prune taylor, seed 7 (running)" in text
     served = open(tmp_path / "server.log").read()  # bound to 127.0.0.1 without --host
-    assert f"on http://127.0.0.1:{url.rsplit(':', 1)[1]}" in served and "0.0.0.0" not in served
+    assert f"URL: http://127.0.0.1:{url.rsplit(':', 1)[1]}" in served and "0.0.0.0" not in served  # Streamlit's
     for name in ("runs.png", "run.png", "compare.png"):
         assert open(tmp_path / name, "rb").read(4) == b"\x89PNG"
