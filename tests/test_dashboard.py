@@ -268,7 +268,8 @@ def test_compare_page_frontier_seeds_and_differing_fields(fixture_log, monkeypat
     at = _app(fixture_log, monkeypatch, "Compare", runs=f"{rice[0]['id']},{rice[1]['id']}")
     assert list(at.dataframe[1].value["field"]) == ["ranker", "pruning_ratio", "parent_id"]
     points = [v for v in _values(_charts(at)[0]) if "segment" not in v]
-    assert {(p["id"], p["test_top1"], p["macs"]) for p in points} == {(r["id"], r["test_top1"], r["macs"]) for r in rice}
+    assert {(p["id"], p["test_top1"], p["macs"]) for p in points} == {
+        (r["id"], r["test_top1"], r["macs"]) for r in rice}
 
 
 def test_ranker_colours_are_the_same_on_every_page(fixture_log, monkeypatch):

@@ -125,7 +125,8 @@ def run_page(log, rows, colours):
     r = by_id[run_id]
     st.header(run_title(r))
     if r["status"] in ("failed", "interrupted"):
-        (st.error if r["status"] == "failed" else st.warning)(f"{r['status']}: {r['error_line'] or 'no error recorded'}")
+        say = st.error if r["status"] == "failed" else st.warning
+        say(f"{r['status']}: {r['error_line'] or 'no error recorded'}")
         if r.get("error") and "\n" in r["error"].strip():
             with st.expander("full error"):
                 st.code(r["error"], language=None)
@@ -141,17 +142,18 @@ def run_page(log, rows, colours):
     cols[0].metric("params", _fmt(r.get("params"), ",d"))
     cols[1].metric("MACs", _fmt(r.get("macs"), ",d"))
     speedup = r["metrics"].get("speedup")
-    cols[2].metric("speed-up", _fmt(speedup if data._number(speedup) else None, ".2f") + ("x" if data._number(speedup) else ""))
+    cols[2].metric("speed-up", f"{speedup:.2f}x" if data.is_number(speedup) else "–")
     cols[3].metric("ms / batch", _fmt(r.get("latency_ms"), ".1f"),
-                   delta=f"p90 {lat['ms_p90']:.1f}" if data._number(lat.get("ms_p90")) else None, delta_color="off")
-    st.markdown(f"**artifact** `{r.get('artifact') or '–'}`" + (f" · **folder** `{r['run_dir']}`" if r.get("run_dir") else ""))
+                   delta=f"p90 {lat['ms_p90']:.1f}" if data.is_number(lat.get("ms_p90")) else None, delta_color="off")
+    st.markdown(f"**artifact** `{r.get('artifact') or '–'}`"
+                + (f" · **folder** `{r['run_dir']}`" if r.get("run_dir") else ""))
     family = [f"[#{i}](?page=Run&run={i})" for i in r["children"]]
     if r.get("parent_id") in by_id:
         st.markdown(f"parent: [{run_title(by_id[r['parent_id']])}](?page=Run&run={r['parent_id']})")
     if family:
         st.markdown("children: " + ", ".join(family))
     with st.expander("config", expanded=False):
-        st.dataframe(pd.DataFrame([{"field": k, "value": data._text(v)} for k, v in data.config_items(r)]),
+        st.dataframe(pd.DataFrame([{"field": k, "value": data.as_text(v)} for k, v in data.config_items(r)]),
                      hide_index=True, width="stretch")
     rest = {k: v for k, v in r["metrics"].items() if k not in
             ("confusion_matrix", "per_class", "class_names", "latency", "heldout", "eval_dir")}

@@ -11,7 +11,6 @@ Used by the real-browser test and to take the README's screenshots:
 import argparse
 import contextlib
 import os
-import shutil
 import signal
 import socket
 import subprocess

@@ -143,7 +143,7 @@ def epochs(log, run_id):
 def epoch_curves(epoch_rows):
     """Long format of the curves for charting: one row per (epoch, metric) logged."""
     return [{"step": e["step"], "phase": e["phase"], "epoch": e["epoch"], "metric": k, "value": e[k]}
-            for e in epoch_rows for k in EPOCH_METRICS if _number(e.get(k))]
+            for e in epoch_rows for k in EPOCH_METRICS if is_number(e.get(k))]
 
 
 def layers(log, run_id):
@@ -166,7 +166,7 @@ def eval_sets(row):
         report = {"confusion_matrix": m.get("confusion_matrix"), "per_class": m.get("per_class"),
                   "top1": row.get("test_top1")} if key == "test" else m.get(key)
         if not isinstance(report, dict) or not (report.get("confusion_matrix") or report.get("per_class")
-                                                or _number(report.get("top1"))):
+                                                or is_number(report.get("top1"))):
             continue
         cm = report.get("confusion_matrix") or []
         per_class = report.get("per_class") or {}
@@ -205,10 +205,10 @@ def latency_rows(rows, row):
     out = []
     for r in rows:
         lat = latency(r)
-        if r["id"] in ids and _number(lat.get("ms_per_batch")):
+        if r["id"] in ids and is_number(lat.get("ms_per_batch")):
             out.append({"id": r["id"], "run": f"#{r['id']} {r['label']}", "label": r["label"],
                         "median": lat["ms_per_batch"], "batch_size": lat.get("batch_size"),
-                        **{k: v for k, v in lat.items() if k.startswith("ms_") and _number(v)}})
+                        **{k: v for k, v in lat.items() if k.startswith("ms_") and is_number(v)}})
     return out
 
 
@@ -240,7 +240,7 @@ def frontier(rows):
                "role": "pruned" if r.get("parent_id") else "baseline", "parent_id": r.get("parent_id"),
                "seed": r.get("seed"), "test_top1": r["test_top1"], "params": r.get("params"),
                "macs": r.get("macs"), "latency_ms": r.get("latency_ms")}
-              for r in rows if _number(r.get("test_top1"))]
+              for r in rows if is_number(r.get("test_top1"))]
     by_id = {p["id"]: p for p in points}
     segments = []
     for p in points:
@@ -284,7 +284,7 @@ def seed_groups(rows):
              "runs": [r["id"] for r in members], "seeds": sorted({r.get("seed") for r in members}, key=str),
              "n": len(members)}
         for key in ("test_top1", "params", "macs", "latency_ms"):
-            values = [r[key] for r in members if _number(r.get(key))]
+            values = [r[key] for r in members if is_number(r.get(key))]
             g[f"{key}_mean"] = statistics.fmean(values) if values else None
             g[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else None
         out.append(g)
@@ -305,15 +305,15 @@ def differing_fields(rows):
     for name in names:
         values = {rid: f.get(name) for rid, f in per_run.items()}
         if len({json.dumps(v, sort_keys=True, default=str) for v in values.values()}) > 1:
-            out.append({"field": name, **{f"#{rid}": _text(v) for rid, v in values.items()}})
+            out.append({"field": name, **{f"#{rid}": as_text(v) for rid, v in values.items()}})
     return out
 
 
-def _text(value):
+def as_text(value):
     if value is None:
         return ""
     return value if isinstance(value, str) else json.dumps(value, default=str)
 
 
-def _number(v):
+def is_number(v):
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
