@@ -259,6 +259,9 @@ def test_compare_page_frontier_seeds_and_differing_fields(fixture_log, monkeypat
     tops = [r["test_top1"] for r in parents]
     assert row["n"] == 2 and row["top-1"] == f"{statistics.fmean(tops):.4f} ± {statistics.stdev(tops):.4f}"
     assert len(groups) == 3  # the compress runs and each of their two steps, over seeds 0 and 1
+    spread = next(v for v in _values(_charts(at)[1]) if v["runs"] == row["runs"])  # mean ± std chart
+    assert (spread["low"], spread["high"]) == pytest.approx(
+        (statistics.fmean(tops) - statistics.stdev(tops), statistics.fmean(tops) + statistics.stdev(tops)))
     diff = at.dataframe[1].value
     assert {"seed", "parent_id", "config.seed", "config.step"} <= set(diff["field"])
     rice = log.runs("rice")

@@ -238,6 +238,8 @@ def compare_page(rows, colours):
             "top-1": _pm(g, "test_top1", ".4f"), "params": _pm(g, "params", ",.0f"), "MACs": _pm(g, "macs", ",.0f"),
             "ms/batch": _pm(g, "latency_ms", ".1f"), "runs": ", ".join(f"#{i}" for i in g["runs"])}
             for g in groups]), hide_index=True, width="stretch")
+        if any(g["n"] > 1 and g["test_top1_std"] is not None and g["macs_mean"] is not None for g in groups):
+            st.altair_chart(charts.seed_spread(groups, colours), width="stretch")
     diff = data.differing_fields(picked)
     st.subheader("Config fields that differ")
     if diff:

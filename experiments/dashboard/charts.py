@@ -70,7 +70,7 @@ def recall(per_class):
     bars = base.mark_bar(color="#1f77b4").encode(
         x=alt.X("recall:Q", title="recall (bar), precision (tick)", scale=alt.Scale(domain=[0, 1])), tooltip=tip)
     ticks = base.mark_tick(color="#d62728", thickness=2).encode(x="precision:Q", tooltip=tip)
-    return (bars + ticks).properties(height=max(120, 26 * len(per_class)))
+    return (bars + ticks).properties(height=alt.Step(24))
 
 
 def latency(rows, colours):
@@ -82,13 +82,15 @@ def latency(rows, colours):
         high = max(v for k, v in r.items() if k in ("ms_p90", "ms_p95", "ms_p99", "ms_max"))\
             if any(k in r for k in ("ms_p90", "ms_p95", "ms_p99", "ms_max")) else r["median"]
         spread.append({**r, "low": low, "high": high})
-    base = alt.Chart(alt.Data(values=spread)).encode(y=alt.Y("run:N", title=None, sort=None))
+    base = alt.Chart(alt.Data(values=spread)).encode(y=alt.Y("run:N", title=None, sort=None,
+                                                             axis=alt.Axis(labelLimit=240)))
     tip = ["run:N", alt.Tooltip("median:Q", format=".2f"), alt.Tooltip("low:Q", format=".2f"),
            alt.Tooltip("high:Q", format=".2f"), "batch_size:Q"]
-    rule = base.mark_rule(strokeWidth=2).encode(x=alt.X("low:Q", title="ms per batch (median; rule: spread)"),
+    rule = base.mark_rule(strokeWidth=2).encode(x=alt.X("low:Q", title="ms per batch (median; rule: spread)",
+                                                        scale=alt.Scale(zero=False)),
                                                 x2="high:Q", color=_ranker(colours, rows), tooltip=tip)
     point = base.mark_point(filled=True, size=90).encode(x="median:Q", color=_ranker(colours, rows), tooltip=tip)
-    return (rule + point).properties(height=max(80, 32 * len(rows)))
+    return (rule + point).properties(height=alt.Step(30))
 
 
 def frontier(points, segments, colours):
@@ -109,3 +111,19 @@ def frontier(points, segments, colours):
             opacity=0.6).encode(x=x, y=y, color=_ranker(colours, points), detail="segment:N")
         panels.append((lines + dots).properties(width=230, height=260))
     return alt.hconcat(*panels)
+
+
+def seed_spread(groups, colours):
+    """Mean test top-1 of each config run at several seeds against its mean MACs, with a
+    rule over mean ± one standard deviation."""
+    rows = [{**g, "low": g["test_top1_mean"] - g["test_top1_std"], "high": g["test_top1_mean"] + g["test_top1_std"],
+             "runs": ", ".join(f"#{i}" for i in g["runs"])}
+            for g in groups if g["n"] > 1 and g["test_top1_std"] is not None and g["macs_mean"] is not None]
+    base = alt.Chart(alt.Data(values=rows)).encode(
+        x=alt.X("macs_mean:Q", title="MACs (mean)", scale=alt.Scale(zero=False), axis=alt.Axis(format="~s")),
+        color=_ranker(colours, rows),
+        tooltip=["label:N", "n:Q", "runs:N", alt.Tooltip("test_top1_mean:Q", format=".4f"),
+                 alt.Tooltip("test_top1_std:Q", format=".4f")])
+    rule = base.mark_rule(strokeWidth=2).encode(y=alt.Y("low:Q", title="test top-1 (mean ± std over seeds)",
+                                                        scale=alt.Scale(zero=False)), y2="high:Q")
+    return (rule + base.mark_point(filled=True, size=70).encode(y="test_top1_mean:Q")).properties(height=260)
