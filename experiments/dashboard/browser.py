@@ -112,14 +112,15 @@ def load(driver, url, timeout=60, chart=True):
     if chart:
         wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, CHART))
     # Done when Streamlit's running indicator is gone and the text stops changing.
-    last = None
-    while True:
+    last, deadline = None, time.monotonic() + timeout
+    while time.monotonic() < deadline:
         wait.until(lambda d: not d.find_elements(By.CSS_SELECTOR, "[data-testid='stStatusWidget']"))
         text = driver.find_element(By.TAG_NAME, "body").text
         if text == last:
             return text
         last = text
         time.sleep(0.5)
+    raise TimeoutError(f"{url} kept changing for {timeout} s")
 
 
 def screenshot(driver, path, height=None):
