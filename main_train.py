@@ -619,5 +619,6 @@ def dashboard(port, host, db):
         code = proc.wait()
     raise SystemExit(code)
 
+
 if __name__ == "__main__":
     cli()

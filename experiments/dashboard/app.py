@@ -65,12 +65,6 @@ def run_title(r):
     return f"#{r['id']} {r['experiment']} {r['label']}{ratio}{seed} ({r['status']})"
 
 
-def table(rows):
-    """The runs as a DataFrame with the Runs page's columns and titles."""
-    frame = pd.DataFrame([{k: r.get(k) for k in TABLE_COLUMNS} for r in rows], columns=list(TABLE_COLUMNS))
-    return frame
-
-
 # ---------------------------------------------------------------------- pages
 def runs_page(log, rows):
     st.title("Runs")
@@ -93,7 +87,7 @@ def runs_page(log, rows):
     cols[2].metric("failed or interrupted", sum(r["status"] in ("failed", "interrupted") for r in shown))
     cols[3].metric("best top-1", _fmt(best and best["test_top1"], ".4f"),
                    delta=f"run #{best['id']}" if best else None, delta_color="off")
-    frame = table(shown)
+    frame = pd.DataFrame([{k: r.get(k) for k in TABLE_COLUMNS} for r in shown], columns=list(TABLE_COLUMNS))
     st.dataframe(frame, hide_index=True, width="stretch", key="runs_table", height=min(38 + 35 * len(frame), 600),
                  column_config={k: c for k, (_, c) in TABLE_COLUMNS.items() if c is not None}
                  | {k: t for k, (t, c) in TABLE_COLUMNS.items() if c is None})

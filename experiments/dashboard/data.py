@@ -45,6 +45,8 @@ class _ReadOnlyLog(ExperimentLog):
             conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
         except sqlite3.OperationalError as e:  # a WAL log whose folder is read-only: no -shm can be made
             conn.close()
+            if "readonly" not in str(e) and "unable to open" not in str(e):  # e.g. locked for 60 s
+                raise ValueError(f"Cannot read the experiment log {self.path!r} ({e}).") from None
             uri = f"file:{urllib.parse.quote(os.path.abspath(self.path))}?immutable=1"
             conn = sqlite3.connect(uri, uri=True, timeout=60, isolation_level=None, check_same_thread=False)
             try:
