@@ -144,7 +144,7 @@ def main(argv=None):
         raise SystemExit(f"Cannot take screenshots: {reason}")
     with serve(args.db) as url, chrome(1500, 1000) as driver:
         for name, query, height in (("dashboard_runs.png", "page=Runs", 1000),
-                                    ("dashboard_compare.png", f"page=Compare&experiment={args.experiment}", 1400)):
+                                    ("dashboard_compare.png", f"page=Compare&experiment={args.experiment}", 1750)):
             driver.set_window_size(1500, height)
             load(driver, f"{url}/?{query}", chart=name != "dashboard_runs.png")
             print("wrote", screenshot(driver, os.path.join(args.out, name)))
