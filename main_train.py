@@ -421,16 +421,27 @@ def rank(model_path, ranker, data_dir, preprocess, image_size, batch_size, limit
 
 
 @cli.command(context_settings=CONTEXT)
-@click.argument("model_path")
+@click.argument("model_path", required=False)
 @click.option("--latency-batch", type=click.IntRange(1), default=16, show_default=True,
               help="Batch size for latency (images).")
 @click.option("--runs", type=click.IntRange(1), default=20, show_default=True, help="Timed inference calls.")
 @click.option("--per-layer/--no-per-layer", default=False, show_default=True, help="List every layer.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-def stats(model_path, latency_batch, runs, per_layer, as_json):
-    """Params, MACs and measured latency of a .keras model."""
+@click.option("--compare", nargs=2, default=None, metavar="A.keras B.keras",
+              help="Time two models in the same window in interleaved rounds; B's speed-up over A.")
+@click.option("--rounds", type=click.IntRange(1), default=None,
+              help="Interleaved rounds of --compare (default: --runs rounds of one call per model).")
+def stats(model_path, latency_batch, runs, per_layer, as_json, compare, rounds):
+    """Params, MACs and measured latency of a .keras model (or --compare A.keras B.keras)."""
     from pruning import CNNModel, layer_stats, measure_latency, model_stats
 
+    if compare:
+        if model_path:
+            raise click.UsageError(f"Give either MODEL_PATH or --compare A B. Received: {model_path!r} and "
+                                   f"--compare {' '.join(compare)}")
+        return compare_latency(compare, latency_batch, runs, rounds, as_json)
+    if not model_path:
+        raise click.UsageError("Missing argument 'MODEL_PATH' (or give --compare A.keras B.keras).")
     model = load_keras_model(model_path)
     with progressbar("measuring latency", runs) as update:
         latency = measure_latency(model, batch_size=latency_batch, runs=runs, progress=update)
@@ -449,6 +460,30 @@ def stats(model_path, latency_batch, runs, per_layer, as_json):
                f"latency           {latency['ms_per_batch']:.2f} ms per batch of {latency_batch} "
                f"(p90 {latency['ms_p90']:.2f} ms, {latency['ms_per_image']:.3f} ms/image)\n"
                f"prunable convs    {sum(c['prunable'] for c in convs)} of {len(convs)}")
+
+
+def compare_latency(paths, latency_batch, runs, rounds, as_json):
+    """`stats --compare A B`: both models timed in interleaved rounds; B's speed-up over A."""
+    from pruning import model_stats
+    from pruning.latency import format_timing, interleaved_latency
+
+    models = [load_keras_model(p) for p in paths]
+    names = ["A", "B"]
+    rounds = rounds or runs
+    try:
+        with progressbar("measuring latency (interleaved)", 2 * rounds) as update:
+            timing = interleaved_latency(dict(zip(names, models)), batch_size=latency_batch,
+                                         runs=max(1, -(-runs // rounds)), rounds=rounds, progress=update)
+    except ValueError as e:
+        fail(e)
+    macs = [model_stats(m)["macs"] for m in models]
+    if as_json:
+        click.echo(json.dumps({**timing, "paths": dict(zip(names, paths)), "macs": dict(zip(names, macs))},
+                              indent=1))
+        return
+    click.echo(format_timing(timing, labels=dict(zip(names, paths))))
+    click.echo(f"{paths[1]}: {timing['speedup']['B']:.2f}x the speed of {paths[0]} "
+               f"({macs[1] / max(macs[0], 1):.2f}x its MACs)")
 
 
 # -------------------------------------------------------------------- compress

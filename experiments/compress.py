@@ -274,7 +274,7 @@ def _run_compress(cfg, log, model, echo):
             current = pruned
 
         final = evaluate(current, test_ds)
-        sizes, latency = common.measure(current, cfg.latency_batch, cfg.latency_runs)
+        sizes, latency = common.measure(current, cfg.latency_batch, cfg.latency_runs, baseline=model)  # one window
         final_cost = sizes["latency_ms"] if metric == "latency" else sizes[metric]
         total_plan.meta.update({"ranker": ranker.name, "metric": metric, "target": target,
                                 "reached": final_cost / base_cost, "allocation": cfg.allocation})
@@ -285,7 +285,7 @@ def _run_compress(cfg, log, model, echo):
             common.write_text(os.path.splitext(cfg.output)[0] + ".plan.json", total_plan.to_json())
         summary = {"run_id": parent.id, "metric": metric, "target": target, "reached": final_cost / base_cost,
                    "baseline": {**base, **base_sizes}, "final": {**final, **sizes},
-                   "speedup": base_sizes["latency_ms"] / sizes["latency_ms"], "steps": steps,
+                   "speedup": latency["speedup"], "steps": steps,
                    "model": output, "plan": plan_path,
                    "layers": {n: f"{len(k)}/{total_plan.filters.get(n, len(k))}" for n, k in total_plan.keep.items()}}
         parent.finish(**final, **sizes, artifact=output,
