@@ -32,6 +32,9 @@ PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 ALLOCATIONS = ("uniform", "global", "sensitivity")
 TARGET_METRICS = ("macs", "params", "latency")  # pruning.plan.ROUND_MODES (kept here: this module imports no TensorFlow)
 PREPROCESSING = ("vgg16", "cifar10", "cifar100", "unit", "none")
+# pruning.export's names (kept here: this module imports no TensorFlow; a test checks they match).
+EXPORT_FORMATS = ("litert", "saved_model", "onnx")
+QUANTIZATIONS = ("none", "float16", "dynamic", "int8")
 # Augmentation ranges: hue in fractions of the colour circle, saturation and brightness as factors
 # 1 +- v, zoom as a factor up to 1 + v, rotation in degrees.
 JITTER_MAX = {"hue": 0.5, "saturation": 1.0, "brightness": 1.0}
