@@ -234,6 +234,17 @@ def _quantize_error(error, quantize):
     return f"LiteRT cannot quantize {what} to {quantize}: {line[:300]}.{hint}"
 
 
+def litert_interpreter(path, threads=None):
+    """A LiteRT interpreter of a .tflite file: ai-edge-litert's, else TensorFlow's own copy."""
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+    except ImportError:
+        import tensorflow as tf
+
+        Interpreter = tf.lite.Interpreter
+    return Interpreter(os.fspath(path), num_threads=threads or os.cpu_count())
+
+
 class Runner:
     """An exported file as a callable `runner(x) -> outputs` on float32 batches (LiteRT
     interpreter, ONNX Runtime session or loaded SavedModel), for checking and timing.
@@ -243,11 +254,7 @@ class Runner:
         self.path, self.format, self.batch_size = os.fspath(path), format, batch_size
         threads = threads or os.cpu_count()
         if format == "litert":
-            try:
-                from ai_edge_litert.interpreter import Interpreter
-            except ImportError:  # TensorFlow's own copy of the interpreter
-                from tensorflow.lite import Interpreter
-            self._interpreter = Interpreter(self.path, num_threads=threads)
+            self._interpreter = litert_interpreter(self.path, threads)
             detail = self._interpreter.get_input_details()[0]
             self.input_shape_fixed = tuple(int(d) for d in detail["shape"][1:])
             self._interpreter.resize_tensor_input(detail["index"], [batch_size, *self.input_shape_fixed])
