@@ -296,4 +296,15 @@ def _run_compress(cfg, log, model, echo):
          f"{summary['reached']:.3f} of the baseline (target {target}), {sizes['params']:,} params, "
          f"{sizes['macs']:,} MACs, {sizes['latency_ms']:.1f} ms/batch ({summary['speedup']:.2f}x)")
     echo(f"wrote {output} and {plan_path} (run {parent.id})")
+    if cfg.export:  # the last step: the same export as `export MODEL -o ...`, logged under this run
+        from experiments.deploy import export_run
+        from pruning.export import EXTENSIONS
+
+        stem = os.path.splitext(cfg.output or output)[0]
+        target = stem + (f"-{cfg.quantize}" if cfg.quantize != "none" else "") + EXTENSIONS[cfg.export]
+        pick = np.random.default_rng(cfg.seed).permutation(len(x_tr))[:cfg.calibration_images]
+        summary["export"] = export_run(
+            log, current, cfg.output or output, target, cfg.export, cfg.quantize, cfg.preprocess,
+            calibration=x_tr[pick].astype(np.float32), evaluation=(x_te.astype(np.float32), y_te),
+            latency_batch=cfg.latency_batch, latency_runs=cfg.latency_runs, parent_id=parent.id, echo=echo)
     return summary

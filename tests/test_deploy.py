@@ -198,3 +198,29 @@ def test_export_choice_lists_match_the_library():
     from pruning.export import FORMATS, QUANTIZATIONS as quantizations
 
     assert (EXPORT_FORMATS, QUANTIZATIONS) == (FORMATS, quantizations)
+
+
+def test_compress_exports_int8_as_its_last_step(tmp_path):
+    from experiments.compress import run_compress
+    from experiments.config import CompressConfig
+    from test_compress import write_cifar_layout
+
+    data = str(tmp_path / "data")
+    write_cifar_layout(data, size=SIZE)
+    path = str(tmp_path / "m.keras")
+    small_cnn(classes=2).save(path)
+    db = str(tmp_path / "log.db")
+    out = str(tmp_path / "small.keras")
+    cfg = CompressConfig(model=path, data_dir=data, target_macs=0.5, epochs=0, ranker="l1", preprocess="unit",
+                         out_dir=str(tmp_path / "runs"), output=out, latency_runs=2, latency_batch=2, verbose=0,
+                         export="litert", quantize="int8", calibration_images=8)
+    lines = []
+    s = run_compress(cfg, ExperimentLog(db), echo=lines.append)
+    assert os.path.exists(str(tmp_path / "small-int8.tflite"))
+    (run,) = ExperimentLog(db).runs("export")
+    assert run["parent_id"] == s["run_id"] and run["artifact"] == str(tmp_path / "small-int8.tflite")
+    metrics = json.loads(run["metrics"])
+    assert metrics["quantize"] == "int8" and metrics["calibration_images"] == 8 and metrics["images"] == 12
+    assert lines[-1].startswith("small-int8.tflite: ") and s["export"]["run_id"] == run["id"]
+    with pytest.raises(ValueError, match="needs export='litert'"):
+        CompressConfig(model=path, data_dir=data, target_macs=0.5, quantize="int8").validate()
