@@ -81,9 +81,12 @@ def load_images(folder, model, limit=None, seed=0, what="--calibration-dir"):
 
 
 def model_run(log, path):
-    """The completed run whose model is `path` (its artifact, or the `output` copy of its config), or None."""
+    """The completed run whose model is `path` (its artifact, or the `output` copy of its config), or None.
+    Only runs that wrote a model count (a compress step's config names the output too)."""
     target = os.path.abspath(path)
     for row in reversed(log.runs(status="completed")):
+        if not row.get("artifact"):
+            continue
         config = json.loads(row["config"]) if row.get("config") else {}
         candidates = [row.get("artifact"), config.get("output") if isinstance(config, dict) else None]
         if any(c and os.path.abspath(c) == target for c in candidates):

@@ -222,5 +222,8 @@ def test_compress_exports_int8_as_its_last_step(tmp_path):
     metrics = json.loads(run["metrics"])
     assert metrics["quantize"] == "int8" and metrics["calibration_images"] == 8 and metrics["images"] == 12
     assert lines[-1].startswith("small-int8.tflite: ") and s["export"]["run_id"] == run["id"]
+    from experiments.deploy import model_run
+
+    assert model_run(ExperimentLog(db), out)["id"] == s["run_id"]  # `export small.keras` finds the compress run
     with pytest.raises(ValueError, match="needs export='litert'"):
         CompressConfig(model=path, data_dir=data, target_macs=0.5, quantize="int8").validate()
