@@ -74,7 +74,8 @@ def main(baseline, compressed, data_dir, work_dir, rounds, out):
     base = rows[0]
     lines = [
         "# Deploying the quick start's models", "",
-        f"Baseline `{baseline}` and its `compress --target-macs 0.5` model `{compressed}`; top-1 on the "
+        f"Baseline `{baseline}` and its `compress --target-macs 0.5` model `{compressed}` (made by the README "
+        f"quick start's `rice` and `compress` commands, in a scratch folder with a scratch --db); top-1 on the "
         f"{len(x_te)} test images of the bundled rice sample ({data_dir}, the split compress evaluates), int8 "
         f"calibrated on 100 training-split images. Every exported file takes raw pixels (vgg16 preprocessing "
         f"inside, BatchNorm folded). Latency: all {len(timed)} models and files timed in the same window in "
