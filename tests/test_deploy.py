@@ -191,6 +191,13 @@ def test_int8_converter_failure_names_the_op_and_suggests_dynamic(tmp_path):
         export_model(model, str(tmp_path / "m.tflite"), "litert", "int8", calibration)
     assert "\n" not in str(e.value)
     assert not os.path.exists(tmp_path / "m.tflite")
+    from experiments.deploy import write_export
+
+    (tmp_path / "old.tflite").write_bytes(b"the previous export")
+    with pytest.raises(ValueError, match="--quantize dynamic"):
+        write_export(model, str(tmp_path / "old.tflite"), "litert", "int8", calibration)
+    assert (tmp_path / "old.tflite").read_bytes() == b"the previous export"  # atomic: untouched, no partial file
+    assert sorted(os.listdir(tmp_path)) == ["old.tflite"]
 
 
 def test_export_choice_lists_match_the_library():
