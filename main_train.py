@@ -16,8 +16,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import click  # noqa: E402
 
-from experiments.config import (PREPROCESSING, ROUND_MODES, CifarConfig, CompressConfig, RiceConfig,  # noqa: E402
-                                check_model_file, cli_fields)
+from experiments.config import (EXPORT_FORMATS, PREPROCESSING, QUANTIZATIONS, ROUND_MODES, CifarConfig,  # noqa: E402
+                                CompressConfig, RiceConfig, check_model_file, cli_fields)
 from save_sqlite import DEFAULT_DB, ENV_VAR, STATUSES, TABLES  # noqa: E402
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -318,6 +318,14 @@ def echo_skipped(plan):
                    + "; ".join(f"{name} ({reason})" for name, reason in skipped.items()))
 
 
+def refuse_logged_output(log, output, force, what="model"):
+    """A one-line error when `output` is the file of a finished run of the log (unless --force)."""
+    owners = [r["id"] for r in log.runs(artifact=output) if r["status"] == "completed"]
+    if owners and not force:
+        raise click.ClickException(f"{output!r} is the {what} of finished run {owners[0]}; choose another "
+                                   "--output (or pass --force to replace it).")
+
+
 @cli.command(context_settings=CONTEXT)
 @click.argument("model_path")
 @ranking_options
@@ -351,10 +359,7 @@ def prune(model_path, ranker, data_dir, preprocess, image_size, batch_size, limi
     except ValueError as e:
         fail(e)
     log = open_log(db)  # before any work: a broken log leaves no model without a row
-    owners = [r["id"] for r in log.runs(artifact=output) if r["status"] == "completed"]
-    if owners and not force:
-        raise click.ClickException(f"{output!r} is the model of finished run {owners[0]}; choose another "
-                                   "--output (or pass --force to replace it).")
+    refuse_logged_output(log, output, force)
     model = load_keras_model(model_path)
     rate_spec = None if ratio is None else (ratio[0] if len(ratio) == 1 else list(ratio))
     try:
@@ -421,16 +426,27 @@ def rank(model_path, ranker, data_dir, preprocess, image_size, batch_size, limit
 
 
 @cli.command(context_settings=CONTEXT)
-@click.argument("model_path")
+@click.argument("model_path", required=False)
 @click.option("--latency-batch", type=click.IntRange(1), default=16, show_default=True,
               help="Batch size for latency (images).")
 @click.option("--runs", type=click.IntRange(1), default=20, show_default=True, help="Timed inference calls.")
 @click.option("--per-layer/--no-per-layer", default=False, show_default=True, help="List every layer.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-def stats(model_path, latency_batch, runs, per_layer, as_json):
-    """Params, MACs and measured latency of a .keras model."""
+@click.option("--compare", nargs=2, default=None, metavar="A.keras B.keras",
+              help="Time two models in the same window in interleaved rounds; B's speed-up over A.")
+@click.option("--rounds", type=click.IntRange(1), default=None,
+              help="Interleaved rounds of --compare (default: --runs rounds of one call per model).")
+def stats(model_path, latency_batch, runs, per_layer, as_json, compare, rounds):
+    """Params, MACs and measured latency of a .keras model (or --compare A.keras B.keras)."""
     from pruning import CNNModel, layer_stats, measure_latency, model_stats
 
+    if compare:
+        if model_path:
+            raise click.UsageError(f"Give either MODEL_PATH or --compare A B. Received: {model_path!r} and "
+                                   f"--compare {' '.join(compare)}")
+        return compare_latency(compare, latency_batch, runs, rounds, as_json)
+    if not model_path:
+        raise click.UsageError("Missing argument 'MODEL_PATH' (or give --compare A.keras B.keras).")
     model = load_keras_model(model_path)
     with progressbar("measuring latency", runs) as update:
         latency = measure_latency(model, batch_size=latency_batch, runs=runs, progress=update)
@@ -451,6 +467,30 @@ def stats(model_path, latency_batch, runs, per_layer, as_json):
                f"prunable convs    {sum(c['prunable'] for c in convs)} of {len(convs)}")
 
 
+def compare_latency(paths, latency_batch, runs, rounds, as_json):
+    """`stats --compare A B`: both models timed in interleaved rounds; B's speed-up over A."""
+    from pruning import model_stats
+    from pruning.latency import format_timing, interleaved_latency
+
+    models = [load_keras_model(p) for p in paths]
+    names = ["A", "B"]
+    rounds = rounds or runs
+    try:
+        with progressbar("measuring latency (interleaved)", 2 * rounds) as update:
+            timing = interleaved_latency(dict(zip(names, models)), batch_size=latency_batch,
+                                         runs=max(1, -(-runs // rounds)), rounds=rounds, progress=update)
+    except ValueError as e:
+        fail(e)
+    macs = [model_stats(m)["macs"] for m in models]
+    if as_json:
+        click.echo(json.dumps({**timing, "paths": dict(zip(names, paths)), "macs": dict(zip(names, macs))},
+                              indent=1))
+        return
+    click.echo(format_timing(timing, labels=dict(zip(names, paths))))
+    click.echo(f"{paths[1]}: {timing['speedup']['B']:.2f}x the speed of {paths[0]} "
+               f"({macs[1] / max(macs[0], 1):.2f}x its MACs)")
+
+
 # -------------------------------------------------------------------- compress
 @experiment_command(CompressConfig, "experiments.compress:run_compress",
                     "Write the summary (Markdown: targets, steps, kept filters) to this file.", argument="model")
@@ -469,6 +509,73 @@ def compress(cfg, summary, results):
                             "| step | goal | right after pruning | fine-tuned | MACs |\n|---|---|---|---|---|\n"
                             f"{steps}\n\n{line}\n")
         click.echo(f"wrote {results}")
+
+
+# ---------------------------------------------------------------------- export
+@cli.command(context_settings=CONTEXT)
+@click.argument("model_path")
+@click.option("--output", "-o", required=True,
+              help="The exported file: .tflite (litert), .onnx, or a folder (saved_model).")
+@click.option("--format", "fmt", type=click.Choice(EXPORT_FORMATS), default="litert", show_default=True,
+              help="litert (LiteRT .tflite), saved_model (TensorFlow Serving) or onnx (needs the [onnx] extra).")
+@click.option("--quantize", type=click.Choice(QUANTIZATIONS), default="none", show_default=True,
+              help="LiteRT only: float16 weights, dynamic (int8 weights) or int8 (full-integer, calibrated on "
+                   "--calibration-dir).")
+@click.option("--calibration-dir", default=None,
+              help="Images (<class>/*.jpg) for int8 calibration (and for the check when --eval-dir is not given).")
+@click.option("--calibration-images", type=click.IntRange(1), default=100, show_default=True,
+              help="Calibration images drawn from --calibration-dir (seeded, every class).")
+@click.option("--preprocess", type=click.Choice(PREPROCESSING), default=None,
+              help="The input transform the model was trained with; the exported file applies it to raw pixels "
+                   "(default: the one its logged run used, else vgg16).")
+@click.option("--eval-dir", default=None,
+              help="Labelled images (<class>/*.jpg) for top-1 agreement and accuracy of the exported file.")
+@click.option("--latency-batch", type=click.IntRange(1), default=16, show_default=True,
+              help="Batch N of the batch-N latency (batch 1 is always timed).")
+@click.option("--runs", type=click.IntRange(1), default=10, show_default=True,
+              help="Interleaved timing rounds per batch size.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the calibration draw.")
+@click.option("--force", is_flag=True, help="Replace --output even when it is the file of a logged run.")
+@db_option
+def export(model_path, output, fmt, quantize, calibration_dir, calibration_images, preprocess, eval_dir,
+           latency_batch, runs, seed, force, db):
+    """Fold BatchNorm, export (LiteRT, SavedModel, ONNX; float, float16, dynamic, int8), check and time it."""
+    from experiments.deploy import check_output, export_run, load_images, logged_preprocess, model_run
+    from pruning.export import check_export, fixed_input_shape
+
+    try:
+        check_export(fmt, quantize)
+        check_output(output, fmt)
+    except ValueError as e:
+        raise UsageFailure(str(e)) from e
+    if quantize == "int8" and not calibration_dir:
+        raise click.UsageError("--quantize int8 needs --calibration-dir IMAGES (a representative dataset "
+                               "drawn from your images); or use --quantize dynamic.")
+    log = open_log(db)
+    refuse_logged_output(log, output, force, what="export")
+    model = load_keras_model(model_path)
+    parent = model_run(log, model_path)
+    preprocess = preprocess or logged_preprocess(parent) or "vgg16"
+    try:
+        fixed_input_shape(model)
+        calibration = load_images(calibration_dir, model, calibration_images, seed)[0] if calibration_dir else None
+        evaluation = None
+        if eval_dir:
+            images, labels, names = load_images(eval_dir, model, what="--eval-dir")
+            if model.outputs[0].shape[-1] != len(names):
+                raise ValueError(f"The model has {model.outputs[0].shape[-1]} outputs but --eval-dir {eval_dir!r} "
+                                 f"has {len(names)} classes ({', '.join(names)}).")
+            evaluation = (images, labels)
+    except ValueError as e:
+        raise UsageFailure(str(e)) from e
+    with interrupt_message():
+        try:
+            export_run(log, model, model_path, output, fmt, quantize, preprocess, calibration, evaluation,
+                       latency_batch, runs, parent_id=parent["id"] if parent else None,
+                       config={"calibration_dir": calibration_dir, "eval_dir": eval_dir, "seed": seed},
+                       echo=click.echo)
+        except ValueError as e:
+            fail(e)
 
 
 # ------------------------------------------------------------------------ logs

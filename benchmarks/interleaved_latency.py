@@ -3,8 +3,8 @@
     PYTHONPATH=. python benchmarks/interleaved_latency.py baseline.keras pruned-l1-0.1.keras \\
         --batch 16 --rounds 5 --out results/rice_grain/latency.md
 
-Each round measures every model in turn (the order rotates), each with `pruning.measure_latency`
-(median of --runs calls after warm-up); the table gives the median over rounds and the speed-up
+`pruning.interleaved_latency`: each round measures every model in turn (the order rotates), each the
+median of --runs calls after warm-up; the table gives the median over rounds and the speed-up
 against the first model. A load change on a shared machine then hits every model alike instead
 of the one measured at the time (as the per-run latencies logged after each training can).
 """
@@ -16,7 +16,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import click  # noqa: E402
-import numpy as np  # noqa: E402
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -30,23 +29,18 @@ def main(models, batch, runs, rounds, out):
     import keras
 
     from experiments.common import write_text
-    from pruning import measure_latency, model_stats
-    from pruning.stats import machine_description
+    from pruning import interleaved_latency, model_stats
 
     loaded = [keras.models.load_model(p) for p in models]
-    load_before = machine_description()
-    times = [[] for _ in loaded]
-    for r in range(rounds):
-        order = np.roll(np.arange(len(loaded)), r)
-        for i in order:
-            times[i].append(measure_latency(loaded[i], batch_size=batch, runs=runs, warmup=2)["ms_per_batch"])
-    medians = [float(np.median(t)) for t in times]
-    lines = [f"Machine: {load_before} before, {machine_description()} after. Median over {rounds} interleaved "
-             f"rounds of the median of {runs} calls on a batch of {batch}.", "",
+    timing = interleaved_latency({p: m for p, m in zip(models, loaded)}, batch_size=batch, runs=runs,
+                                 rounds=rounds, warmup=2)
+    lines = [f"Machine: {timing['machine_before']} before, {timing['machine_after']} after. Median over "
+             f"{rounds} interleaved rounds of the median of {runs} calls on a batch of {batch}.", "",
              "| model | MACs | ms / batch | rounds (ms) | speed-up |", "|---|---|---|---|---|"]
-    for path, model, m, t in zip(models, loaded, medians, times):
-        lines.append(f"| {path} | {model_stats(model)['macs']:,} | {m:.1f} | {', '.join(f'{v:.0f}' for v in t)} "
-                     f"| {medians[0] / m:.2f}x |")
+    for path, model in zip(models, loaded):
+        m = timing["models"][path]
+        lines.append(f"| {path} | {model_stats(model)['macs']:,} | {m['ms_per_batch']:.1f} | "
+                     f"{', '.join(f'{v:.0f}' for v in m['rounds_ms'])} | {timing['speedup'][path]:.2f}x |")
     text = "\n".join(lines) + "\n"
     print(text)
     if out:

@@ -142,16 +142,49 @@ def distributed(cfg):
 
 
 # ------------------------------------------------------------ measuring
-def measure(model, latency_batch=32, latency_runs=10):
-    """Params, MACs and inference latency of `model` as run fields."""
+def measure(model, latency_batch=32, latency_runs=10, baseline=None):
+    """Params, MACs and inference latency of `model` as run fields, and the latency record.
+    With a `baseline` model, both are timed in the same window (`timed_against`) and the
+    record holds the speed-up."""
     stats = model_stats(model)
-    latency = measure_latency(model, batch_size=latency_batch, runs=latency_runs)
+    if baseline is not None:
+        latency = timed_against(model, baseline, latency_batch, latency_runs)
+    else:
+        latency = measure_latency(model, batch_size=latency_batch, runs=latency_runs)
     return {
         "params": stats["params"],
         "trainable_params": stats["trainable_params"],
         "macs": stats["macs"],
         "latency_ms": latency["ms_per_batch"],
     }, latency
+
+
+def timed_against(model, baseline=None, latency_batch=32, latency_runs=10):
+    """The latency record of `model` timed together with `baseline` (a keras.Model; None:
+    `model` alone) in `latency_runs` interleaved rounds of one call each (see
+    `pruning.latency.interleaved_latency`): ms_per_batch (median over rounds), speedup,
+    spread and machine load before and after."""
+    from pruning.latency import interleaved_latency, latency_summary
+
+    models = {"model": model} if baseline is None else {"baseline": baseline, "model": model}
+    timing = interleaved_latency(models, batch_size=latency_batch, runs=1, rounds=latency_runs)
+    return latency_summary(timing, "model")
+
+
+_BASELINE_MODELS = {}  # (path, mtime) -> loaded baseline, so each ratio of a run does not reload it
+
+
+def baseline_model(baseline):
+    """The model of a baseline summary (`finish_model_run`'s return value), loaded from its
+    artifact, or None when that file is gone."""
+    path = (baseline or {}).get("artifact")
+    if not path or not os.path.exists(path):
+        return None
+    key = (os.path.abspath(path), os.path.getmtime(path))
+    if key not in _BASELINE_MODELS:
+        _BASELINE_MODELS.clear()
+        _BASELINE_MODELS[key] = keras.models.load_model(path)
+    return _BASELINE_MODELS[key]
 
 
 def finish_model_run(run, model, evaluate=None, *, filename="model.keras", latency_batch=32, latency_runs=10,
@@ -171,7 +204,8 @@ def finish_model_run(run, model, evaluate=None, *, filename="model.keras", laten
         latency_batch: images per timed batch; None skips latency (and speed-up).
         latency_runs: timed calls (the median is recorded).
         baseline: the baseline run's summary (this function's return value), for
-            `speedup` = baseline latency / this latency; None for a baseline.
+            `speedup` = baseline latency / this latency, both timed in the same window
+            (the baseline model is loaded from its artifact); None for a baseline.
         artifact: the path to record (and write the model to) instead of
             `<run dir>/<filename>`.
         save: False when `artifact` already holds the model (a --pretrained baseline).
@@ -189,10 +223,15 @@ def finish_model_run(run, model, evaluate=None, *, filename="model.keras", laten
     sizes = {"params": stats["params"], "trainable_params": stats["trainable_params"], "macs": stats["macs"]}
     speedup = None
     if latency_batch:
-        latency = measure_latency(model, batch_size=latency_batch, runs=latency_runs)
+        # Timed together with the baseline in one window: a load change hits both alike.
+        reference = baseline_model(baseline) if baseline else None
+        latency = timed_against(model, reference, latency_batch, latency_runs)
+        if baseline and reference is None:  # the baseline's file is gone: its logged latency, another window
+            latency = {**latency, "interleaved": False, "baseline_ms_per_batch": baseline["latency_ms"],
+                       "speedup": baseline["latency_ms"] / latency["ms_per_batch"]}
         sizes["latency_ms"] = latency["ms_per_batch"]
         details["latency"] = latency
-        speedup = baseline["latency_ms"] / sizes["latency_ms"] if baseline else 1.0
+        speedup = latency["speedup"]
         details["speedup"] = speedup
         if baseline and baseline.get("test_top1") is not None:
             details["baseline_top1"] = baseline["test_top1"]

@@ -274,7 +274,7 @@ def _run_compress(cfg, log, model, echo):
             current = pruned
 
         final = evaluate(current, test_ds)
-        sizes, latency = common.measure(current, cfg.latency_batch, cfg.latency_runs)
+        sizes, latency = common.measure(current, cfg.latency_batch, cfg.latency_runs, baseline=model)  # one window
         final_cost = sizes["latency_ms"] if metric == "latency" else sizes[metric]
         total_plan.meta.update({"ranker": ranker.name, "metric": metric, "target": target,
                                 "reached": final_cost / base_cost, "allocation": cfg.allocation})
@@ -285,7 +285,7 @@ def _run_compress(cfg, log, model, echo):
             common.write_text(os.path.splitext(cfg.output)[0] + ".plan.json", total_plan.to_json())
         summary = {"run_id": parent.id, "metric": metric, "target": target, "reached": final_cost / base_cost,
                    "baseline": {**base, **base_sizes}, "final": {**final, **sizes},
-                   "speedup": base_sizes["latency_ms"] / sizes["latency_ms"], "steps": steps,
+                   "speedup": latency["speedup"], "steps": steps,
                    "model": output, "plan": plan_path,
                    "layers": {n: f"{len(k)}/{total_plan.filters.get(n, len(k))}" for n, k in total_plan.keep.items()}}
         parent.finish(**final, **sizes, artifact=output,
@@ -296,4 +296,15 @@ def _run_compress(cfg, log, model, echo):
          f"{summary['reached']:.3f} of the baseline (target {target}), {sizes['params']:,} params, "
          f"{sizes['macs']:,} MACs, {sizes['latency_ms']:.1f} ms/batch ({summary['speedup']:.2f}x)")
     echo(f"wrote {output} and {plan_path} (run {parent.id})")
+    if cfg.export:  # the last step: the same export as `export MODEL -o ...`, logged under this run
+        from experiments.deploy import export_run
+        from pruning.export import EXTENSIONS
+
+        stem = os.path.splitext(cfg.output or output)[0]
+        target = stem + (f"-{cfg.quantize}" if cfg.quantize != "none" else "") + EXTENSIONS[cfg.export]
+        pick = np.random.default_rng(cfg.seed).permutation(len(x_tr))[:cfg.calibration_images]
+        summary["export"] = export_run(
+            log, current, cfg.output or output, target, cfg.export, cfg.quantize, cfg.preprocess,
+            calibration=x_tr[pick].astype(np.float32), evaluation=(x_te.astype(np.float32), y_te),
+            latency_batch=cfg.latency_batch, latency_runs=cfg.latency_runs, parent_id=parent.id, echo=echo)
     return summary

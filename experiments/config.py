@@ -32,6 +32,9 @@ PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 ALLOCATIONS = ("uniform", "global", "sensitivity")
 TARGET_METRICS = ("macs", "params", "latency")  # pruning.plan.ROUND_MODES (kept here: this module imports no TensorFlow)
 PREPROCESSING = ("vgg16", "cifar10", "cifar100", "unit", "none")
+# pruning.export's names (kept here: this module imports no TensorFlow; a test checks they match).
+EXPORT_FORMATS = ("litert", "saved_model", "onnx")
+QUANTIZATIONS = ("none", "float16", "dynamic", "int8")
 # Augmentation ranges: hue in fractions of the colour circle, saturation and brightness as factors
 # 1 +- v, zoom as a factor up to 1 + v, rotation in degrees.
 JITTER_MAX = {"hue": 0.5, "saturation": 1.0, "brightness": 1.0}
@@ -371,6 +374,12 @@ class CompressConfig:
     strategy: str = strategy_field()
     mixed_precision: str = precision_field()
     verbose: int = verbose_field()
+    export: Optional[str] = option(None, "Last step: export the compressed model (litert, saved_model, onnx) as "
+                                   "the `export` command does, beside --output (else in the run's folder).",
+                                   choices=EXPORT_FORMATS)
+    quantize: str = option("none", "Quantization of --export litert: none, float16, dynamic or int8 (calibrated "
+                           "on training images).", choices=QUANTIZATIONS)
+    calibration_images: int = option(100, "Training images that calibrate --quantize int8.", min=1)
 
     @property
     def target(self):
@@ -419,6 +428,12 @@ class CompressConfig:
         if self.distill:
             check_distill(self.temperature, self.alpha)
         make_ranker(self.ranker, self.ranker_kwargs, seed=self.seed)
+        if self.export is not None or self.quantize != "none":
+            from pruning.export import check_export
+
+            if self.export is None:
+                raise ValueError(f"quantize={self.quantize!r} needs export='litert'. Received: export=None")
+            check_export(self.export, self.quantize)
 
 
 def _check_counts(cfg, positive, non_negative, optional_positive):

@@ -131,3 +131,192 @@ def export_litert(model, path):
     if not os.path.exists(path):
         raise ValueError(f"LiteRT export wrote nothing at {path!r}.")
     return path
+
+
+# ------------------------------------------------------------------ serving files
+FORMATS = ("litert", "saved_model", "onnx")
+QUANTIZATIONS = ("none", "float16", "dynamic", "int8")
+EXTENSIONS = {"litert": ".tflite", "saved_model": "", "onnx": ".onnx"}  # a SavedModel is a folder
+
+
+def check_export(format, quantize="none", calibration_images=None):
+    """One-line ValueErrors for a format, quantization or calibration set that cannot work."""
+    if format not in FORMATS:
+        raise ValueError(f"Expected format in {FORMATS}. Received: format={format!r}")
+    if quantize not in QUANTIZATIONS:
+        raise ValueError(f"Expected quantize in {QUANTIZATIONS}. Received: quantize={quantize!r}")
+    if quantize != "none" and format != "litert":
+        raise ValueError(f"Quantization is a LiteRT option: use format='litert' or quantize='none'. "
+                         f"Received: format={format!r}, quantize={quantize!r}")
+    if quantize == "int8" and calibration_images is not None and len(calibration_images) == 0:
+        raise ValueError("int8 quantization needs calibration images (a representative dataset). Received: 0 images")
+    if format == "onnx":
+        try:
+            import onnxruntime  # noqa: F401
+            import tf2onnx  # noqa: F401
+        except ImportError as e:
+            raise ValueError(f"ONNX export needs tf2onnx and onnxruntime ({e.name} is not installed): "
+                             "pip install -e \".[onnx]\"") from None
+
+
+def fixed_input_shape(model):
+    """The input shape of `model` without the batch axis; a ValueError when it is not fixed."""
+    if len(model.inputs) != 1:
+        raise ValueError(f"Expected a model with one image input. Received: {len(model.inputs)} inputs")
+    shape = tuple(model.inputs[0].shape[1:])
+    if any(d is None for d in shape):
+        raise ValueError(f"Export needs a fixed input shape (height, width, channels). Received: input shape "
+                         f"{(None, *shape)}; rebuild the model with keras.Input(shape=(224, 224, 3)) or similar.")
+    return shape
+
+
+def export_model(model, path, format="litert", quantize="none", calibration_images=None):
+    """Writes `model` as a serving file: LiteRT (.tflite, float or quantized), SavedModel
+    (folder) or ONNX (.onnx, Keras' own `model.export(format="onnx")`, needs tf2onnx).
+
+    quantize (LiteRT only): none; float16 (float16 weights); dynamic (int8 weights, float
+    activations); int8 (full-integer: weights and activations int8, float input and
+    output, calibrated on `calibration_images`, an array of model inputs). A LiteRT op that
+    cannot be quantized is a ValueError naming it.
+    """
+    check_export(format, quantize, calibration_images if quantize == "int8" else None)
+    shape = fixed_input_shape(model)
+    if quantize == "int8" and calibration_images is None:
+        raise ValueError("int8 quantization needs calibration images (a representative dataset).")
+    path = os.fspath(path)
+    model(np.zeros((1, *shape), np.float32))  # traced once (the ONNX export needs a called model)
+    if format == "saved_model":
+        return export_saved_model(model, path)
+    if format == "onnx":
+        model.export(path, format="onnx", verbose=False)
+        return path
+    return _export_litert(model, path, quantize, calibration_images)
+
+
+def _export_litert(model, path, quantize, calibration_images):
+    import tensorflow as tf
+
+    options = {}
+    if quantize != "none":
+        options["optimizations"] = [tf.lite.Optimize.DEFAULT]
+    if quantize == "float16":
+        options["target_spec"] = {"supported_types": [tf.float16]}
+    if quantize == "int8":
+        images = np.asarray(calibration_images, np.float32)
+
+        def representative():
+            for i in range(len(images)):
+                yield [images[i:i + 1]]
+
+        options["representative_dataset"] = representative
+        options["target_spec"] = {"supported_ops": [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]}
+    try:
+        model.export(path, format="litert", verbose=False, **options)
+    except Exception as e:  # the converter's errors (ConverterError and others) name the op in their text
+        if quantize in ("none", "float16"):
+            raise
+        raise ValueError(_quantize_error(e, quantize)) from None
+    if not os.path.exists(path):
+        raise ValueError(f"LiteRT export wrote nothing at {path!r}.")
+    return path
+
+
+def _quantize_error(error, quantize):
+    import re
+
+    text = str(error)
+    ops = sorted(set(re.findall(r"'((?:tfl?|stablehlo|mhlo)\.[A-Za-z0-9_]+)'", text)))
+    ops = [op for op in ops if op not in ("tfl.quantize", "tfl.dequantize")] or ops
+    line = next((l.strip() for l in text.splitlines() if "error" in l.lower()), text.strip().splitlines()[0]
+                if text.strip() else type(error).__name__)
+    what = f"op {', '.join(ops)}" if ops else "an op of this model"
+    hint = " Use --quantize dynamic (int8 weights, float activations) instead." if quantize == "int8" else ""
+    return f"LiteRT cannot quantize {what} to {quantize}: {line[:300]}.{hint}"
+
+
+def litert_interpreter(path, threads=None):
+    """A LiteRT interpreter of a .tflite file: ai-edge-litert's, else TensorFlow's own copy."""
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+    except ImportError:
+        import tensorflow as tf
+
+        Interpreter = tf.lite.Interpreter
+    return Interpreter(os.fspath(path), num_threads=threads or os.cpu_count())
+
+
+class Runner:
+    """An exported file as a callable `runner(x) -> outputs` on float32 batches (LiteRT
+    interpreter, ONNX Runtime session or loaded SavedModel), for checking and timing.
+    `input_shape_fixed` is the input shape without the batch axis."""
+
+    def __init__(self, path, format, batch_size=1, threads=None):
+        self.path, self.format, self.batch_size = os.fspath(path), format, batch_size
+        threads = threads or os.cpu_count()
+        if format == "litert":
+            self._interpreter = litert_interpreter(self.path, threads)
+            detail = self._interpreter.get_input_details()[0]
+            self.input_shape_fixed = tuple(int(d) for d in detail["shape"][1:])
+            self._interpreter.resize_tensor_input(detail["index"], [batch_size, *self.input_shape_fixed])
+            self._interpreter.allocate_tensors()
+            self._input = self._interpreter.get_input_details()[0]
+            self._output = self._interpreter.get_output_details()[0]
+        elif format == "onnx":
+            import onnxruntime
+
+            options = onnxruntime.SessionOptions()
+            options.intra_op_num_threads = threads
+            self._session = onnxruntime.InferenceSession(self.path, options, providers=["CPUExecutionProvider"])
+            first = self._session.get_inputs()[0]
+            self._input_name = first.name
+            self.input_shape_fixed = tuple(int(d) for d in first.shape[1:])
+        elif format == "saved_model":
+            import tensorflow as tf
+
+            self._loaded = tf.saved_model.load(self.path)
+            self._signature = self._loaded.signatures["serving_default"]
+            self._input_name, spec = next(iter(self._signature.structured_input_signature[1].items()))
+            self.input_shape_fixed = tuple(int(d) for d in spec.shape[1:])
+        else:
+            raise ValueError(f"Expected format in {FORMATS}. Received: format={format!r}")
+
+    def __call__(self, x):
+        x = np.asarray(x, np.float32)
+        if self.format == "onnx":
+            return self._session.run(None, {self._input_name: x})[0]
+        if self.format == "saved_model":
+            return np.asarray(next(iter(self._signature(**{self._input_name: x}).values())))
+        if len(x) != self.batch_size:
+            raise ValueError(f"This runner takes batches of {self.batch_size}. Received: {len(x)} images")
+        dtype = self._input["dtype"]
+        if dtype != np.float32:  # an integer input: quantize with the file's own scale and zero point
+            scale, zero = self._input["quantization"]
+            x = np.clip(np.round(x / scale + zero), np.iinfo(dtype).min, np.iinfo(dtype).max).astype(dtype)
+        self._interpreter.set_tensor(self._input["index"], x)
+        self._interpreter.invoke()
+        y = self._interpreter.get_tensor(self._output["index"])
+        if self._output["dtype"] != np.float32:
+            scale, zero = self._output["quantization"]
+            y = (y.astype(np.float32) - zero) * scale
+        return y
+
+    def predict(self, x):
+        """Outputs on any number of images, in batches of `batch_size` (the last one padded)."""
+        x = np.asarray(x, np.float32)
+        if self.format != "litert":
+            return np.concatenate([self(x[i:i + 256]) for i in range(0, len(x), 256)])
+        outs = []
+        for i in range(0, len(x), self.batch_size):
+            chunk = x[i:i + self.batch_size]
+            pad = self.batch_size - len(chunk)
+            if pad:
+                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, 0)])
+            outs.append(self(chunk)[:self.batch_size - pad])
+        return np.concatenate(outs)
+
+
+def file_size(path):
+    """Bytes of a file, or of every file in a folder (a SavedModel)."""
+    if os.path.isdir(path):
+        return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
+    return os.path.getsize(path)

@@ -63,16 +63,8 @@ def measure_latency(model, batch_size=1, runs=20, warmup=3, input_shape=None, pr
     if any(d is None for d in shape):
         raise ValueError(f"Latency needs a fixed input shape. Received: input_shape={shape}")
     x = np.random.default_rng(0).random((batch_size, *shape), dtype=np.float32)
-    for _ in range(warmup):
-        model.predict_on_batch(x)
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        model.predict_on_batch(x)  # returns numpy arrays: the work has finished
-        times.append((time.perf_counter() - start) * 1000.0)
-        if progress:
-            progress(1)
-    times = np.asarray(times)
+    # predict_on_batch returns numpy arrays: the work has finished
+    times = np.asarray(time_calls(model.predict_on_batch, x, runs, warmup, progress))
     return {
         "batch_size": batch_size,
         "runs": runs,
@@ -80,6 +72,20 @@ def measure_latency(model, batch_size=1, runs=20, warmup=3, input_shape=None, pr
         "ms_p90": float(np.percentile(times, 90)),
         "ms_per_image": float(np.median(times) / batch_size),
     }
+
+
+def time_calls(fn, x, runs, warmup=0, progress=None):
+    """Milliseconds of each of `runs` calls `fn(x)` after `warmup` untimed ones."""
+    for _ in range(warmup):
+        fn(x)
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn(x)
+        times.append((time.perf_counter() - start) * 1000.0)
+        if progress:
+            progress(1)
+    return times
 
 
 def format_stats(before, after=None):

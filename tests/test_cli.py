@@ -12,7 +12,7 @@ from main_train import cli
 from save_sqlite import ExperimentLog
 
 COMMANDS = [[], ["cifar"], ["rice"], ["compress"], ["prune"], ["rank"], ["stats"], ["logs"], ["logs", "list"],
-            ["logs", "show"], ["logs", "export"], ["report"], ["dashboard"]]
+            ["logs", "show"], ["logs", "export"], ["report"], ["dashboard"], ["export"]]
 
 
 @pytest.mark.parametrize("args", COMMANDS, ids=lambda a: " ".join(a) or "main")
