@@ -22,6 +22,10 @@ Teach the engine a custom layer without editing the package:
     pruning.register_layer_handler(MyScale, MyScaleHandler())
 """
 
+import inspect
+import os
+import traceback
+
 import keras
 import numpy as np
 
@@ -68,7 +72,9 @@ def filter_kernel(layer):
 
 def is_producer(layer):
     """True for layer kinds whose handler has filters to remove (a Dense layer counts
-    only when `CNNModel` sees it applied to a feature map)."""
+    only when `CNNModel` sees it applied to a feature map). A layer never built has none."""
+    if not getattr(layer, "built", True):
+        return False
     try:
         filter_kernel(layer)
     except ValueError:
@@ -143,6 +149,13 @@ class LayerHandler:
         raise ValueError(
             f"Layer '{layer.name}' of class {type(layer).__name__} has no filters to rank."
         )
+
+    def subgraph(self, layer, node):
+        """A Functional graph that computes this call, inlined in its place (its inputs
+        in the order of `node.input_tensors`, its outputs in the order of `node.outputs`),
+        or None: the layer is one call, handled by `channels`. Raises `OpaqueLayerError`
+        with the reason when the layer should be inlined but cannot be."""
+        return None
 
     def rebuild(self, layer, args, kwargs, in_keep, out_keep, name):
         """A new layer with the kept channels, called on `args`: (new layer, outputs)."""
@@ -468,7 +481,85 @@ class ScaledAddHandler(ElementwiseHandler):
     """keras.applications' InceptionResNetV2 `CustomScaleLayer`: inputs[0] + inputs[1] * scale."""
 
 
-_UNKNOWN_LAYER = LayerHandler()
+class OpaqueLayerError(ValueError):
+    """A layer's call cannot be traced into a graph of Keras layers and operations."""
+
+
+def hidden_convs(layer):
+    """Names of the producers (convs) anywhere inside `layer`."""
+    return [sub.name for sub in layer._flatten_layers(include_self=False, recursive=True)
+            if is_producer(sub)]
+
+
+_INTERNAL = tuple(os.path.dirname(m.__file__) + os.sep for m in (keras, np))
+
+
+def _where(error):
+    """The line outside Keras that raised `error` (or called what raised it)."""
+    frames = [f for f in traceback.extract_tb(error.__traceback__)
+              if not f.filename.startswith(_INTERNAL) and "tensorflow" not in f.filename
+              and not f.filename.endswith(os.path.join("pruning", "handlers.py"))]
+    if not frames:
+        return ""
+    f = frames[-1]
+    return f" at `{(f.line or '').strip()}` ({os.path.basename(f.filename)}:{f.lineno})"
+
+
+def _trace_call(layer, node, training):
+    """`layer.call` run on fresh symbolic inputs shaped like this call's, as a Functional model."""
+    tensors = node.arguments.keras_tensors
+    inputs = [keras.Input(batch_shape=t.shape, dtype=t.dtype) for t in tensors]
+    args, kwargs = node.arguments.fill_in({id(t): x for t, x in zip(tensors, inputs)})
+    if training is not None:
+        kwargs["training"] = training
+    outputs = keras.tree.flatten(layer.call(*args, **kwargs))
+    if not outputs or not all(isinstance(o, keras.KerasTensor) for o in outputs):
+        raise OpaqueLayerError("its call returns values that are not tensors")
+    return keras.Model(inputs, outputs, name=f"{layer.name}_traced")
+
+
+class CompositeHandler(LayerHandler):
+    """Layers without a handler of their own: nested models are inlined, and so is a
+    custom layer whose `call` uses only Keras layers and `keras.ops` (its call is traced
+    on symbolic tensors, like a nested model's graph). A layer that cannot be traced is
+    one opaque call: convs whose channels reach it are blocked."""
+
+    def subgraph(self, layer, node):
+        if isinstance(layer, keras.Sequential) and getattr(layer, "_functional", None) is not None:
+            return layer._functional
+        if isinstance(layer, keras.Model) and hasattr(layer, "_nodes_by_depth"):
+            return layer
+        if not isinstance(layer, keras.layers.Layer):
+            return None
+        inside = {id(v) for sub in layer._flatten_layers(include_self=False, recursive=True)
+                  for v in sub.weights}
+        own = [v.name for v in layer.weights if id(v) not in inside]
+        if own:
+            raise OpaqueLayerError(f"it holds its own weights ({', '.join(own[:4])}), which only "
+                                   "its class knows how to use")
+        try:
+            takes_training = "training" in inspect.signature(layer.call).parameters
+        except (TypeError, ValueError):
+            takes_training = False
+        explicit = "training" in node.arguments.kwargs
+        try:
+            graph = _trace_call(layer, node, None)
+            if takes_training and not explicit:
+                other = _trace_call(layer, node, True)
+                if [type(op).__name__ for op in graph.operations] != \
+                        [type(op).__name__ for op in other.operations]:
+                    raise OpaqueLayerError("its call takes a different path when training, "
+                                           "which one traced graph cannot follow")
+        except OpaqueLayerError:
+            raise
+        except Exception as e:  # anything the symbolic trace cannot run
+            first = (str(e).strip().splitlines() or [""])[0][:160]
+            raise OpaqueLayerError(f"its call cannot run on symbolic tensors{_where(e)}: "
+                                   f"{type(e).__name__}: {first}") from None
+        return graph
+
+
+_UNKNOWN_LAYER = CompositeHandler()
 _UNKNOWN_OP = OpHandler()
 
 
