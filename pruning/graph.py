@@ -425,6 +425,8 @@ class CNNModel:
             tied = f" (tied: {', '.join(g for g in c.group if g != c.name)})" if len(c.group) > 1 else ""
             status = "prunable" + tied if c.prunable else f"blocked: {c.blocked_by}"
             rows.append(f"{c.index:>3} {c.name:<24} {c.filters:>7} {str(c.kernel_size):<10} {status}")
+        for o in self.opaque:
+            rows.append(f"  - {o.message}: {', '.join(o.convs)}")
         return "\n".join(rows)
 
 

@@ -66,3 +66,114 @@ def test_task_calling_its_backbone_on_its_own_input_is_traced(time_limit, tmp_pa
     cnn = CNNModel(task)
     assert [c.name for c in cnn.conv_layers] == ["backbone_c1", "backbone_c2"]
     _invariant(task, tmp_path)
+
+
+# ------------------------------------------------------- 2. composite layers
+class InvertedResidual(L.Layer):
+    """An MBConv block as keras-hub writes them: Keras layers and keras.ops in `call`."""
+
+    def __init__(self, filters, expand, **kwargs):
+        super().__init__(**kwargs)
+        self.expand = L.Conv2D(expand, 1, name=f"{self.name}_expand")
+        self.bn = L.BatchNormalization(name=f"{self.name}_bn")
+        self.dw = L.DepthwiseConv2D(3, padding="same", name=f"{self.name}_dw")
+        self.project = L.Conv2D(filters, 1, name=f"{self.name}_project")
+        self.drop = L.Dropout(0.1)
+
+    def call(self, x, training=None):
+        y = keras.ops.relu(self.bn(self.expand(x), training=training))
+        y = keras.ops.hard_silu(self.dw(y))
+        y = self.drop(self.project(y), training=training)
+        return keras.ops.add(x, y)
+
+
+class Stage(L.Layer):
+    """A composite layer made of composite layers."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.blocks = [InvertedResidual(8, 16, name=f"{self.name}_block{i}") for i in range(2)]
+
+    def call(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+class NoisyBlock(L.Layer):
+    """Takes another path when training: a traced graph cannot follow it."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.conv = L.Conv2D(8, 3, padding="same", name=f"{self.name}_conv")
+
+    def call(self, x, training=None):
+        if training:
+            x = keras.ops.clip(x, -1.0, 1.0)
+        return self.conv(x)
+
+
+def composite_model():
+    inp = keras.Input((12, 12, 3))
+    x = L.Conv2D(8, 3, padding="same", name="stem")(inp)
+    x = Stage(name="stage")(x)
+    x = L.Conv2D(8, 3, name="top")(x)
+    return keras.Model(inp, L.Dense(2)(L.Flatten()(x)))
+
+
+def test_custom_composite_layers_are_traced_and_inlined(tmp_path):
+    model = composite_model()
+    cnn = CNNModel(model)
+    names = [c.name for c in cnn.conv_layers]
+    assert names == ["stem", "stage_block0_expand", "stage_block0_project",
+                     "stage_block1_expand", "stage_block1_project", "top"]
+    assert cnn.conv("stage_block0_expand").prunable
+    # The residual adds tie the stem to both projections.
+    assert set(cnn.conv("stem").group) == {"stem", "stage_block0_project", "stage_block1_project"}
+    cnn, plan, pruned = _invariant(model, tmp_path)  # the file loads without the custom classes
+    assert "stage_block1_expand" in plan.keep
+    assert not [la for la in pruned.layers if isinstance(la, (Stage, InvertedResidual))]
+    assert pruned.get_layer("stage_block0_expand").filters == len(plan.keep["stage_block0_expand"])
+
+
+def test_opaque_layer_names_its_hidden_convs():
+    inp = keras.Input((8, 8, 3))
+    x = L.Conv2D(4, 3, padding="same", name="c1")(inp)
+    x = NoisyBlock(name="noisy")(x)
+    model = keras.Model(inp, L.Dense(2)(L.Flatten()(L.Conv2D(4, 3, name="c2")(x))))
+    cnn = CNNModel(model)
+    assert [c.name for c in cnn.conv_layers] == ["c1", "c2"]
+    assert "noisy" in cnn.conv("c1").blocked_by
+    [opaque] = cnn.opaque
+    assert opaque.convs == ["noisy_conv"] and "different path when training" in opaque.reason
+    assert "1 conv inside 'noisy' (NoisyBlock) not visible" in cnn.summary()
+    plan = PrunePlan.from_scores(cnn, get_ranker("l1").rank_all(cnn), 0.5)
+    assert plan.meta["skipped"]["noisy_conv"].startswith("inside 'noisy' (NoisyBlock), not visible: ")
+    assert "c1" in plan.meta["skipped"] and "c2" in plan.keep
+
+
+def test_model_with_nothing_prunable_says_so():
+    inp = keras.Input((8, 8, 3))
+    model = keras.Model(inp, NoisyBlock(name="noisy")(inp))
+    cnn = CNNModel(model)
+    with pytest.raises(ValueError, match=r"Nothing to prune in model .*1 conv inside 'noisy'"):
+        PrunePlan.from_scores(cnn, {}, 0.3)
+
+
+def test_raw_tensorflow_op_keeps_a_layer_opaque_with_the_line():
+    if keras.backend.backend() != "tensorflow":
+        pytest.skip("needs the TensorFlow backend")
+    import tensorflow as tf
+
+    class TFBlock(L.Layer):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.conv = L.Conv2D(8, 1, name="tf_block_conv")
+
+        def call(self, x):
+            return tf.nn.depth_to_space(self.conv(x), 2)
+
+    inp = keras.Input((8, 8, 4))
+    cnn = CNNModel(keras.Model(inp, TFBlock(name="tfb")(inp)))
+    [opaque] = cnn.opaque
+    assert "tf.nn.depth_to_space" in opaque.reason, opaque.reason
