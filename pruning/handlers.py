@@ -25,6 +25,7 @@ Teach the engine a custom layer without editing the package:
 import inspect
 import os
 import traceback
+import warnings
 
 import keras
 import numpy as np
@@ -158,12 +159,32 @@ class LayerHandler:
         return None
 
     def rebuild(self, layer, args, kwargs, in_keep, out_keep, name):
-        """A new layer with the kept channels, called on `args`: (new layer, outputs)."""
-        config = self.config(layer, layer.get_config(), in_keep, out_keep)
-        config["name"] = name
-        new = type(layer).from_config(config)
-        outputs = new(*args, **kwargs)
-        new.set_weights(self.slice_weights(layer, layer.get_weights(), in_keep, out_keep))
+        """A new layer with the kept channels, called on `args`: (new layer, outputs).
+
+        A layer whose channels do not change is copied from its config as well, so that
+        the pruned model shares no variables with the original; when that round trip
+        fails (a custom layer whose config does not match its constructor), the original
+        layer itself is reused, with a warning: the two models then share its weights.
+        """
+        try:
+            config = self.config(layer, layer.get_config(), in_keep, out_keep)
+            config["name"] = name
+            new = type(layer).from_config(config)
+            outputs = new(*args, **kwargs)
+            new.set_weights(self.slice_weights(layer, layer.get_weights(), in_keep, out_keep))
+        except Exception as e:  # the class's own config, constructor or build failed
+            if in_keep is not None or out_keep is not None:
+                raise ValueError(
+                    f"Cannot rebuild layer '{layer.name}' of class {type(layer).__name__} with fewer "
+                    f"channels: its from_config(get_config()) fails ({type(e).__name__}: {e})"
+                ) from None
+            warnings.warn(
+                f"Layer '{layer.name}' of class {type(layer).__name__} does not round-trip through "
+                f"its config ({type(e).__name__}: {str(e)[:120]}); its channels do not change, so "
+                "the pruned model reuses this layer and shares its weights with the original.",
+                stacklevel=2,
+            )
+            return layer, layer(*args, **kwargs)
         if hasattr(new, "finalize_state"):  # an adapted Normalization reads its weights here, as on loading
             new.finalize_state()
         return new, outputs

@@ -55,14 +55,19 @@ def prune(model, plan, allow_inexact=False):
             touched.append(layer.name)
         signature = (None if in_keep is None else in_keep.tobytes(),
                      None if out_keep is None else out_keep.tobytes())
-        if id(layer) in built:
-            new, sig = built[id(layer)]
+        # A layer without weights works on any number of channels: a shared activation or
+        # pooling layer gets one copy per selection it is called on.
+        key = id(layer) if getattr(layer, "weights", None) else (id(layer), signature)
+        if key in built:
+            new, sig = built[key]
             if sig != signature:
-                raise ValueError(f"Shared layer '{layer.name}' is called on tensors pruned differently.")
+                raise ValueError(f"Shared layer '{layer.name}' of class {type(layer).__name__} holds "
+                                 "weights and is called on tensors pruned differently; exclude the "
+                                 "convs that feed it, or prune them alike.")
             return new(*args, **kwargs)
         new, outputs = handler_for(layer).rebuild(
             layer, args, kwargs, in_keep, out_keep, _unique(layer.name, used_names))
-        built[id(layer)] = (new, signature)
+        built[key] = (new, signature)
         return outputs
 
     outputs = cnn.walk(new_inputs, call_fn)

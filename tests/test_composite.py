@@ -177,3 +177,43 @@ def test_raw_tensorflow_op_keeps_a_layer_opaque_with_the_line():
     cnn = CNNModel(keras.Model(inp, TFBlock(name="tfb")(inp)))
     [opaque] = cnn.opaque
     assert "tf.nn.depth_to_space" in opaque.reason, opaque.reason
+
+
+# ------------------------------------- 3. layers whose config does not round-trip
+class FixedScale(L.Layer):
+    """A keras-io style layer: its constructor takes no **kwargs, so its config (which
+    holds `name`, `trainable`, `dtype`) does not round-trip, and it has its own weight."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.channels = channels
+        self.scale = self.add_weight(shape=(channels,), initializer="ones")
+
+    def call(self, x):
+        return x * self.scale
+
+
+def test_unchanged_layer_that_does_not_round_trip_is_reused():
+    inp = keras.Input((8, 8, 3))
+    scale = FixedScale(3)
+    scale.scale.assign([0.5, 2.0, 1.5])
+    x = L.Conv2D(6, 3, padding="same", name="c1")(scale(inp))
+    x = L.Conv2D(4, 3, name="c2")(x)
+    model = keras.Model(inp, L.Dense(2)(L.Flatten()(x)))
+    with pytest.warns(UserWarning, match="does not round-trip.*shares its weights"):
+        cnn, plan, pruned = _invariant(model)
+    assert "c1" in plan.keep
+    assert scale in pruned.layers  # reused, as the warning says
+
+
+# -------------------------------------------- 4. shared weightless layers
+def test_shared_leaky_relu_across_differently_pruned_convs(tmp_path):
+    act = L.LeakyReLU(negative_slope=0.2)  # one instance, as keras-io's learnable resizer does
+    pool = L.MaxPooling2D(1)
+    inp = keras.Input((8, 8, 3))
+    a = pool(act(L.Conv2D(8, 3, padding="same", name="c1")(inp)))
+    b = pool(act(L.Conv2D(6, 3, padding="same", name="c2")(a)))
+    c = L.Conv2D(4, 3, name="c3")(L.Dropout(0.1)(b))
+    model = keras.Model(inp, L.Dense(2)(L.Flatten()(c)))
+    cnn, plan, pruned = _invariant(model, tmp_path)
+    assert {"c1", "c2"} <= set(plan.keep)
