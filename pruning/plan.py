@@ -7,6 +7,7 @@ indices, and it round-trips through JSON so any run can be replayed.
 
 import json
 import numbers
+import warnings
 
 import numpy as np
 
@@ -86,15 +87,13 @@ def skipped_convs(cnn):
     return skipped
 
 
-def check_prunable(cnn):
-    """Raises when a uniform ratio would remove nothing: no conv of the model is prunable."""
+def nothing_prunable(cnn):
+    """One line saying why no conv of `cnn` can be pruned, or "" when some can."""
     if cnn.prunable_layers:
-        return
+        return ""
     reasons = sorted({c.blocked_by for c in cnn.conv_layers} | {o.message for o in cnn.opaque})
-    raise ValueError(
-        f"Nothing to prune in model '{cnn.model.name}': {len(cnn.conv_layers)} convs visible, none "
-        f"prunable{': ' + '; '.join(reasons[:6]) if reasons else ' (it has no convolutions)'}."
-    )
+    return (f"Nothing to prune in model '{cnn.model.name}': {len(cnn.conv_layers)} convs visible, "
+            f"none prunable{': ' + '; '.join(reasons[:6]) if reasons else ' (it has no convolutions)'}.")
 
 
 def _select(group, scores, rate, round_to, round_mode="nearest"):
@@ -163,8 +162,9 @@ class PrunePlan:
             raise ValueError(f"Expected round_mode in {ROUND_MODES}. Received: round_mode={round_mode!r}")
         cnn = _cnn(model, allow_inexact)
         ratios = resolve_ratios(cnn, ratio, exclude)
-        if not isinstance(ratio, (dict, list, tuple, np.ndarray)) and ratio > 0:
-            check_prunable(cnn)
+        if not isinstance(ratio, (dict, list, tuple, np.ndarray)) and ratio > 0 and nothing_prunable(cnn):
+            # The plan keeps everything: say so rather than let a x1.00 model pass for a pruned one.
+            warnings.warn(nothing_prunable(cnn), stacklevel=2)
         keep, filters = {}, {}
         for group in cnn.groups:
             members = [cnn.conv(n) for n in group]

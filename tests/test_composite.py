@@ -156,8 +156,9 @@ def test_model_with_nothing_prunable_says_so():
     inp = keras.Input((8, 8, 3))
     model = keras.Model(inp, NoisyBlock(name="noisy")(inp))
     cnn = CNNModel(model)
-    with pytest.raises(ValueError, match=r"Nothing to prune in model .*1 conv inside 'noisy'"):
-        PrunePlan.from_scores(cnn, {}, 0.3)
+    with pytest.warns(UserWarning, match=r"Nothing to prune in model .*1 conv inside 'noisy'"):
+        plan = PrunePlan.from_scores(cnn, {}, 0.3)
+    assert plan.keep == {} and "noisy_conv" in plan.meta["skipped"]
 
 
 def test_raw_tensorflow_op_keeps_a_layer_opaque_with_the_line():
@@ -217,3 +218,20 @@ def test_shared_leaky_relu_across_differently_pruned_convs(tmp_path):
     model = keras.Model(inp, L.Dense(2)(L.Flatten()(c)))
     cnn, plan, pruned = _invariant(model, tmp_path)
     assert {"c1", "c2"} <= set(plan.keep)
+
+
+def test_cli_prune_of_a_model_with_nothing_prunable_fails_before_work(tmp_path):
+    from click.testing import CliRunner
+
+    from main_train import cli
+
+    inp = keras.Input((8, 8, 3))
+    x = L.LayerNormalization(name="ln")(L.Conv2D(4, 3, name="c1")(inp))
+    path = str(tmp_path / "m.keras")
+    keras.Model(inp, L.GlobalAveragePooling2D()(x)).save(path)
+    out = str(tmp_path / "p.keras")
+    r = CliRunner().invoke(cli, ["prune", path, "--ranker", "l1", "--ratio", "0.3", "-o", out,
+                                 "--db", str(tmp_path / "log.db")])
+    assert r.exit_code != 0 and "Nothing to prune in model" in r.output, r.output
+    assert "'ln' of class LayerNormalization" in r.output
+    assert not (tmp_path / "p.keras").exists()
