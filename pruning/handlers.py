@@ -468,7 +468,7 @@ class OpHandler(LayerHandler):
 
     def rebuild(self, op, args, kwargs, in_keep, out_keep, name):
         try:
-            config = op.get_config()
+            config = self.config(op, op.get_config(), in_keep, out_keep)
             config["name"] = name
             new = type(op).from_config(config)
         except (NotImplementedError, TypeError, ValueError):
@@ -496,6 +496,128 @@ class ElementwiseOpHandler(OpHandler, ElementwiseHandler):
 class ConcatenateOpHandler(OpHandler, ConcatenateHandler):
     def axis(self, layer, ctx):
         return getattr(layer, "axis", -1)
+
+
+def _last_axis(axis, ndim):
+    return axis in (-1, ndim - 1)
+
+
+class ReduceOpHandler(OpHandler):
+    """ops.mean / max / min / sum over axes that leave the channels alone (the squeeze
+    of a squeeze-and-excitation block): the selection passes through."""
+
+    def channels(self, layer, ctx):
+        ndim = len(ctx.in_shapes[0])
+        axis = getattr(layer, "axis", None)
+        axes = [axis] if isinstance(axis, int) else list(axis or ())
+        if axis is not None and not any(_last_axis(a, ndim) for a in axes) \
+                and channel_count(ctx.out_shapes[0]) == len(ctx.inputs[0]):
+            return [ctx.inputs[0]]
+        return LayerHandler.channels(self, layer, ctx)
+
+
+class PadOpHandler(OpHandler):
+    """ops.pad with no padding on the channel axis."""
+
+    def channels(self, layer, ctx):
+        width = np.asarray(getattr(layer, "pad_width", None) or [[1, 1]], dtype=object)
+        if width.ndim == 2 and len(width) == len(ctx.in_shapes[0]) and \
+                tuple(int(v) for v in width[-1]) == (0, 0):
+            return [ctx.inputs[0]]
+        return LayerHandler.channels(self, layer, ctx)
+
+
+class ReshapeOpHandler(OpHandler):
+    """ops.reshape keeping the channel axis last and its size ((B, H, W, C) <-> (B, H*W, C)
+    of a transformer block): the selection passes through, the new shape is rewritten."""
+
+    def channels(self, layer, ctx):
+        shape = tuple(getattr(layer, "newshape", ()) or ())
+        if len(ctx.in_shapes[0]) > 1 and shape and shape[-1] == len(ctx.inputs[0]) and \
+                channel_count(ctx.out_shapes[0]) == len(ctx.inputs[0]):
+            return [ctx.inputs[0]]
+        return LayerHandler.channels(self, layer, ctx)
+
+    def config(self, layer, config, in_keep, out_keep):
+        if in_keep is not None:
+            config["newshape"] = (*tuple(config["newshape"])[:-1], int(len(in_keep)))
+        return config
+
+
+class TransposeHandler(OpHandler):
+    """ops.transpose / Permute that keep the channel axis last."""
+
+    def channels(self, layer, ctx):
+        ndim = len(ctx.in_shapes[0])
+        if hasattr(layer, "dims"):  # Permute: 1-based, batch axis left out
+            last = tuple(layer.dims)[-1] == ndim - 1
+        else:
+            axes = getattr(layer, "axes", None)
+            last = axes is not None and _last_axis(tuple(axes)[-1], ndim)
+        if last:
+            return [ctx.inputs[0]]
+        return LayerHandler.channels(self, layer, ctx)
+
+
+class PermuteHandler(TransposeHandler):
+    rebuild = LayerHandler.rebuild
+
+
+class SplitOpHandler(OpHandler):
+    """ops.split: on the channel axis each part is a slice of the labels (the inverse of
+    Concatenate); equal sections keep equal counts (a segment each), explicit split
+    points are moved to the kept channels. On any other axis every part passes through."""
+
+    def channels(self, layer, ctx):
+        x, ndim = ctx.inputs[0], len(ctx.in_shapes[0])
+        if not _last_axis(layer.axis, ndim):
+            return [x] * len(ctx.out_shapes)
+        sections = layer.indices_or_sections
+        if isinstance(sections, int):
+            ctx.segment(x, sections, f"split '{layer.name}' into {sections} equal parts")
+            return list(np.split(x, sections))
+        return list(np.split(x, list(sections)))
+
+    def rebuild(self, op, args, kwargs, in_keep, out_keep, name):
+        sections = op.indices_or_sections
+        if in_keep is None or isinstance(sections, int) or not _last_axis(op.axis, len(args[0].shape)):
+            return OpHandler.rebuild(self, op, args, kwargs, in_keep, out_keep, name)
+        new = type(op)([int(np.sum(np.asarray(in_keep) < i)) for i in sections], axis=op.axis, name=name)
+        return new, new(*args, **kwargs)
+
+
+class DepthToSpaceHandler(OpHandler):
+    """ops.depth_to_space(x, b): output channel c gathers input channels k * C' + c
+    (k < b*b), so those b*b channels are tied: whole blocks are kept or removed."""
+
+    def channels(self, layer, ctx):
+        if getattr(layer, "data_format", "channels_last") != "channels_last":
+            return LayerHandler.channels(self, layer, ctx)
+        x, n = ctx.inputs[0], int(layer.block_size) ** 2
+        parts = np.split(x, n)
+        ctx.tie(parts)
+        return [parts[0]]
+
+
+class SpaceToDepthHandler(OpHandler):
+    """ops.space_to_depth(x, b): output channel k * C + c is input channel c."""
+
+    def channels(self, layer, ctx):
+        if getattr(layer, "data_format", "channels_last") != "channels_last":
+            return LayerHandler.channels(self, layer, ctx)
+        return [np.tile(ctx.inputs[0], int(layer.block_size) ** 2)]
+
+
+class RescalingHandler(PassthroughHandler):
+    """Rescaling: a scalar scale and offset pass through; per-channel ones are sliced."""
+
+    def config(self, layer, config, in_keep, out_keep):
+        if in_keep is not None:
+            for key in ("scale", "offset"):
+                v = np.asarray(config.get(key, 0.0), dtype="float64")
+                if v.ndim and v.shape[-1] > 1:
+                    config[key] = np.take(v, in_keep, axis=-1).tolist()
+        return config
 
 
 class ScaledAddHandler(ElementwiseHandler):
@@ -598,7 +720,7 @@ def _register_defaults():
         "GlobalMaxPooling1D", "GlobalMaxPooling2D", "GlobalMaxPooling3D",
         "ZeroPadding1D", "ZeroPadding2D", "ZeroPadding3D",
         "Cropping1D", "Cropping2D", "Cropping3D",
-        "UpSampling1D", "UpSampling2D", "UpSampling3D",
+        "UpSampling1D", "UpSampling2D", "UpSampling3D", "Resizing",
     ):
         if hasattr(L, name):
             register_layer_handler(getattr(L, name), passthrough)
@@ -637,6 +759,20 @@ def _register_defaults():
             if hasattr(module, name):
                 register_layer_handler(getattr(module, name), op)
     register_layer_handler(ops_np.Concatenate, ConcatenateOpHandler())
+    from keras.src.ops import core as ops_core
+
+    register_layer_handler(ops_core.Cast, op)
+    for name in ("Mean", "Max", "Min", "Sum", "Amax", "Amin"):
+        if hasattr(ops_np, name):
+            register_layer_handler(getattr(ops_np, name), ReduceOpHandler())
+    register_layer_handler(ops_np.Pad, PadOpHandler())
+    register_layer_handler(ops_np.Reshape, ReshapeOpHandler())
+    register_layer_handler(ops_np.Transpose, TransposeHandler())
+    register_layer_handler(ops_np.Split, SplitOpHandler())
+    register_layer_handler(ops_nn.DepthToSpace, DepthToSpaceHandler())
+    register_layer_handler(ops_nn.SpaceToDepth, SpaceToDepthHandler())
+    register_layer_handler(L.Permute, PermuteHandler())
+    register_layer_handler(L.Rescaling, RescalingHandler())
 
     # keras.applications' own custom layers.
     try:

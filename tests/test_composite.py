@@ -235,3 +235,57 @@ def test_cli_prune_of_a_model_with_nothing_prunable_fails_before_work(tmp_path):
     assert r.exit_code != 0 and "Nothing to prune in model" in r.output, r.output
     assert "'ln' of class LayerNormalization" in r.output
     assert not (tmp_path / "p.keras").exists()
+
+
+# ------------------------------------------------------------ 5. pass-throughs
+def _through(fn, filters=8, shape=(8, 8, 3)):
+    def build():
+        inp = keras.Input(shape)
+        x = fn(L.Conv2D(filters, 3, padding="same", name="c1")(inp))
+        x = L.Conv2D(4, 3, padding="same", name="c2")(x)
+        return keras.Model(inp, L.Dense(2)(L.Flatten()(x)))
+    return build
+
+
+ops = keras.ops
+PASS_THROUGHS = {
+    "resizing": _through(L.Resizing(6, 5)),
+    "rescaling_scalar": _through(L.Rescaling(0.5)),
+    "rescaling_per_channel": _through(L.Rescaling(np.linspace(0.5, 2.0, 8).tolist())),
+    "zero_padding_cropping": _through(lambda x: L.Cropping2D(1)(L.ZeroPadding2D(2)(x))),
+    "ops_pad": _through(lambda x: ops.pad(x, [[0, 0], [1, 2], [2, 1], [0, 0]])),
+    "ops_split_equal": _through(lambda x: ops.concatenate(
+        [L.ReLU()(p) for p in ops.split(x, 2, axis=-1)][::-1], axis=-1)),
+    "ops_split_points": _through(lambda x: ops.concatenate(
+        [L.Conv2D(3, 1, name=f"p{i}")(p) for i, p in enumerate(ops.split(x, [3], axis=-1))], axis=-1)),
+    "ops_split_spatial": _through(lambda x: ops.concatenate(ops.split(x, 2, axis=1), axis=1)),
+    "depth_to_space": _through(lambda x: ops.depth_to_space(x, 2), filters=16),
+    "space_to_depth": _through(lambda x: ops.space_to_depth(x, 2)),
+    "ops_transpose": _through(lambda x: ops.transpose(x, (0, 2, 1, 3))),
+    "permute": _through(L.Permute((2, 1, 3))),
+}
+
+
+@pytest.mark.parametrize("name", list(PASS_THROUGHS))
+def test_pass_through(name, tmp_path):
+    cnn, plan, pruned = _invariant(PASS_THROUGHS[name](), tmp_path)
+    assert cnn.conv("c1").prunable and "c1" in plan.keep, cnn.conv("c1").blocked_by
+
+
+def test_depth_to_space_prunes_whole_blocks():
+    cnn = CNNModel(PASS_THROUGHS["depth_to_space"]())
+    group = cnn.channel_group("c1")
+    assert group.n_classes == 4  # 16 filters in 4 blocks of r*r = 4 tied filters
+    assert sorted(np.bincount(group.classes["c1"]).tolist()) == [4, 4, 4, 4]
+
+
+def test_split_points_move_with_the_kept_channels():
+    model = PASS_THROUGHS["ops_split_points"]()
+    pruned = prune(model, {"c1": [0, 2, 5, 7]})  # 2 of the first part, 2 of the second
+    assert pruned.get_layer("p0").get_weights()[0].shape[-2] == 2
+    assert pruned.get_layer("p1").get_weights()[0].shape[-2] == 2
+
+
+def test_permute_moving_the_channels_blocks():
+    cnn = CNNModel(_through(L.Permute((3, 1, 2)), shape=(8, 8, 3))())
+    assert "permute" in cnn.conv("c1").blocked_by.lower()
