@@ -125,6 +125,7 @@ class CNNModel:
         self._subgraphs = []
         self.opaque = []  # OpaqueLayer: layers that hide convolutions from the engine
         fm = _functional(model)
+        self.functional = fm
         self.input_keys = [self._key(t) for t in fm.inputs]
         for t in fm.inputs:
             self.shapes[self._key(t)] = tuple(t.shape)
@@ -357,6 +358,11 @@ class CNNModel:
         while len(readers.get(key, ())) == 1 and isinstance(readers[key][0].layer, follow):
             key = readers[key][0].outputs[0]
         return key
+
+    def key_of(self, tensor):
+        """The traced key of a KerasTensor of the model's graph, or None when it has none."""
+        k = self._key(tensor)
+        return k if k in self.shapes else None
 
     def walk(self, input_values, call_fn, output_keys=None):
         """Runs the flattened graph: `call_fn(call, args, kwargs)` returns a call's outputs.

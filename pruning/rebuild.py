@@ -70,12 +70,17 @@ def prune(model, plan, allow_inexact=False):
         built[key] = (new, signature)
         return outputs
 
-    outputs = cnn.walk(new_inputs, call_fn)
+    carried = _tensor_attributes(cnn)
+    extra = [k for _, keys in carried for k in keras.tree.flatten(keys)]
+    values = cnn.walk(new_inputs, call_fn, cnn.output_keys + extra)
+    outputs, extra_values = values[:len(cnn.output_keys)], values[len(cnn.output_keys):]
+    fm = cnn.functional
     pruned = keras.Model(
-        inputs=new_inputs[0] if len(new_inputs) == 1 else new_inputs,
-        outputs=outputs[0] if len(outputs) == 1 else outputs,
+        inputs=keras.tree.pack_sequence_as(fm._inputs_struct, new_inputs),
+        outputs=keras.tree.pack_sequence_as(fm._outputs_struct, outputs),
         name=cnn.model.name,
     )
+    _carry_over(cnn.model, pruned, carried, extra_values)
     if touched:
         change = output_change(cnn.model, pruned)
         warnings.warn(
@@ -84,6 +89,44 @@ def prune(model, plan, allow_inexact=False):
             stacklevel=2,
         )
     return pruned
+
+
+def _tensor_attributes(cnn):
+    """[(attribute, its tensors' keys)] for the attributes of a subclassed model that hold
+    tensors of its graph (keras-hub's `pyramid_outputs`), so the pruned model gets them too."""
+    model = cnn.model
+    if type(model) in (keras.Model, keras.Sequential) or type(model).__name__ == "Functional":
+        return []
+    found = []
+    for attr, value in vars(model).items():
+        leaves = keras.tree.flatten(value) if isinstance(value, (dict, list, tuple)) else [value]
+        if attr.startswith("_") or not leaves or \
+                not all(isinstance(t, keras.KerasTensor) for t in leaves):
+            continue
+        keys = [cnn.key_of(t) for t in leaves]
+        if all(k is not None for k in keys):
+            found.append((attr, keras.tree.pack_sequence_as(value, keys)))
+    return found
+
+
+def _carry_over(model, pruned, carried, values):
+    """Sets the tensor attributes on `pruned`, and warns that the model's class is dropped."""
+    if type(model) in (keras.Model, keras.Sequential) or type(model).__name__ == "Functional":
+        return
+    it = iter(values)
+    kept = []
+    for attr, keys in carried:
+        setattr(pruned, attr, keras.tree.pack_sequence_as(keys, [next(it) for _ in keras.tree.flatten(keys)]))
+        kept.append(attr)
+    warnings.warn(
+        f"Model '{model.name}' of class {type(model).__name__} is rebuilt as a plain Functional "
+        "model with the same inputs, outputs and output structure; what its class adds (its own "
+        "methods such as train_step or from_preset, its constructor config) is not carried over"
+        + (f"; its tensor attributes {', '.join(kept)} are set on the pruned model (not saved "
+           "with it)" if kept else "")
+        + ". See docs/engine.md, 'Subclassed models and keras-hub'.",
+        stacklevel=3,
+    )
 
 
 def output_change(model, pruned, batch_size=2, seed=0):

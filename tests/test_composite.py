@@ -289,3 +289,42 @@ def test_split_points_move_with_the_kept_channels():
 def test_permute_moving_the_channels_blocks():
     cnn = CNNModel(_through(L.Permute((3, 1, 2)), shape=(8, 8, 3))())
     assert "permute" in cnn.conv("c1").blocked_by.lower()
+
+
+# --------------------------------------------------------- 6. the model's class
+class FeatureModel(keras.Model):
+    """A subclassed functional model, as keras-hub backbones are: its own constructor,
+    a dict output, a dict attribute of its feature maps, and its own train_step."""
+
+    def __init__(self, **kwargs):
+        inp = keras.Input((8, 8, 3), name="image")
+        a = L.Conv2D(8, 3, padding="same", activation="relu", name="c1")(inp)
+        b = L.Conv2D(8, 3, strides=2, padding="same", activation="relu", name="c2")(a)
+        c = L.Conv2D(6, 3, padding="same", name="c3")(b)
+        super().__init__(inputs=inp, outputs={"logits": L.Dense(2, name="head")(L.Flatten()(c)),
+                                              "features": c}, **kwargs)
+        self.pyramid_outputs = {"P1": a, "P2": b}
+
+    def train_step(self, data):
+        return super().train_step(data)
+
+
+def test_subclassed_model_keeps_output_structure_and_warns(tmp_path):
+    model = FeatureModel(name="features")
+    cnn = CNNModel(model)
+    plan = PrunePlan.from_scores(cnn, get_ranker("l1").rank_all(cnn), 0.5)
+    with pytest.warns(UserWarning, match=r"'features' of class FeatureModel .*pyramid_outputs"):
+        pruned = prune(cnn, plan)
+    assert set(pruned.output) == {"logits", "features"}
+    x = np.random.default_rng(0).normal(size=(2, 8, 8, 3)).astype("float32")
+    out = pruned(x)
+    assert out["features"].shape == (2, 4, 4, 6) and out["logits"].shape == (2, 2)
+    assert sorted(pruned.pyramid_outputs) == ["P1", "P2"]
+    p2 = pruned.pyramid_outputs["P2"]
+    assert p2.shape[-1] == len(plan.keep["c2"]) < 8
+    feats = keras.Model(pruned.inputs, pruned.pyramid_outputs)  # as a keras-hub task does
+    assert feats(x)["P1"].shape[-1] == len(plan.keep["c1"])
+    path = str(tmp_path / "p.keras")
+    pruned.save(path)
+    loaded = keras.models.load_model(path)
+    np.testing.assert_allclose(loaded(x)["logits"], out["logits"], atol=1e-5)
