@@ -167,7 +167,7 @@ class LayerHandler:
         layer itself is reused, with a warning: the two models then share its weights.
         """
         try:
-            config = self.config(layer, layer.get_config(), in_keep, out_keep)
+            config = self.config(layer, _layer_config(layer), in_keep, out_keep)
             config["name"] = name
             new = type(layer).from_config(config)
             outputs = new(*args, **kwargs)
@@ -188,6 +188,20 @@ class LayerHandler:
         if hasattr(new, "finalize_state"):  # an adapted Normalization reads its weights here, as on loading
             new.finalize_state()
         return new, outputs
+
+
+def _layer_config(layer):
+    """`layer.get_config()`; for a layer whose constructor takes only `**kwargs` (Identity)
+    but was given a DTypePolicy object (keras-hub does), which Keras' automatic config
+    refuses, the base config that such a constructor accepts."""
+    try:
+        return layer.get_config()
+    except NotImplementedError:
+        params = inspect.signature(type(layer).__init__).parameters
+        if set(params) - {"self", "kwargs"}:
+            raise
+        return {"name": layer.name, "trainable": layer.trainable,
+                "dtype": keras.saving.serialize_keras_object(layer.dtype_policy)}
 
 
 class PassthroughHandler(LayerHandler):
@@ -542,6 +556,15 @@ class ReshapeOpHandler(OpHandler):
         if in_keep is not None:
             config["newshape"] = (*tuple(config["newshape"])[:-1], int(len(in_keep)))
         return config
+
+    def rebuild(self, op, args, kwargs, in_keep, out_keep, name):
+        shape = tuple(self.config(op, op.get_config(), in_keep, out_keep)["newshape"])
+        if shape and shape[0] is None and None not in shape[1:]:
+            # A traced `ops.reshape(x, (ops.shape(x)[0], ...))` holds the unknown batch size:
+            # a Reshape layer says the same without it.
+            new = keras.layers.Reshape(shape[1:], name=name)
+            return new, new(*args, **kwargs)
+        return OpHandler.rebuild(self, op, args, kwargs, in_keep, out_keep, name)
 
 
 class TransposeHandler(OpHandler):

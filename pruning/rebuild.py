@@ -99,8 +99,13 @@ def _tensor_attributes(cnn):
         return []
     found = []
     for attr, value in vars(model).items():
-        leaves = keras.tree.flatten(value) if isinstance(value, (dict, list, tuple)) else [value]
-        if attr.startswith("_") or not leaves or \
+        if attr.startswith("_"):
+            continue
+        try:
+            leaves = keras.tree.flatten(value) if isinstance(value, (dict, list, tuple)) else [value]
+        except (TypeError, ValueError):  # a structure the tree utilities cannot walk
+            continue
+        if not leaves or \
                 not all(isinstance(t, keras.KerasTensor) for t in leaves):
             continue
         keys = [cnn.key_of(t) for t in leaves]
