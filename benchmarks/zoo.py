@@ -11,7 +11,9 @@ Conv*Transpose, and Dense layers applied to feature maps, as in ConvNeXt).
 import os
 import platform
 import sys
+import re
 import time
+import warnings
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -149,6 +151,18 @@ def zoo_row(name, ratio=0.3):
     seconds = time.perf_counter() - start
     before, after = model_stats(model), model_stats(pruned)
     blocked = [c for c in cnn.conv_layers if not c.prunable]
+    return {
+        "model": name, "convs": len(cnn.conv_layers), "prunable": len(cnn.prunable_layers),
+        "excluded": sum(excluded_from_target(c) for c in blocked),
+        "reasons": blocked_reasons(blocked),
+        "params": (before["params"], after["params"]), "macs": (before["macs"], after["macs"]),
+        "seconds": seconds,
+    }
+
+
+def blocked_reasons(blocked, anonymous=False):
+    """'n x reason; ...' for blocked convs, most frequent first. `anonymous` drops the
+    layer names from the reasons, so that one kind of block is counted once."""
     reasons = {}
     for c in blocked:
         tied = c.blocked_by.startswith("it is tied to")
@@ -159,14 +173,92 @@ def zoo_row(name, ratio=0.3):
             key = "tied to a blocked conv: " + c.blocked_by.split(": ", 1)[-1]
         else:
             key = c.blocked_by
+        if anonymous:
+            key = re.sub(r"(layer|conv) '[^']+' ", r"\1 ", key)
         reasons[key] = reasons.get(key, 0) + 1
+    return "; ".join(f"{n} x {r}" for r, n in sorted(reasons.items(), key=lambda kv: -kv[1]))
+
+
+def hub_row(name, ratio=0.3):
+    """One row of the keras-hub table: Conv* layers visible / inside the model, prunable /
+    visible, why the others are blocked, params before and after (count_params: MiT's
+    Dense layers on (batch, None, C) sequences have no static MACs for model_stats)."""
+    from pruning import CNNModel, PrunePlan, get_ranker, prune
+
+    model = build_hub(name)
+    inexact = name in HUB_INEXACT
+    cnn = CNNModel(model, allow_inexact=inexact)
+    inside = conv_layers_inside(model)
+    kinds = tuple({type(la) for la in inside})
+    visible = [c for c in cnn.conv_layers if isinstance(c.layer, kinds)]
+    prunable = [c for c in visible if c.prunable]
+    blocked = [c for c in visible if not c.prunable]
+    plan = PrunePlan.from_scores(cnn, get_ranker("l1").rank_all(cnn), ratio)
+    start = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the dropped class; inexact: measured below
+        pruned = prune(cnn, plan)
+    seconds = time.perf_counter() - start
+    reasons = blocked_reasons(blocked, anonymous=True)
+    reasons = "; ".join([r for r in (reasons, *[o.message for o in cnn.opaque]) if r])
+    if inexact:
+        from pruning import output_change
+
+        reasons = f"(allow_inexact=True: output change {output_change(model, pruned):.2g}) " + reasons
     return {
-        "model": name, "convs": len(cnn.conv_layers), "prunable": len(cnn.prunable_layers),
-        "excluded": sum(excluded_from_target(c) for c in blocked),
-        "reasons": "; ".join(f"{n} x {r}" for r, n in sorted(reasons.items(), key=lambda kv: -kv[1])),
-        "params": (before["params"], after["params"]), "macs": (before["macs"], after["macs"]),
-        "seconds": seconds,
+        "model": name, "input": tuple(model.inputs[0].shape[1:]), "inside": len(inside),
+        "visible": len(visible), "prunable": len(prunable),
+        "excluded": sum(excluded_from_target(c) for c in blocked), "reasons": reasons,
+        "params": (model.count_params(), pruned.count_params()), "seconds": seconds,
     }
+
+
+def hub_table(ratio, names):
+    """Markdown lines of the keras-hub table."""
+    import keras
+    import keras_hub
+
+    load_before = os.getloadavg()
+    rows = []
+    for name in names:
+        click.echo(f"{name}...", err=True)
+        rows.append(hub_row(name, ratio))
+        keras.backend.clear_session()
+    load_after = os.getloadavg()
+    inside = sum(r["inside"] for r in rows)
+    visible = sum(r["visible"] for r in rows)
+    prunable = sum(r["prunable"] for r in rows)
+    target = visible - sum(r["excluded"] for r in rows)
+    lines = [
+        f"# keras-hub {keras_hub.__version__} backbones and tasks pruned at a uniform ratio of {ratio}",
+        "",
+        f"Written by `PYTHONPATH=. python benchmarks/zoo.py` on {platform.node()} "
+        f"({platform.processor() or platform.machine()}, {os.cpu_count()} CPUs), "
+        f"Keras {keras.__version__} on {keras.backend.backend()}, "
+        f"load average {load_before[0]:.2f} before and {load_after[0]:.2f} after. "
+        "Tiny configs of each family (`benchmarks/zoo.py`, `build_hub`), random weights, nothing "
+        "downloaded, L1 scores, no exclusions. *Convs* are the filter-making `Conv*` layers anywhere "
+        "inside the model (custom blocks and nested models walked; depthwise convs left out).",
+        "",
+        f"**{visible} of {inside} convs visible; {prunable} of {visible} prunable "
+        f"({100 * prunable / max(visible, 1):.1f}%); {prunable} of {target} "
+        f"({100 * prunable / max(target, 1):.1f}%) leaving out the convs whose channels reach an "
+        "output or feed LayerNormalization.**",
+        "",
+        "| model | input | convs visible / total | prunable / visible | params before | params after | "
+        "rebuild s | blocked: why |",
+        "|---|---|---|---|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['model']} | {'x'.join(str(d) for d in r['input'])} | {r['visible']} / {r['inside']} | "
+            f"{r['prunable']} / {r['visible']} | {r['params'][0]:,} | {r['params'][1]:,} | "
+            f"{r['seconds']:.1f} | {r['reasons'] or '-'} |"
+        )
+    return lines
+
+
+HUB_MARK = "<!-- keras-hub table: benchmarks/zoo.py --tables hub rewrites from here -->"
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -174,11 +266,25 @@ def zoo_row(name, ratio=0.3):
 @click.option("--models", default=",".join(ZOO), show_default=True, help="Comma-separated families.")
 @click.option("--out", default=os.path.join("results", "zoo.md"), show_default=True,
               help="Markdown file for the table.")
-def main(ratio, models, out):
-    """Measure and write the zoo table."""
-    import keras
-
+@click.option("--tables", type=click.Choice(["all", "apps", "hub"]), default="all", show_default=True,
+              help="Which tables to measure: keras.applications, keras-hub (needs the [hub] extra), "
+                   "or both; the other one is kept as it is in --out.")
+def main(ratio, models, out, tables):
+    """Measure and write the zoo tables."""
     from experiments.common import write_text
+
+    old = open(out).read() if os.path.exists(out) else ""
+    old_apps, _, old_hub = old.partition(HUB_MARK)
+    apps = apps_table(ratio, models) if tables in ("all", "apps") else old_apps.rstrip("\n").split("\n")
+    hub = hub_table(ratio, HUB) if tables in ("all", "hub") else old_hub.strip("\n").split("\n")
+    text = "\n".join(apps) + "\n\n" + HUB_MARK + "\n\n" + "\n".join(hub) + "\n"
+    write_text(out, text)
+    click.echo(text)
+
+
+def apps_table(ratio, models):
+    """Markdown lines of the keras.applications table."""
+    import keras
 
     load_before = os.getloadavg()
     rows = []
@@ -214,8 +320,7 @@ def main(ratio, models, out):
             f"{r['params'][0]:,} | {r['params'][1]:,} | {r['macs'][0]:,} | {r['macs'][1]:,} | "
             f"{r['seconds']:.1f} | {r['reasons'] or '-'} |"
         )
-    write_text(out, "\n".join(lines) + "\n")
-    click.echo("\n".join(lines))
+    return lines
 
 
 if __name__ == "__main__":
