@@ -54,29 +54,114 @@ def _hub_builders():
     """keras-hub 0.32 models built from tiny configs (random weights, nothing downloaded):
     name -> constructor. Each has the structure of the preset family it is named after."""
     import keras_hub as kh
+
     M = kh.models
-    def resnet_v1(): return M.ResNetBackbone(input_conv_filters=[64], input_conv_kernel_sizes=[7], stackwise_num_filters=[64, 16], stackwise_num_blocks=[1, 1], stackwise_num_strides=[1, 2], block_type="basic_block", image_shape=(32, 32, 3))
-    def resnet_v2(): return M.ResNetBackbone(input_conv_filters=[64], input_conv_kernel_sizes=[7], stackwise_num_filters=[64, 16], stackwise_num_blocks=[1, 2], stackwise_num_strides=[1, 2], block_type="bottleneck_block", use_pre_activation=True, image_shape=(32, 32, 3))
-    def cspdarknet(): return M.CSPNetBackbone(stem_filters=8, stem_kernel_size=3, stem_strides=1, stackwise_depth=[1, 1], stackwise_strides=[2, 2], stackwise_num_filters=[16, 32], block_type="dark_block", stage_type="csp", expand_ratio=2.0, bottle_ratio=0.5, down_growth=True, image_shape=(32, 32, 3))
-    def cspresnext(): return M.CSPNetBackbone(stem_filters=16, stem_kernel_size=7, stem_strides=4, stem_pooling="max", stackwise_depth=[1, 1], stackwise_strides=[1, 2], stackwise_num_filters=[32, 64], block_type="bottleneck_block", stage_type="csp", groups=4, bottle_ratio=1.0, block_ratio=0.5, cross_linear=True, image_shape=(64, 64, 3))
-    def darknet(): return M.CSPNetBackbone(stem_filters=8, stem_kernel_size=3, stem_strides=1, stackwise_depth=[1, 1], stackwise_strides=[2, 2], stackwise_num_filters=[16, 32], block_type="dark_block", stage_type="dark", bottle_ratio=0.5, image_shape=(32, 32, 3))
-    def densenet(): return M.DenseNetBackbone(stackwise_num_repeats=[1, 2], growth_rate=8, image_shape=(32, 32, 3))
-    def effnet_v1(): return M.EfficientNetBackbone(stackwise_width_coefficients=[0.25]*2, stackwise_depth_coefficients=[1.0]*2, stackwise_kernel_sizes=[3, 3], stackwise_num_repeats=[1, 2], stackwise_input_filters=[32, 16], stackwise_output_filters=[16, 24], stackwise_expansion_ratios=[1, 6], stackwise_squeeze_and_excite_ratios=[0.25, 0.25], stackwise_strides=[1, 2], stackwise_block_types=["v1", "v1"], num_features=64, input_shape=(32, 32, 3))
-    def effnet_v2(): return M.EfficientNetBackbone(stackwise_width_coefficients=[0.25]*3, stackwise_depth_coefficients=[1.0]*3, stackwise_kernel_sizes=[3, 3, 3], stackwise_num_repeats=[1, 2, 1], stackwise_input_filters=[24, 24, 48], stackwise_output_filters=[24, 48, 64], stackwise_expansion_ratios=[1, 4, 4], stackwise_squeeze_and_excite_ratios=[0, 0, 0.25], stackwise_strides=[1, 2, 2], stackwise_block_types=["fused", "fused", "unfused"], num_features=64, input_shape=(32, 32, 3))
-    def mobilenet_v3(): return M.MobileNetBackbone(stackwise_expansion=[[16], [24, 32]], stackwise_num_blocks=[1, 2], stackwise_num_filters=[[8], [16, 16]], stackwise_kernel_size=[[3], [5, 5]], stackwise_num_strides=[[2], [2, 1]], stackwise_se_ratio=[[None], [0.25, 0.25]], stackwise_activation=[["relu"], ["hard_swish", "hard_swish"]], stackwise_padding=[[1], [2, 2]], output_num_filters=32, depthwise_filters=8, depthwise_stride=2, depthwise_residual=False, last_layer_filter=32, squeeze_and_excite=0.5, input_num_filters=8, image_shape=(32, 32, 3))
-    def vgg(): return M.VGGBackbone(stackwise_num_repeats=[1, 2], stackwise_num_filters=[8, 16], image_shape=(32, 32, 3))
-    def xception(): return M.XceptionBackbone(stackwise_conv_filters=[[8, 16], [16, 32], [32, 32]], stackwise_pooling=[True, True, False], image_shape=(64, 64, 3))
-    def hgnetv2(): return M.HGNetV2Backbone(depths=[1, 1], embedding_size=8, hidden_sizes=[16, 32], stem_channels=[3, 8, 8], hidden_act="relu", use_learnable_affine_block=False, stackwise_stage_filters=[(8, 8, 16, 1, 2, 3), (16, 8, 32, 1, 2, 3)], apply_downsample=[False, True], use_lightweight_conv_block=[False, True], image_shape=(32, 32, 3))
-    def mit(): return M.MiTBackbone(layerwise_depths=[1, 1], num_layers=2, layerwise_num_heads=[1, 2], layerwise_sr_ratios=[2, 1], max_drop_path_rate=0.0, layerwise_patch_sizes=[7, 3], layerwise_strides=[4, 2], hidden_dims=[8, 16], image_shape=(32, 32, 3))
-    def resnet_clf(): return M.ResNetImageClassifier(backbone=resnet_v1(), num_classes=3)
-    def densenet_clf(): return M.DenseNetImageClassifier(backbone=densenet(), num_classes=3)
+
+    def resnet(filters, blocks, strides, block_type, size=32, **kw):
+        return M.ResNetBackbone(
+            input_conv_filters=[64], input_conv_kernel_sizes=[7], stackwise_num_filters=filters,
+            stackwise_num_blocks=blocks, stackwise_num_strides=strides, block_type=block_type,
+            image_shape=(size, size, 3), **kw)
+
+    def resnet_v1():  # the first stage must have 64 filters
+        return resnet([64, 16], [1, 1], [1, 2], "basic_block")
+
+    def resnet_v2():
+        return resnet([64, 16], [1, 2], [1, 2], "bottleneck_block", use_pre_activation=True)
+
+    def csp(**kw):
+        return M.CSPNetBackbone(stackwise_depth=[1, 1], image_shape=kw.pop("image_shape", (32, 32, 3)),
+                                **kw)
+
+    def cspdarknet():
+        return csp(stem_filters=8, stem_kernel_size=3, stem_strides=1, stackwise_strides=[2, 2],
+                   stackwise_num_filters=[16, 32], block_type="dark_block", stage_type="csp",
+                   expand_ratio=2.0, bottle_ratio=0.5, down_growth=True)
+
+    def cspresnext():
+        return csp(stem_filters=16, stem_kernel_size=7, stem_strides=4, stem_pooling="max",
+                   stackwise_strides=[1, 2], stackwise_num_filters=[32, 64],
+                   block_type="bottleneck_block", stage_type="csp", groups=4, bottle_ratio=1.0,
+                   block_ratio=0.5, cross_linear=True, image_shape=(64, 64, 3))
+
+    def darknet():
+        return csp(stem_filters=8, stem_kernel_size=3, stem_strides=1, stackwise_strides=[2, 2],
+                   stackwise_num_filters=[16, 32], block_type="dark_block", stage_type="dark",
+                   bottle_ratio=0.5)
+
+    def densenet():
+        return M.DenseNetBackbone(stackwise_num_repeats=[1, 2], growth_rate=8, image_shape=(32, 32, 3))
+
+    def efficientnet(types, **kw):
+        n = len(types)
+        return M.EfficientNetBackbone(
+            stackwise_width_coefficients=[0.25] * n, stackwise_depth_coefficients=[1.0] * n,
+            stackwise_kernel_sizes=[3] * n, stackwise_block_types=types, num_features=64,
+            input_shape=(32, 32, 3), **kw)
+
+    def effnet_v1():
+        return efficientnet(
+            ["v1", "v1"], stackwise_num_repeats=[1, 2], stackwise_input_filters=[32, 16],
+            stackwise_output_filters=[16, 24], stackwise_expansion_ratios=[1, 6],
+            stackwise_squeeze_and_excite_ratios=[0.25, 0.25], stackwise_strides=[1, 2])
+
+    def effnet_v2():
+        return efficientnet(
+            ["fused", "fused", "unfused"], stackwise_num_repeats=[1, 2, 1],
+            stackwise_input_filters=[24, 24, 48], stackwise_output_filters=[24, 48, 64],
+            stackwise_expansion_ratios=[1, 4, 4], stackwise_squeeze_and_excite_ratios=[0, 0, 0.25],
+            stackwise_strides=[1, 2, 2])
+
+    def mobilenet_v3():
+        return M.MobileNetBackbone(
+            stackwise_expansion=[[16], [24, 32]], stackwise_num_blocks=[1, 2],
+            stackwise_num_filters=[[8], [16, 16]], stackwise_kernel_size=[[3], [5, 5]],
+            stackwise_num_strides=[[2], [2, 1]], stackwise_se_ratio=[[None], [0.25, 0.25]],
+            stackwise_activation=[["relu"], ["hard_swish", "hard_swish"]],
+            stackwise_padding=[[1], [2, 2]], output_num_filters=32, depthwise_filters=8,
+            depthwise_stride=2, depthwise_residual=False, last_layer_filter=32,
+            squeeze_and_excite=0.5, input_num_filters=8, image_shape=(32, 32, 3))
+
+    def vgg():
+        return M.VGGBackbone(stackwise_num_repeats=[1, 2], stackwise_num_filters=[8, 16],
+                             image_shape=(32, 32, 3))
+
+    def xception():
+        return M.XceptionBackbone(stackwise_conv_filters=[[8, 16], [16, 32], [32, 32]],
+                                  stackwise_pooling=[True, True, False], image_shape=(64, 64, 3))
+
+    def hgnetv2():
+        return M.HGNetV2Backbone(
+            depths=[1, 1], embedding_size=8, hidden_sizes=[16, 32], stem_channels=[3, 8, 8],
+            hidden_act="relu", use_learnable_affine_block=False,
+            stackwise_stage_filters=[(8, 8, 16, 1, 2, 3), (16, 8, 32, 1, 2, 3)],
+            apply_downsample=[False, True], use_lightweight_conv_block=[False, True],
+            image_shape=(32, 32, 3))
+
+    def mit():
+        return M.MiTBackbone(
+            layerwise_depths=[1, 1], num_layers=2, layerwise_num_heads=[1, 2],
+            layerwise_sr_ratios=[2, 1], max_drop_path_rate=0.0, layerwise_patch_sizes=[7, 3],
+            layerwise_strides=[4, 2], hidden_dims=[8, 16], image_shape=(32, 32, 3))
+
+    def resnet_clf():
+        return M.ResNetImageClassifier(backbone=resnet_v1(), num_classes=3)
+
+    def densenet_clf():
+        return M.DenseNetImageClassifier(backbone=densenet(), num_classes=3)
+
     def deeplab():
-        enc = M.ResNetBackbone(input_conv_filters=[64], input_conv_kernel_sizes=[7], stackwise_num_filters=[64, 16, 16, 16], stackwise_num_blocks=[1, 1, 1, 1], stackwise_num_strides=[1, 2, 2, 1], block_type="basic_block", image_shape=(64, 64, 3))
-        bb = M.DeepLabV3Backbone(image_encoder=enc, spatial_pyramid_pooling_key="P4", upsampling_size=4, dilation_rates=[2, 4], low_level_feature_key="P2", projection_filters=8, image_shape=(64, 64, 3))
-        return M.DeepLabV3ImageSegmenter(backbone=bb, num_classes=3)
+        encoder = resnet([64, 16, 16, 16], [1, 1, 1, 1], [1, 2, 2, 1], "basic_block", size=64)
+        backbone = M.DeepLabV3Backbone(
+            image_encoder=encoder, spatial_pyramid_pooling_key="P4", upsampling_size=4,
+            dilation_rates=[2, 4], low_level_feature_key="P2", projection_filters=8,
+            image_shape=(64, 64, 3))
+        return M.DeepLabV3ImageSegmenter(backbone=backbone, num_classes=3)
+
     def segformer():
-        bb = M.SegFormerBackbone(image_encoder=mit(), projection_filters=16)
-        return M.SegFormerImageSegmenter(backbone=bb, num_classes=3)
+        backbone = M.SegFormerBackbone(image_encoder=mit(), projection_filters=16)
+        return M.SegFormerImageSegmenter(backbone=backbone, num_classes=3)
+
     return {
         "ResNet v1 (basic)": resnet_v1, "ResNet v2 (bottleneck)": resnet_v2,
         "CSPDarkNet": cspdarknet, "CSPResNeXt": cspresnext, "DarkNet": darknet,
@@ -213,30 +298,36 @@ def hub_row(name, ratio=0.3):
     }
 
 
-def hub_table(ratio, names):
-    """Markdown lines of the keras-hub table."""
+def _measure(row, names, ratio):
+    """(rows, a sentence naming the machine, backend and load they were measured under)."""
     import keras
-    import keras_hub
 
     load_before = os.getloadavg()
     rows = []
     for name in names:
         click.echo(f"{name}...", err=True)
-        rows.append(hub_row(name, ratio))
+        rows.append(row(name, ratio))
         keras.backend.clear_session()
     load_after = os.getloadavg()
-    inside = sum(r["inside"] for r in rows)
-    visible = sum(r["visible"] for r in rows)
-    prunable = sum(r["prunable"] for r in rows)
-    target = visible - sum(r["excluded"] for r in rows)
-    lines = [
-        f"# keras-hub {keras_hub.__version__} backbones and tasks pruned at a uniform ratio of {ratio}",
-        "",
+    return rows, (
         f"Written by `PYTHONPATH=. python benchmarks/zoo.py` on {platform.node()} "
         f"({platform.processor() or platform.machine()}, {os.cpu_count()} CPUs), "
         f"Keras {keras.__version__} on {keras.backend.backend()}, "
-        f"load average {load_before[0]:.2f} before and {load_after[0]:.2f} after. "
-        "Tiny configs of each family (`benchmarks/zoo.py`, `build_hub`), random weights, nothing "
+        f"load average {load_before[0]:.2f} before and {load_after[0]:.2f} after. ")
+
+
+def hub_table(ratio, names):
+    """Markdown lines of the keras-hub table."""
+    import keras_hub
+
+    rows, written = _measure(hub_row, names, ratio)
+    inside, visible, prunable, excluded = (sum(r[k] for r in rows)
+                                           for k in ("inside", "visible", "prunable", "excluded"))
+    target = visible - excluded
+    lines = [
+        f"# keras-hub {keras_hub.__version__} backbones and tasks pruned at a uniform ratio of {ratio}",
+        "",
+        written + "Tiny configs of each family (`benchmarks/zoo.py`, `build_hub`), random weights, nothing "
         "downloaded, L1 scores, no exclusions. *Convs* are the filter-making `Conv*` layers anywhere "
         "inside the model (custom blocks and nested models walked; depthwise convs left out).",
         "",
@@ -284,26 +375,13 @@ def main(ratio, models, out, tables):
 
 def apps_table(ratio, models):
     """Markdown lines of the keras.applications table."""
-    import keras
-
-    load_before = os.getloadavg()
-    rows = []
-    for name in models.split(","):
-        click.echo(f"{name}...", err=True)
-        rows.append(zoo_row(name, ratio))
-        keras.backend.clear_session()
-    load_after = os.getloadavg()
-    total = sum(r["convs"] for r in rows)
-    prunable = sum(r["prunable"] for r in rows)
-    target = total - sum(r["excluded"] for r in rows)
+    rows, written = _measure(zoo_row, models.split(","), ratio)
+    total, prunable, excluded = (sum(r[k] for r in rows) for k in ("convs", "prunable", "excluded"))
+    target = total - excluded
     lines = [
         f"# Every keras.applications family pruned at a uniform ratio of {ratio}",
         "",
-        f"Written by `PYTHONPATH=. python benchmarks/zoo.py` on {platform.node()} "
-        f"({platform.processor() or platform.machine()}, {os.cpu_count()} CPUs), "
-        f"Keras {keras.__version__} on {keras.backend.backend()}, "
-        f"load average {load_before[0]:.2f} before and {load_after[0]:.2f} after. "
-        "Random weights (weights=None), 10 classes, no exclusions, L1 scores.",
+        written + "Random weights (weights=None), 10 classes, no exclusions, L1 scores.",
         "",
         f"**{prunable} of {total} convs prunable ({100 * prunable / total:.1f}%); "
         f"{prunable} of {target} ({100 * prunable / max(target, 1):.1f}%) excluding the "

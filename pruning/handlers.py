@@ -716,6 +716,14 @@ class CompositeHandler(LayerHandler):
                         [type(op).__name__ for op in other.operations]:
                     raise OpaqueLayerError("its call takes a different path when training, "
                                            "which one traced graph cannot follow")
+            calls = {}
+            for nodes in graph._nodes_by_depth.values():
+                for n in nodes:
+                    if n.operation is not None and is_producer(n.operation):
+                        calls[id(n.operation)] = calls.get(id(n.operation), 0) + 1
+                        if calls[id(n.operation)] > 1:
+                            raise OpaqueLayerError(f"it calls conv '{n.operation.name}' more than "
+                                                   "once (one set of weights for several calls)")
         except OpaqueLayerError:
             raise
         except Exception as e:  # anything the symbolic trace cannot run

@@ -328,3 +328,23 @@ def test_subclassed_model_keeps_output_structure_and_warns(tmp_path):
     pruned.save(path)
     loaded = keras.models.load_model(path)
     np.testing.assert_allclose(loaded(x)["logits"], out["logits"], atol=1e-5)
+
+
+class TwiceBlock(L.Layer):
+    """Calls one conv twice: its filters cannot be pruned for one call only."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.conv = L.Conv2D(4, 3, padding="same", name=f"{self.name}_conv")
+
+    def call(self, x):
+        return self.conv(self.conv(x))
+
+
+def test_composite_layer_calling_a_conv_twice_stays_opaque():
+    inp = keras.Input((8, 8, 4))
+    x = TwiceBlock(name="twice")(L.Conv2D(4, 3, padding="same", name="c1")(inp))
+    cnn = CNNModel(keras.Model(inp, L.Dense(2)(L.Flatten()(L.Conv2D(4, 3, name="c2")(x)))))
+    [opaque] = cnn.opaque
+    assert opaque.convs == ["twice_conv"] and "more than once" in opaque.reason
+    assert cnn.conv("c2").prunable
