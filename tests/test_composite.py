@@ -3,9 +3,6 @@ backbone on the backbone's own input, custom composite layers traced and inlined
 layers whose config does not round-trip, shared weightless layers, pass-through layers
 and operations, and subclassed functional models. Each fails on the engine before it."""
 
-import signal
-import warnings
-
 import keras
 import numpy as np
 import pytest
@@ -14,22 +11,6 @@ from conftest import prune_zeroed, relative_diff
 from pruning import CNNModel, PrunePlan, get_ranker, prune
 
 L = keras.layers
-
-
-class _Timeout(Exception):
-    pass
-
-
-@pytest.fixture
-def time_limit():
-    """Fails a test that runs longer than `seconds` instead of letting it hang."""
-    def arm(seconds):
-        def fire(*_):
-            raise _Timeout(f"still running after {seconds} s")
-        signal.signal(signal.SIGALRM, fire)
-        signal.alarm(seconds)
-    yield arm
-    signal.alarm(0)
 
 
 def _invariant(model, tmp_path=None, ratio=0.5):
