@@ -609,6 +609,48 @@ class SplitOpHandler(OpHandler):
         return new, new(*args, **kwargs)
 
 
+def _channel_slice(key, ndim):
+    """The slice a `x[key]` takes of the last (channel) axis of an `ndim`-D tensor, or None
+    when the key does anything else there (an index, a new axis, a step, a tensor)."""
+    key = key if isinstance(key, tuple) else (key,)
+    if any(k is None or isinstance(k, keras.KerasTensor) for k in key) or key.count(Ellipsis) > 1:
+        return None
+    if Ellipsis in key:
+        i = key.index(Ellipsis)
+        key = key[:i] + (slice(None),) * (ndim - len(key) + 1) + key[i + 1:]
+    key = key + (slice(None),) * (ndim - len(key))
+    if len(key) != ndim or any(not isinstance(k, slice) for k in key[-1:]):
+        return None
+    last = key[-1]
+    if any(isinstance(k, int) for k in key[:-1]) or last.step not in (None, 1):
+        return None
+    return last
+
+
+class GetItemHandler(OpHandler):
+    """`x[..., a:b]` takes channels a..b-1 (a slice of the labels; the bounds move with
+    the kept channels); slicing other axes passes the channels through."""
+
+    def channels(self, layer, ctx):
+        key = ctx.node.arguments.args[1] if len(ctx.node.arguments.args) > 1 else None
+        last = _channel_slice(key, len(ctx.in_shapes[0]))
+        if last is None or len(ctx.in_shapes[0]) < 2:
+            return LayerHandler.channels(self, layer, ctx)
+        return [ctx.inputs[0][last]]
+
+    def rebuild(self, op, args, kwargs, in_keep, out_keep, name):
+        x, key = args[0], args[1]
+        last = _channel_slice(key, len(x.shape))
+        if in_keep is not None and last is not None and last != slice(None):
+            channels = int(op._inbound_nodes[0].input_tensors[0].shape[-1])  # before pruning
+            start, stop, _ = last.indices(channels)
+            kept = np.asarray(in_keep)
+            new_last = slice(int(np.sum(kept < start)), int(np.sum(kept < stop)))
+            key = (*key[:-1], new_last) if isinstance(key, tuple) else new_last
+        new = type(op)(name=name)
+        return new, new(x, key)
+
+
 class DepthToSpaceHandler(OpHandler):
     """ops.depth_to_space(x, b): output channel c gathers input channels k * C' + c
     (k < b*b), so those b*b channels are tied: whole blocks are kept or removed."""
@@ -800,6 +842,7 @@ def _register_defaults():
     register_layer_handler(ops_np.Reshape, ReshapeOpHandler())
     register_layer_handler(ops_np.Transpose, TransposeHandler())
     register_layer_handler(ops_np.Split, SplitOpHandler())
+    register_layer_handler(ops_np.GetItem, GetItemHandler())
     register_layer_handler(ops_nn.DepthToSpace, DepthToSpaceHandler())
     register_layer_handler(ops_nn.SpaceToDepth, SpaceToDepthHandler())
     register_layer_handler(L.Permute, PermuteHandler())

@@ -243,6 +243,9 @@ PASS_THROUGHS = {
     "depth_to_space": _through(lambda x: ops.depth_to_space(x, 2), filters=16),
     "space_to_depth": _through(lambda x: ops.space_to_depth(x, 2)),
     "ops_transpose": _through(lambda x: ops.transpose(x, (0, 2, 1, 3))),
+    "channel_slices": _through(lambda x: ops.concatenate(
+        [L.Conv2D(3, 1, name="head")(x[..., :3]), x[..., -5:],
+         L.ZeroPadding2D(((1, 0), (0, 0)))(x[:, 1:, :, :])], axis=-1)),
     "permute": _through(L.Permute((2, 1, 3))),
 }
 
@@ -329,3 +332,11 @@ def test_composite_layer_calling_a_conv_twice_stays_opaque():
     [opaque] = cnn.opaque
     assert opaque.convs == ["twice_conv"] and "more than once" in opaque.reason
     assert cnn.conv("c2").prunable
+
+
+def test_channel_slice_bounds_move_with_the_kept_channels():
+    model = PASS_THROUGHS["channel_slices"]()
+    pruned = prune(model, {"c1": [0, 4, 5, 7]})
+    assert pruned.get_layer("head").get_weights()[0].shape[-2] == 1  # of channels 0..2, 0 is kept
+    # c2 reads head's 3 filters, 3 of the last 5 channels and the 4 kept channels shifted down.
+    assert pruned.get_layer("c2").get_weights()[0].shape[-2] == 3 + 3 + 4
