@@ -295,23 +295,24 @@ class CNNModel:
 
         self.conv_layers = []
         self._channel_groups = {}
+        conv_names = _distinct([call.layer.name for call in convs])
         for i, call in enumerate(convs):
             layer = call.layer
             ms = members[gfind(i)]
             self.conv_layers.append(ConvLayer(
-                name=layer.name,
+                name=conv_names[i],
                 layer=layer,
                 index=i,
                 filters=t.filters[i],
                 kernel_size=tuple(getattr(layer, "kernel_size", ())),
                 consumers=sorted(t.consumers.get(i, ())),
-                group=tuple(convs[j].layer.name for j in ms),
+                group=tuple(conv_names[j] for j in ms),
                 blocked_by=blocked.get(i, ""),
                 feeds_output=bool(at_output & set(ms)),
             ))
         for g, ms in members.items():
-            names = tuple(convs[j].layer.name for j in ms)
-            info = ChannelGroup(names, {convs[j].layer.name: class_of[j] for j in ms},
+            names = tuple(conv_names[j] for j in ms)
+            info = ChannelGroup(names, {conv_names[j]: class_of[j] for j in ms},
                                 n_classes[g], segments.get(g))
             for name in names:
                 self._channel_groups[name] = info
@@ -461,6 +462,20 @@ def _functional(model):
             "Sequential and Functional models (nested or not) have a graph to prune."
         )
     return model
+
+
+def _distinct(names):
+    """The names, with `_1`, `_2`... added to the second and later uses of one name (two
+    nested models or blocks may name their convs alike), avoiding every name in use."""
+    taken, seen, out = set(names), set(), []
+    for name in names:
+        candidate, i = name, 0
+        while candidate in seen or (i and candidate in taken):
+            i += 1
+            candidate = f"{name}_{i}"
+        seen.add(candidate)
+        out.append(candidate)
+    return out
 
 
 def _sources(origin):

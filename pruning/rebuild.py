@@ -37,7 +37,7 @@ def prune(model, plan, allow_inexact=False):
     plan.validate(cnn)  # every error is raised here, before anything is built
     keep = {n: np.asarray(k) for n, k in plan.keep.items() if len(k) < cnn.conv(n).filters}
     kept = cnn.channel_selector(keep)
-    producers = {c.layer.name for c in cnn.conv_layers}
+    conv_name = {id(c.layer): c.name for c in cnn.conv_layers}  # names are distinct there
 
     new_inputs = [
         keras.Input(shape=cnn.shapes[k][1:], dtype=dt, name=name)
@@ -50,7 +50,7 @@ def prune(model, plan, allow_inexact=False):
     def call_fn(call, args, kwargs):
         layer = call.layer
         in_keep = kept(call.inputs[0]) if call.inputs else None
-        out_keep = keep.get(layer.name) if layer.name in producers else None
+        out_keep = keep.get(conv_name[id(layer)]) if id(layer) in conv_name else None
         if in_keep is not None and layer.name in cnn.inexact_layers:
             touched.append(layer.name)
         signature = (None if in_keep is None else in_keep.tobytes(),

@@ -29,12 +29,12 @@ def _invariant(model, tmp_path=None, ratio=0.5):
     return cnn, plan, pruned
 
 
-def _backbone(name="backbone"):
+def _backbone(name="backbone", model_name=None):
     inp = keras.Input((16, 16, 3), name=f"{name}_in")
     x = L.Conv2D(8, 3, padding="same", activation="relu", name=f"{name}_c1")(inp)
     x = L.BatchNormalization(name=f"{name}_bn")(x)
     x = L.Conv2D(8, 3, padding="same", activation="relu", name=f"{name}_c2")(x)
-    return keras.Model(inp, x, name=name)
+    return keras.Model(inp, x, name=model_name or name)
 
 
 # ---------------------------------------------------------------- 1. self-alias
@@ -340,3 +340,16 @@ def test_channel_slice_bounds_move_with_the_kept_channels():
     assert pruned.get_layer("head").get_weights()[0].shape[-2] == 1  # of channels 0..2, 0 is kept
     # c2 reads head's 3 filters, 3 of the last 5 channels and the 4 kept channels shifted down.
     assert pruned.get_layer("c2").get_weights()[0].shape[-2] == 3 + 3 + 4
+
+
+def test_convs_named_alike_in_two_nested_models_get_distinct_names(tmp_path):
+    first, second = _backbone("net"), _backbone("net", "net2")  # both hold 'net_c1' and 'net_c2'
+    inp = keras.Input((16, 16, 3))
+    x = L.Conv2D(3, 1, name="adapt")(first(inp))
+    model = keras.Model(inp, L.Dense(2)(L.Flatten()(second(x))))
+    cnn = CNNModel(model)
+    assert [c.name for c in cnn.conv_layers] == ["net_c1", "net_c2", "adapt", "net_c1_1", "net_c2_1"]
+    pruned = prune(cnn, {"net_c1": [0, 1], "net_c1_1": [0, 1, 2]})
+    kernels = sorted(la.get_weights()[0].shape[-1] for la in pruned.layers if la.name.startswith("net_c1"))
+    assert kernels == [2, 3]
+    _invariant(model, tmp_path)
