@@ -350,6 +350,7 @@ def prune(model_path, ranker, data_dir, preprocess, image_size, batch_size, limi
     from experiments.common import ensure_writable_dir, finish_model_run
     from pruning import CNNModel, PrunePlan, model_stats
     from pruning import prune as prune_model
+    from pruning.plan import nothing_prunable
     from pruning.stats import format_stats
 
     if (ratio is None) == (plan_path is None):
@@ -370,6 +371,8 @@ def prune(model_path, ranker, data_dir, preprocess, image_size, batch_size, limi
         else:
             for name in exclude:
                 cnn.conv(name)  # fail on a bad name before a possibly long ranking
+            if isinstance(rate_spec, float) and rate_spec > 0 and nothing_prunable(cnn):
+                raise ValueError(nothing_prunable(cnn))  # rather than write the model back at x1.00
             scores = scores_for(model, ranker, data_dir, image_size, batch_size, limit_per_class,
                                 rank_batches, seed, preprocess)
             plan = PrunePlan.from_scores(cnn, scores, rate_spec, exclude=exclude, meta={"ranker": ranker},

@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 import keras
 import numpy as np
 
-from pruning.handlers import channel_count, handler_for, is_producer  # noqa: F401 (public here too)
+from pruning.handlers import (  # noqa: F401 (public here too)
+    OpaqueLayerError, channel_count, handler_for, hidden_convs, is_producer)
 
 # A channel's origin is encoded as conv_index * _STRIDE + filter_index, or _NO_ORIGIN
 # when the channel does not come from a prunable convolution (input pixels, Dense
@@ -65,6 +66,22 @@ class ConvLayer:
 
 
 @dataclass
+class OpaqueLayer:
+    """A layer the engine cannot see into, and the convolutions it hides."""
+
+    name: str
+    class_name: str
+    reason: str
+    convs: list  # names of the producer layers inside it
+
+    @property
+    def message(self):
+        n = len(self.convs)
+        return (f"{n} conv{'s' if n != 1 else ''} inside '{self.name}' ({self.class_name}) "
+                f"not visible: {self.reason}")
+
+
+@dataclass
 class ChannelGroup:
     """Convolutions whose filters are tied by elementwise merges, and how.
 
@@ -104,8 +121,11 @@ class CNNModel:
         self.inexact_layers = []
         self.calls = []
         self.shapes = {}  # canonical key -> shape tuple (batch axis included)
-        self._alias = {}
+        self._alias = {}  # id(tensor) -> (canonical key, where it was aliased)
+        self._subgraphs = []
+        self.opaque = []  # OpaqueLayer: layers that hide convolutions from the engine
         fm = _functional(model)
+        self.functional = fm
         self.input_keys = [self._key(t) for t in fm.inputs]
         for t in fm.inputs:
             self.shapes[self._key(t)] = tuple(t.shape)
@@ -119,8 +139,29 @@ class CNNModel:
     def _key(self, tensor):
         k = id(tensor)
         while k in self._alias:
-            k = self._alias[k]
+            k = self._alias[k][0]
         return k
+
+    def _set_alias(self, tensor, target, where):
+        """Makes `tensor` stand for the canonical key `target`. A model called on its own
+        input (a keras-hub task's `backbone(backbone.input)`) aliases a tensor to itself:
+        nothing to do. Any other alias that would close a loop is an error naming the layer
+        and the tensor, so `_key` always ends."""
+        k = id(tensor)
+        if k == target:
+            return
+        seen, j = {k}, target
+        while j in self._alias:
+            if j in seen:
+                break
+            seen.add(j)
+            j = self._alias[j][0]
+        if j in seen:
+            raise ValueError(
+                f"Cannot trace {where}: tensor '{getattr(tensor, 'name', tensor)}' would stand for "
+                "itself through a cycle of nested calls. Received: a graph with a cycle at this tensor"
+            )
+        self._alias[k] = (target, where)
 
     def _trace(self, fm):
         for depth in sorted(fm._nodes_by_depth, reverse=True):
@@ -128,18 +169,24 @@ class CNNModel:
                 if node.is_input or node.operation is None:
                     continue
                 op = node.operation
-                if isinstance(op, keras.Model):
-                    inner = _functional(op)
+                inner = self._subgraph(op, node)
+                if inner is not None:
+                    where = f"layer '{op.name}' of class {type(op).__name__}"
                     if len(inner.inputs) != len(node.input_tensors):
                         raise ValueError(
-                            f"Cannot inline nested model '{op.name}': it was called with "
+                            f"Cannot inline {where}: it was called with "
                             f"{len(node.input_tensors)} tensors for {len(inner.inputs)} inputs."
                         )
+                    if len(inner.outputs) != len(node.outputs):
+                        raise ValueError(
+                            f"Cannot inline {where}: its graph has {len(inner.outputs)} outputs "
+                            f"and its call {len(node.outputs)}."
+                        )
                     for inner_in, outer_in in zip(inner.inputs, node.input_tensors):
-                        self._alias[id(inner_in)] = self._key(outer_in)
+                        self._set_alias(inner_in, self._key(outer_in), where)
                     self._trace(inner)
                     for outer_out, inner_out in zip(node.outputs, inner.outputs):
-                        self._alias[id(outer_out)] = self._key(inner_out)
+                        self._set_alias(outer_out, self._key(inner_out), where)
                     continue
                 aliases = {id(t): self._key(t) for t in node.arguments.keras_tensors}
                 call = Call(
@@ -152,6 +199,21 @@ class CNNModel:
                 for t in node.outputs:
                     self.shapes[id(t)] = tuple(t.shape)
                 self.calls.append(call)
+
+    def _subgraph(self, op, node):
+        """The graph to inline for this call (a nested model, or a composite layer's
+        call traced on symbolic tensors), or None to keep it as one call. A layer that
+        hides convolutions and cannot be traced is recorded in `opaque`."""
+        try:
+            inner = handler_for(op).subgraph(op, node)
+        except OpaqueLayerError as e:
+            hidden = hidden_convs(op)
+            if hidden:
+                self.opaque.append(OpaqueLayer(op.name, type(op).__name__, str(e), hidden))
+            return None
+        if inner is not None:
+            self._subgraphs.append(inner)  # keep its tensors alive: keys are their ids
+        return inner
 
     # ---------------------------------------------------------------- analyse
     def _analyse(self):
@@ -233,23 +295,24 @@ class CNNModel:
 
         self.conv_layers = []
         self._channel_groups = {}
+        conv_names = _distinct([call.layer.name for call in convs])
         for i, call in enumerate(convs):
             layer = call.layer
             ms = members[gfind(i)]
             self.conv_layers.append(ConvLayer(
-                name=layer.name,
+                name=conv_names[i],
                 layer=layer,
                 index=i,
                 filters=t.filters[i],
                 kernel_size=tuple(getattr(layer, "kernel_size", ())),
                 consumers=sorted(t.consumers.get(i, ())),
-                group=tuple(convs[j].layer.name for j in ms),
+                group=tuple(conv_names[j] for j in ms),
                 blocked_by=blocked.get(i, ""),
                 feeds_output=bool(at_output & set(ms)),
             ))
         for g, ms in members.items():
-            names = tuple(convs[j].layer.name for j in ms)
-            info = ChannelGroup(names, {convs[j].layer.name: class_of[j] for j in ms},
+            names = tuple(conv_names[j] for j in ms)
+            info = ChannelGroup(names, {conv_names[j]: class_of[j] for j in ms},
                                 n_classes[g], segments.get(g))
             for name in names:
                 self._channel_groups[name] = info
@@ -296,6 +359,11 @@ class CNNModel:
         while len(readers.get(key, ())) == 1 and isinstance(readers[key][0].layer, follow):
             key = readers[key][0].outputs[0]
         return key
+
+    def key_of(self, tensor):
+        """The traced key of a KerasTensor of the model's graph, or None when it has none."""
+        k = self._key(tensor)
+        return k if k in self.shapes else None
 
     def walk(self, input_values, call_fn, output_keys=None):
         """Runs the flattened graph: `call_fn(call, args, kwargs)` returns a call's outputs.
@@ -364,6 +432,8 @@ class CNNModel:
             tied = f" (tied: {', '.join(g for g in c.group if g != c.name)})" if len(c.group) > 1 else ""
             status = "prunable" + tied if c.prunable else f"blocked: {c.blocked_by}"
             rows.append(f"{c.index:>3} {c.name:<24} {c.filters:>7} {str(c.kernel_size):<10} {status}")
+        for o in self.opaque:
+            rows.append(f"  - {o.message}: {', '.join(o.convs)}")
         return "\n".join(rows)
 
 
@@ -392,6 +462,20 @@ def _functional(model):
             "Sequential and Functional models (nested or not) have a graph to prune."
         )
     return model
+
+
+def _distinct(names):
+    """The names, with `_1`, `_2`... added to the second and later uses of one name (two
+    nested models or blocks may name their convs alike), avoiding every name in use."""
+    taken, seen, out = set(names), set(), []
+    for name in names:
+        candidate, i = name, 0
+        while candidate in seen or (i and candidate in taken):
+            i += 1
+            candidate = f"{name}_{i}"
+        seen.add(candidate)
+        out.append(candidate)
+    return out
 
 
 def _sources(origin):

@@ -22,6 +22,11 @@ Teach the engine a custom layer without editing the package:
     pruning.register_layer_handler(MyScale, MyScaleHandler())
 """
 
+import inspect
+import os
+import traceback
+import warnings
+
 import keras
 import numpy as np
 
@@ -68,7 +73,9 @@ def filter_kernel(layer):
 
 def is_producer(layer):
     """True for layer kinds whose handler has filters to remove (a Dense layer counts
-    only when `CNNModel` sees it applied to a feature map)."""
+    only when `CNNModel` sees it applied to a feature map). A layer never built has none."""
+    if not getattr(layer, "built", True):
+        return False
     try:
         filter_kernel(layer)
     except ValueError:
@@ -144,16 +151,57 @@ class LayerHandler:
             f"Layer '{layer.name}' of class {type(layer).__name__} has no filters to rank."
         )
 
+    def subgraph(self, layer, node):
+        """A Functional graph that computes this call, inlined in its place (its inputs
+        in the order of `node.input_tensors`, its outputs in the order of `node.outputs`),
+        or None: the layer is one call, handled by `channels`. Raises `OpaqueLayerError`
+        with the reason when the layer should be inlined but cannot be."""
+        return None
+
     def rebuild(self, layer, args, kwargs, in_keep, out_keep, name):
-        """A new layer with the kept channels, called on `args`: (new layer, outputs)."""
-        config = self.config(layer, layer.get_config(), in_keep, out_keep)
-        config["name"] = name
-        new = type(layer).from_config(config)
-        outputs = new(*args, **kwargs)
-        new.set_weights(self.slice_weights(layer, layer.get_weights(), in_keep, out_keep))
+        """A new layer with the kept channels, called on `args`: (new layer, outputs).
+
+        A layer whose channels do not change is copied from its config as well, so that
+        the pruned model shares no variables with the original; when that round trip
+        fails (a custom layer whose config does not match its constructor), the original
+        layer itself is reused, with a warning: the two models then share its weights.
+        """
+        try:
+            config = self.config(layer, _layer_config(layer), in_keep, out_keep)
+            config["name"] = name
+            new = type(layer).from_config(config)
+            outputs = new(*args, **kwargs)
+            new.set_weights(self.slice_weights(layer, layer.get_weights(), in_keep, out_keep))
+        except Exception as e:  # the class's own config, constructor or build failed
+            if in_keep is not None or out_keep is not None:
+                raise ValueError(
+                    f"Cannot rebuild layer '{layer.name}' of class {type(layer).__name__} with fewer "
+                    f"channels: its from_config(get_config()) fails ({type(e).__name__}: {e})"
+                ) from None
+            warnings.warn(
+                f"Layer '{layer.name}' of class {type(layer).__name__} does not round-trip through "
+                f"its config ({type(e).__name__}: {str(e)[:120]}); its channels do not change, so "
+                "the pruned model reuses this layer and shares its weights with the original.",
+                stacklevel=2,
+            )
+            return layer, layer(*args, **kwargs)
         if hasattr(new, "finalize_state"):  # an adapted Normalization reads its weights here, as on loading
             new.finalize_state()
         return new, outputs
+
+
+def _layer_config(layer):
+    """`layer.get_config()`; for a layer whose constructor takes only `**kwargs` (Identity)
+    but was given a DTypePolicy object (keras-hub does), which Keras' automatic config
+    refuses, the base config that such a constructor accepts."""
+    try:
+        return layer.get_config()
+    except NotImplementedError:
+        params = inspect.signature(type(layer).__init__).parameters
+        if set(params) - {"self", "kwargs"}:
+            raise
+        return {"name": layer.name, "trainable": layer.trainable,
+                "dtype": keras.saving.serialize_keras_object(layer.dtype_policy)}
 
 
 class PassthroughHandler(LayerHandler):
@@ -434,7 +482,7 @@ class OpHandler(LayerHandler):
 
     def rebuild(self, op, args, kwargs, in_keep, out_keep, name):
         try:
-            config = op.get_config()
+            config = self.config(op, op.get_config(), in_keep, out_keep)
             config["name"] = name
             new = type(op).from_config(config)
         except (NotImplementedError, TypeError, ValueError):
@@ -464,11 +512,270 @@ class ConcatenateOpHandler(OpHandler, ConcatenateHandler):
         return getattr(layer, "axis", -1)
 
 
+def _last_axis(axis, ndim):
+    return axis in (-1, ndim - 1)
+
+
+class ReduceOpHandler(OpHandler):
+    """ops.mean / max / min / sum over axes that leave the channels alone (the squeeze
+    of a squeeze-and-excitation block): the selection passes through."""
+
+    def channels(self, layer, ctx):
+        ndim = len(ctx.in_shapes[0])
+        axis = getattr(layer, "axis", None)
+        axes = [axis] if isinstance(axis, int) else list(axis or ())
+        if axis is not None and not any(_last_axis(a, ndim) for a in axes) \
+                and channel_count(ctx.out_shapes[0]) == len(ctx.inputs[0]):
+            return [ctx.inputs[0]]
+        return LayerHandler.channels(self, layer, ctx)
+
+
+class PadOpHandler(OpHandler):
+    """ops.pad with no padding on the channel axis."""
+
+    def channels(self, layer, ctx):
+        width = np.asarray(getattr(layer, "pad_width", None) or [[1, 1]], dtype=object)
+        if width.ndim == 2 and len(width) == len(ctx.in_shapes[0]) and \
+                tuple(int(v) for v in width[-1]) == (0, 0):
+            return [ctx.inputs[0]]
+        return LayerHandler.channels(self, layer, ctx)
+
+
+class ReshapeOpHandler(OpHandler):
+    """ops.reshape keeping the channel axis last and its size ((B, H, W, C) <-> (B, H*W, C)
+    of a transformer block): the selection passes through, the new shape is rewritten."""
+
+    def channels(self, layer, ctx):
+        shape = tuple(getattr(layer, "newshape", ()) or ())
+        if len(ctx.in_shapes[0]) > 1 and shape and shape[-1] == len(ctx.inputs[0]) and \
+                channel_count(ctx.out_shapes[0]) == len(ctx.inputs[0]):
+            return [ctx.inputs[0]]
+        return LayerHandler.channels(self, layer, ctx)
+
+    def config(self, layer, config, in_keep, out_keep):
+        if in_keep is not None:
+            config["newshape"] = (*tuple(config["newshape"])[:-1], int(len(in_keep)))
+        return config
+
+    def rebuild(self, op, args, kwargs, in_keep, out_keep, name):
+        shape = tuple(self.config(op, op.get_config(), in_keep, out_keep)["newshape"])
+        if shape and shape[0] is None and None not in shape[1:]:
+            # A traced `ops.reshape(x, (ops.shape(x)[0], ...))` holds the unknown batch size:
+            # a Reshape layer says the same without it.
+            new = keras.layers.Reshape(shape[1:], name=name)
+            return new, new(*args, **kwargs)
+        return OpHandler.rebuild(self, op, args, kwargs, in_keep, out_keep, name)
+
+
+class TransposeHandler(OpHandler):
+    """ops.transpose / Permute that keep the channel axis last."""
+
+    def channels(self, layer, ctx):
+        ndim = len(ctx.in_shapes[0])
+        if hasattr(layer, "dims"):  # Permute: 1-based, batch axis left out
+            last = tuple(layer.dims)[-1] == ndim - 1
+        else:
+            axes = getattr(layer, "axes", None)
+            last = axes is not None and _last_axis(tuple(axes)[-1], ndim)
+        if last:
+            return [ctx.inputs[0]]
+        return LayerHandler.channels(self, layer, ctx)
+
+
+class PermuteHandler(TransposeHandler):
+    rebuild = LayerHandler.rebuild
+
+
+class SplitOpHandler(OpHandler):
+    """ops.split: on the channel axis each part is a slice of the labels (the inverse of
+    Concatenate); equal sections keep equal counts (a segment each), explicit split
+    points are moved to the kept channels. On any other axis every part passes through."""
+
+    def channels(self, layer, ctx):
+        x, ndim = ctx.inputs[0], len(ctx.in_shapes[0])
+        if not _last_axis(layer.axis, ndim):
+            return [x] * len(ctx.out_shapes)
+        sections = layer.indices_or_sections
+        if isinstance(sections, int):
+            ctx.segment(x, sections, f"split '{layer.name}' into {sections} equal parts")
+            return list(np.split(x, sections))
+        return list(np.split(x, list(sections)))
+
+    def rebuild(self, op, args, kwargs, in_keep, out_keep, name):
+        sections = op.indices_or_sections
+        if in_keep is None or isinstance(sections, int) or not _last_axis(op.axis, len(args[0].shape)):
+            return OpHandler.rebuild(self, op, args, kwargs, in_keep, out_keep, name)
+        new = type(op)([int(np.sum(np.asarray(in_keep) < i)) for i in sections], axis=op.axis, name=name)
+        return new, new(*args, **kwargs)
+
+
+def _channel_slice(key, ndim):
+    """The slice a `x[key]` takes of the last (channel) axis of an `ndim`-D tensor, or None
+    when the key does anything else there (an index, a new axis, a step, a tensor)."""
+    key = key if isinstance(key, tuple) else (key,)
+    if any(k is None or isinstance(k, keras.KerasTensor) for k in key) or key.count(Ellipsis) > 1:
+        return None
+    if Ellipsis in key:
+        i = key.index(Ellipsis)
+        key = key[:i] + (slice(None),) * (ndim - len(key) + 1) + key[i + 1:]
+    key = key + (slice(None),) * (ndim - len(key))
+    if len(key) != ndim or any(not isinstance(k, slice) for k in key[-1:]):
+        return None
+    last = key[-1]
+    if any(isinstance(k, int) for k in key[:-1]) or last.step not in (None, 1):
+        return None
+    return last
+
+
+class GetItemHandler(OpHandler):
+    """`x[..., a:b]` takes channels a..b-1 (a slice of the labels; the bounds move with
+    the kept channels); slicing other axes passes the channels through."""
+
+    def channels(self, layer, ctx):
+        key = ctx.node.arguments.args[1] if len(ctx.node.arguments.args) > 1 else None
+        last = _channel_slice(key, len(ctx.in_shapes[0]))
+        if last is None or len(ctx.in_shapes[0]) < 2:
+            return LayerHandler.channels(self, layer, ctx)
+        return [ctx.inputs[0][last]]
+
+    def rebuild(self, op, args, kwargs, in_keep, out_keep, name):
+        x, key = args[0], args[1]
+        last = _channel_slice(key, len(x.shape))
+        if in_keep is not None and last is not None and last != slice(None):
+            channels = int(op._inbound_nodes[0].input_tensors[0].shape[-1])  # before pruning
+            start, stop, _ = last.indices(channels)
+            kept = np.asarray(in_keep)
+            new_last = slice(int(np.sum(kept < start)), int(np.sum(kept < stop)))
+            key = (*key[:-1], new_last) if isinstance(key, tuple) else new_last
+        new = type(op)(name=name)
+        return new, new(x, key)
+
+
+class DepthToSpaceHandler(OpHandler):
+    """ops.depth_to_space(x, b): output channel c gathers input channels k * C' + c
+    (k < b*b), so those b*b channels are tied: whole blocks are kept or removed."""
+
+    def channels(self, layer, ctx):
+        if getattr(layer, "data_format", "channels_last") != "channels_last":
+            return LayerHandler.channels(self, layer, ctx)
+        x, n = ctx.inputs[0], int(layer.block_size) ** 2
+        parts = np.split(x, n)
+        ctx.tie(parts)
+        return [parts[0]]
+
+
+class SpaceToDepthHandler(OpHandler):
+    """ops.space_to_depth(x, b): output channel k * C + c is input channel c."""
+
+    def channels(self, layer, ctx):
+        if getattr(layer, "data_format", "channels_last") != "channels_last":
+            return LayerHandler.channels(self, layer, ctx)
+        return [np.tile(ctx.inputs[0], int(layer.block_size) ** 2)]
+
+
+class RescalingHandler(PassthroughHandler):
+    """Rescaling: a scalar scale and offset pass through; per-channel ones are sliced."""
+
+    def config(self, layer, config, in_keep, out_keep):
+        if in_keep is not None:
+            for key in ("scale", "offset"):
+                v = np.asarray(config.get(key, 0.0), dtype="float64")
+                if v.ndim and v.shape[-1] > 1:
+                    config[key] = np.take(v, in_keep, axis=-1).tolist()
+        return config
+
+
 class ScaledAddHandler(ElementwiseHandler):
     """keras.applications' InceptionResNetV2 `CustomScaleLayer`: inputs[0] + inputs[1] * scale."""
 
 
-_UNKNOWN_LAYER = LayerHandler()
+class OpaqueLayerError(ValueError):
+    """A layer's call cannot be traced into a graph of Keras layers and operations."""
+
+
+def hidden_convs(layer):
+    """Names of the producers (convs) anywhere inside `layer`."""
+    return [sub.name for sub in layer._flatten_layers(include_self=False, recursive=True)
+            if is_producer(sub)]
+
+
+_INTERNAL = tuple(os.path.dirname(m.__file__) + os.sep for m in (keras, np))
+
+
+def _where(error):
+    """The line outside Keras that raised `error` (or called what raised it)."""
+    frames = [f for f in traceback.extract_tb(error.__traceback__)
+              if not f.filename.startswith(_INTERNAL) and "tensorflow" not in f.filename
+              and not f.filename.endswith(os.path.join("pruning", "handlers.py"))]
+    if not frames:
+        return ""
+    f = frames[-1]
+    return f" at `{(f.line or '').strip()}` ({os.path.basename(f.filename)}:{f.lineno})"
+
+
+def _trace_call(layer, node, training):
+    """`layer.call` run on fresh symbolic inputs shaped like this call's, as a Functional model."""
+    tensors = node.arguments.keras_tensors
+    inputs = [keras.Input(batch_shape=t.shape, dtype=t.dtype) for t in tensors]
+    args, kwargs = node.arguments.fill_in({id(t): x for t, x in zip(tensors, inputs)})
+    if training is not None:
+        kwargs["training"] = training
+    outputs = keras.tree.flatten(layer.call(*args, **kwargs))
+    if not outputs or not all(isinstance(o, keras.KerasTensor) for o in outputs):
+        raise OpaqueLayerError("its call returns values that are not tensors")
+    return keras.Model(inputs, outputs, name=f"{layer.name}_traced")
+
+
+class CompositeHandler(LayerHandler):
+    """Layers without a handler of their own: nested models are inlined, and so is a
+    custom layer whose `call` uses only Keras layers and `keras.ops` (its call is traced
+    on symbolic tensors, like a nested model's graph). A layer that cannot be traced is
+    one opaque call: convs whose channels reach it are blocked."""
+
+    def subgraph(self, layer, node):
+        if isinstance(layer, keras.Sequential) and getattr(layer, "_functional", None) is not None:
+            return layer._functional
+        if isinstance(layer, keras.Model) and hasattr(layer, "_nodes_by_depth"):
+            return layer
+        if not isinstance(layer, keras.layers.Layer):
+            return None
+        inside = {id(v) for sub in layer._flatten_layers(include_self=False, recursive=True)
+                  for v in sub.weights}
+        own = [v.name for v in layer.weights if id(v) not in inside]
+        if own:
+            raise OpaqueLayerError(f"it holds its own weights ({', '.join(own[:4])}), which only "
+                                   "its class knows how to use")
+        try:
+            takes_training = "training" in inspect.signature(layer.call).parameters
+        except (TypeError, ValueError):
+            takes_training = False
+        explicit = "training" in node.arguments.kwargs
+        try:
+            graph = _trace_call(layer, node, None)
+            if takes_training and not explicit:
+                other = _trace_call(layer, node, True)
+                if [type(op).__name__ for op in graph.operations] != \
+                        [type(op).__name__ for op in other.operations]:
+                    raise OpaqueLayerError("its call takes a different path when training, "
+                                           "which one traced graph cannot follow")
+            calls = {}
+            for nodes in graph._nodes_by_depth.values():
+                for n in nodes:
+                    if n.operation is not None and is_producer(n.operation):
+                        calls[id(n.operation)] = calls.get(id(n.operation), 0) + 1
+                        if calls[id(n.operation)] > 1:
+                            raise OpaqueLayerError(f"it calls conv '{n.operation.name}' more than "
+                                                   "once (one set of weights for several calls)")
+        except OpaqueLayerError:
+            raise
+        except Exception as e:  # anything the symbolic trace cannot run
+            first = (str(e).strip().splitlines() or [""])[0][:160]
+            raise OpaqueLayerError(f"its call cannot run on symbolic tensors{_where(e)}: "
+                                   f"{type(e).__name__}: {first}") from None
+        return graph
+
+
+_UNKNOWN_LAYER = CompositeHandler()
 _UNKNOWN_OP = OpHandler()
 
 
@@ -486,7 +793,7 @@ def _register_defaults():
         "GlobalMaxPooling1D", "GlobalMaxPooling2D", "GlobalMaxPooling3D",
         "ZeroPadding1D", "ZeroPadding2D", "ZeroPadding3D",
         "Cropping1D", "Cropping2D", "Cropping3D",
-        "UpSampling1D", "UpSampling2D", "UpSampling3D",
+        "UpSampling1D", "UpSampling2D", "UpSampling3D", "Resizing",
     ):
         if hasattr(L, name):
             register_layer_handler(getattr(L, name), passthrough)
@@ -525,6 +832,21 @@ def _register_defaults():
             if hasattr(module, name):
                 register_layer_handler(getattr(module, name), op)
     register_layer_handler(ops_np.Concatenate, ConcatenateOpHandler())
+    from keras.src.ops import core as ops_core
+
+    register_layer_handler(ops_core.Cast, op)
+    for name in ("Mean", "Max", "Min", "Sum", "Amax", "Amin"):
+        if hasattr(ops_np, name):
+            register_layer_handler(getattr(ops_np, name), ReduceOpHandler())
+    register_layer_handler(ops_np.Pad, PadOpHandler())
+    register_layer_handler(ops_np.Reshape, ReshapeOpHandler())
+    register_layer_handler(ops_np.Transpose, TransposeHandler())
+    register_layer_handler(ops_np.Split, SplitOpHandler())
+    register_layer_handler(ops_np.GetItem, GetItemHandler())
+    register_layer_handler(ops_nn.DepthToSpace, DepthToSpaceHandler())
+    register_layer_handler(ops_nn.SpaceToDepth, SpaceToDepthHandler())
+    register_layer_handler(L.Permute, PermuteHandler())
+    register_layer_handler(L.Rescaling, RescalingHandler())
 
     # keras.applications' own custom layers.
     try:

@@ -7,6 +7,7 @@ indices, and it round-trips through JSON so any run can be replayed.
 
 import json
 import numbers
+import warnings
 
 import numpy as np
 
@@ -77,8 +78,22 @@ def resolve_ratios(cnn, ratio, exclude=()):
 
 
 def skipped_convs(cnn):
-    """{conv name: reason} for every conv a uniform ratio leaves whole."""
-    return {c.name: c.blocked_by for c in cnn.conv_layers if not c.prunable}
+    """{conv name: reason} for every conv a uniform ratio leaves whole, the convs hidden
+    inside layers the engine cannot see into (`CNNModel.opaque`) included."""
+    skipped = {c.name: c.blocked_by for c in cnn.conv_layers if not c.prunable}
+    for o in cnn.opaque:
+        for name in o.convs:
+            skipped.setdefault(name, f"inside '{o.name}' ({o.class_name}), not visible: {o.reason}")
+    return skipped
+
+
+def nothing_prunable(cnn):
+    """One line saying why no conv of `cnn` can be pruned, or "" when some can."""
+    if cnn.prunable_layers:
+        return ""
+    reasons = sorted({c.blocked_by for c in cnn.conv_layers} | {o.message for o in cnn.opaque})
+    return (f"Nothing to prune in model '{cnn.model.name}': {len(cnn.conv_layers)} convs visible, "
+            f"none prunable{': ' + '; '.join(reasons[:6]) if reasons else ' (it has no convolutions)'}.")
 
 
 def _select(group, scores, rate, round_to, round_mode="nearest"):
@@ -147,6 +162,9 @@ class PrunePlan:
             raise ValueError(f"Expected round_mode in {ROUND_MODES}. Received: round_mode={round_mode!r}")
         cnn = _cnn(model, allow_inexact)
         ratios = resolve_ratios(cnn, ratio, exclude)
+        if not isinstance(ratio, (dict, list, tuple, np.ndarray)) and ratio > 0 and nothing_prunable(cnn):
+            # The plan keeps everything: say so rather than let a x1.00 model pass for a pruned one.
+            warnings.warn(nothing_prunable(cnn), stacklevel=2)
         keep, filters = {}, {}
         for group in cnn.groups:
             members = [cnn.conv(n) for n in group]

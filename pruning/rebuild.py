@@ -37,7 +37,7 @@ def prune(model, plan, allow_inexact=False):
     plan.validate(cnn)  # every error is raised here, before anything is built
     keep = {n: np.asarray(k) for n, k in plan.keep.items() if len(k) < cnn.conv(n).filters}
     kept = cnn.channel_selector(keep)
-    producers = {c.layer.name for c in cnn.conv_layers}
+    conv_name = {id(c.layer): c.name for c in cnn.conv_layers}  # names are distinct there
 
     new_inputs = [
         keras.Input(shape=cnn.shapes[k][1:], dtype=dt, name=name)
@@ -50,27 +50,37 @@ def prune(model, plan, allow_inexact=False):
     def call_fn(call, args, kwargs):
         layer = call.layer
         in_keep = kept(call.inputs[0]) if call.inputs else None
-        out_keep = keep.get(layer.name) if layer.name in producers else None
+        out_keep = keep.get(conv_name[id(layer)]) if id(layer) in conv_name else None
         if in_keep is not None and layer.name in cnn.inexact_layers:
             touched.append(layer.name)
         signature = (None if in_keep is None else in_keep.tobytes(),
                      None if out_keep is None else out_keep.tobytes())
-        if id(layer) in built:
-            new, sig = built[id(layer)]
+        # A layer without weights works on any number of channels: a shared activation or
+        # pooling layer gets one copy per selection it is called on.
+        key = id(layer) if getattr(layer, "weights", None) else (id(layer), signature)
+        if key in built:
+            new, sig = built[key]
             if sig != signature:
-                raise ValueError(f"Shared layer '{layer.name}' is called on tensors pruned differently.")
+                raise ValueError(f"Shared layer '{layer.name}' of class {type(layer).__name__} holds "
+                                 "weights and is called on tensors pruned differently; exclude the "
+                                 "convs that feed it, or prune them alike.")
             return new(*args, **kwargs)
         new, outputs = handler_for(layer).rebuild(
             layer, args, kwargs, in_keep, out_keep, _unique(layer.name, used_names))
-        built[id(layer)] = (new, signature)
+        built[key] = (new, signature)
         return outputs
 
-    outputs = cnn.walk(new_inputs, call_fn)
+    carried = _tensor_attributes(cnn)
+    extra = [k for _, keys in carried for k in keras.tree.flatten(keys)]
+    values = cnn.walk(new_inputs, call_fn, cnn.output_keys + extra)
+    outputs, extra_values = values[:len(cnn.output_keys)], values[len(cnn.output_keys):]
+    fm = cnn.functional
     pruned = keras.Model(
-        inputs=new_inputs[0] if len(new_inputs) == 1 else new_inputs,
-        outputs=outputs[0] if len(outputs) == 1 else outputs,
+        inputs=keras.tree.pack_sequence_as(fm._inputs_struct, new_inputs),
+        outputs=keras.tree.pack_sequence_as(fm._outputs_struct, outputs),
         name=cnn.model.name,
     )
+    _carry_over(cnn.model, pruned, carried, extra_values)
     if touched:
         change = output_change(cnn.model, pruned)
         warnings.warn(
@@ -79,6 +89,49 @@ def prune(model, plan, allow_inexact=False):
             stacklevel=2,
         )
     return pruned
+
+
+def _tensor_attributes(cnn):
+    """[(attribute, its tensors' keys)] for the attributes of a subclassed model that hold
+    tensors of its graph (keras-hub's `pyramid_outputs`), so the pruned model gets them too."""
+    model = cnn.model
+    if type(model) in (keras.Model, keras.Sequential) or type(model).__name__ == "Functional":
+        return []
+    found = []
+    for attr, value in vars(model).items():
+        if attr.startswith("_"):
+            continue
+        try:
+            leaves = keras.tree.flatten(value) if isinstance(value, (dict, list, tuple)) else [value]
+        except (TypeError, ValueError):  # a structure the tree utilities cannot walk
+            continue
+        if not leaves or \
+                not all(isinstance(t, keras.KerasTensor) for t in leaves):
+            continue
+        keys = [cnn.key_of(t) for t in leaves]
+        if all(k is not None for k in keys):
+            found.append((attr, keras.tree.pack_sequence_as(value, keys)))
+    return found
+
+
+def _carry_over(model, pruned, carried, values):
+    """Sets the tensor attributes on `pruned`, and warns that the model's class is dropped."""
+    if type(model) in (keras.Model, keras.Sequential) or type(model).__name__ == "Functional":
+        return
+    it = iter(values)
+    kept = []
+    for attr, keys in carried:
+        setattr(pruned, attr, keras.tree.pack_sequence_as(keys, [next(it) for _ in keras.tree.flatten(keys)]))
+        kept.append(attr)
+    warnings.warn(
+        f"Model '{model.name}' of class {type(model).__name__} is rebuilt as a plain Functional "
+        "model with the same inputs, outputs and output structure; what its class adds (its own "
+        "methods such as train_step or from_preset, its constructor config) is not carried over"
+        + (f"; its tensor attributes {', '.join(kept)} are set on the pruned model (not saved "
+           "with it)" if kept else "")
+        + ". See docs/engine.md, 'Subclassed models and keras-hub'.",
+        stacklevel=3,
+    )
 
 
 def output_change(model, pruned, batch_size=2, seed=0):

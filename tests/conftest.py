@@ -89,3 +89,20 @@ def _numpy(outputs):
 def relative_diff(a, b):
     """Max abs difference relative to the output scale."""
     return float(np.max(np.abs(a - b)) / max(float(np.max(np.abs(a))), 1e-12))
+
+
+@pytest.fixture
+def time_limit():
+    """`time_limit(seconds)`: the test fails with an error after `seconds` instead of hanging
+    (SIGALRM; pytest-timeout is not a dependency)."""
+    import signal
+
+    def fire(*_):
+        raise TimeoutError("the test ran past its time limit")
+
+    def arm(seconds):
+        signal.signal(signal.SIGALRM, fire)
+        signal.alarm(int(seconds))
+
+    yield arm
+    signal.alarm(0)
