@@ -611,8 +611,9 @@ class SplitOpHandler(OpHandler):
 
 def _channel_slice(key, ndim):
     """The slice a `x[key]` takes of the last (channel) axis of an `ndim`-D tensor, or None
-    when the key does anything else there (an index, a new axis, a step, a tensor)."""
-    key = key if isinstance(key, tuple) else (key,)
+    when the key does anything else there (an index, a new axis, a step, a tensor). A list
+    key is a tuple: Keras' loader turns a saved `x[..., a:b]` key into a list."""
+    key = tuple(key) if isinstance(key, (tuple, list)) else (key,)
     if any(k is None or isinstance(k, keras.KerasTensor) for k in key) or key.count(Ellipsis) > 1:
         return None
     if Ellipsis in key:
@@ -640,6 +641,7 @@ class GetItemHandler(OpHandler):
 
     def rebuild(self, op, args, kwargs, in_keep, out_keep, name):
         x, key = args[0], args[1]
+        key = tuple(key) if isinstance(key, list) else key
         last = _channel_slice(key, len(x.shape))
         if in_keep is not None and last is not None and last != slice(None):
             channels = int(op._inbound_nodes[0].input_tensors[0].shape[-1])  # before pruning

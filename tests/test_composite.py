@@ -342,6 +342,16 @@ def test_channel_slice_bounds_move_with_the_kept_channels():
     assert pruned.get_layer("c2").get_weights()[0].shape[-2] == 3 + 3 + 4
 
 
+def test_channel_slices_of_a_loaded_model_prune_as_before(tmp_path):
+    # Keras' loader turns a saved `x[..., a:b]` key into a list; it still slices the channels.
+    path = str(tmp_path / "slices.keras")
+    PASS_THROUGHS["channel_slices"]().save(path)
+    loaded = keras.models.load_model(path)
+    pruned = prune(loaded, {"c1": [0, 4, 5, 7]})
+    assert pruned.get_layer("head").get_weights()[0].shape[-2] == 1
+    assert pruned.get_layer("c2").get_weights()[0].shape[-2] == 3 + 3 + 4
+
+
 def test_convs_named_alike_in_two_nested_models_get_distinct_names(tmp_path):
     first, second = _backbone("net"), _backbone("net", "net2")  # both hold 'net_c1' and 'net_c2'
     inp = keras.Input((16, 16, 3))
