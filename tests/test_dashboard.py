@@ -223,10 +223,11 @@ def test_run_page_shows_curves_layers_evaluations_and_latency(fixture_log, monke
     recall = [s for s in specs if any("recall" in v for v in _values(s))][0]
     assert {v["class"]: v["recall"] for v in _values(recall)} == {
         c: v["recall"] for c, v in metrics["per_class"].items()}
-    latency = _values(specs[-1])  # the run and its parent, median and p90
-    assert {(v["id"], v["median"], v["ms_p90"]) for v in latency} == {
-        (r["id"], json.loads(r["metrics"])["latency"]["ms_per_batch"], json.loads(r["metrics"])["latency"]["ms_p90"])
-        for r in (pruned, log.get_run(pruned["parent_id"]))}
+    latency = _values(specs[-1])  # the run and its parent: median, fastest and slowest round
+    lat = {r["id"]: json.loads(r["metrics"])["latency"] for r in (pruned, log.get_run(pruned["parent_id"]))}
+    assert lat[pruned["id"]]["interleaved"]
+    assert {(v["id"], v["median"], v["low"], v["high"]) for v in latency} == {
+        (i, m["ms_per_batch"], min(m["rounds_ms"]), max(m["rounds_ms"])) for i, m in lat.items()}
     assert any(pruned["artifact"] in m.value for m in at.markdown)
 
 

@@ -187,8 +187,10 @@ def run_page(log, rows, colours):
     lat_rows = data.latency_rows(rows, r)
     if lat:
         st.subheader("Latency")
-        st.caption(f"Median of {lat.get('runs', '?')} timed calls on a batch of {lat.get('batch_size', '?')}; "
-                   "the rule spans the recorded spread. The run's parent and children are shown for context.")
+        how = (f"median of {lat['rounds']} interleaved rounds with its baseline in one window"
+               if lat.get("interleaved") else f"median of {lat.get('runs', '?')} timed calls")
+        st.caption(f"ms per batch of {lat.get('batch_size', '?')}, {how}; the rule spans the fastest to the "
+                   "slowest round (or p90). The run's parent and children are shown for context.")
         st.altair_chart(charts.latency(lat_rows, colours), width="stretch")
         st.dataframe(pd.DataFrame(lat_rows).drop(columns=["label"]), hide_index=True, width="stretch")
 

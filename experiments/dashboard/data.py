@@ -202,15 +202,20 @@ def latency(row):
 
 def latency_rows(rows, row):
     """Latency with its spread for the run, its parent and its children (context):
-    id, label, median (ms_per_batch) and every other ms_ field recorded."""
+    id, label, median (ms_per_batch), every other ms_ field recorded, and for a record of
+    interleaved rounds (`rounds_ms`) the fastest and slowest round (ms_min, ms_max) and
+    the speed-up against the baseline timed in the same window."""
     ids = {row["id"], row.get("parent_id"), *row["children"]}
     out = []
     for r in rows:
         lat = latency(r)
         if r["id"] in ids and is_number(lat.get("ms_per_batch")):
+            rounds = [v for v in lat.get("rounds_ms") or () if is_number(v)]
             out.append({"id": r["id"], "run": f"#{r['id']} {r['label']}", "label": r["label"],
                         "median": lat["ms_per_batch"], "batch_size": lat.get("batch_size"),
-                        **{k: v for k, v in lat.items() if k.startswith("ms_") and is_number(v)}})
+                        **{k: v for k, v in lat.items() if k.startswith("ms_") and is_number(v)},
+                        **({"ms_min": min(rounds), "ms_max": max(rounds)} if rounds else {}),
+                        **({"speedup": lat["speedup"]} if is_number(lat.get("speedup")) else {})})
     return out
 
 
