@@ -16,8 +16,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import click  # noqa: E402
 
-from experiments.config import (PREPROCESSING, ROUND_MODES, CifarConfig, CompressConfig, RiceConfig,  # noqa: E402
-                                check_model_file, cli_fields)
+from experiments.config import (PREPROCESSING, ROUND_MODES, CifarConfig, CompressConfig, InputError,  # noqa: E402
+                                RiceConfig, check_model_file, cli_fields)
 from save_sqlite import DEFAULT_DB, ENV_VAR, STATUSES, TABLES  # noqa: E402
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -162,10 +162,11 @@ def interrupt_message():
         raise SystemExit(143 if type(e).__name__ == "Terminated" else 130)
 
 
-def run_experiment(run_fn, cfg, db, resume=None):
+def run_experiment(run_fn, cfg, db, resume=None, check=None):
     """Opens the log, then runs an experiment. A ValueError in the config (before any
     run) is a usage error (exit 2); one found mid-run (bad data or weights, whose run
-    is then already marked failed) exits 1; both print one line."""
+    is then already marked failed) exits 1; both print one line. `check(log)`, if
+    given, runs once the log is open, before any work (a ValueError: exit 1)."""
     if resume is None:
         try:
             cfg.validate()
@@ -178,9 +179,16 @@ def run_experiment(run_fn, cfg, db, resume=None):
         except ValueError as e:
             fail(e)
     log = open_log(db)
+    if check is not None:
+        try:
+            check(log)
+        except ValueError as e:
+            fail(e)
     with interrupt_message():
         try:
             return run_fn(cfg, log, progress=progressbar, echo=click.echo, resume=resume)
+        except InputError as e:  # found by the experiment's own checks, before any run
+            raise UsageFailure(str(e)) from e
         except ValueError as e:
             fail(e)
 
@@ -196,27 +204,47 @@ def cli():
 
 
 # ---------------------------------------------------------- cifar and rice
-def experiment_command(cls, run, results_help, argument=None):
+def experiment_command(cls, run, results_help, argument=None, results_files=lambda results: [results]):
     """Decorator: a training command whose options are the fields of config `cls`,
-    plus --results, --resume and --db (`argument`: a field given as the command's
-    positional argument instead). `run` ("module:function") runs the experiment; the
-    decorated function `fn(cfg, summaries, results)` reports its summaries."""
+    plus --results, --resume, --db and (unless `cls` has a `force` field) --force
+    (`argument`: a field given as the command's positional argument instead). `run`
+    ("module:function") runs the experiment; the decorated function
+    `fn(cfg, summaries, results)` reports its summaries into the files
+    `results_files(results)`, which no finished run may own (unless --force)."""
     def decorate(fn):
-        @cli.command(fn.__name__, context_settings=CONTEXT, help=fn.__doc__)
-        @config_options(cls, skip=(argument,))
-        @click.option("--results", default=None, help=results_help)
-        @resume_option
-        @db_option
-        def command(db, results, resume, **options):
+        has_force = "force" in {f.name for f in dataclasses.fields(cls)}
+
+        def command(db, results, resume, force=False, **options):
             import importlib
 
+            from experiments.common import check_output_owner
+
             module, name = run.split(":")
+            if has_force:
+                options["force"] = force
             cfg = config_from_options(cls, options)
-            summaries = run_experiment(getattr(importlib.import_module(module), name), cfg, db, resume)
+            files = results_files(results) if results else []
+            opened = []
+
+            def check(log):
+                opened.append(log)
+                for path in files:
+                    check_output_owner(log, path, force or getattr(cfg, "force", False), "--results")
+
+            summaries = run_experiment(getattr(importlib.import_module(module), name), cfg, db, resume, check)
             try:
                 fn(cfg, summaries, results)
             except ValueError as e:  # an unwritable --results path
                 fail(e)
+            if files:
+                first = summaries[0] if isinstance(summaries, list) else summaries
+                opened[0].add_outputs(first["run_id"], {p: "results" for p in files})
+        if not has_force:
+            command = click.option("--force", is_flag=True,
+                                   help="Replace --results even when it holds a finished run's file.")(command)
+        command = db_option(resume_option(click.option("--results", default=None, help=results_help)(command)))
+        command = cli.command(fn.__name__, context_settings=CONTEXT, help=fn.__doc__)(
+            config_options(cls, skip=(argument,))(command))
         if argument:
             command = click.argument(argument.upper())(command)
             command.params.insert(0, command.params.pop())  # the argument first in --help
@@ -240,7 +268,9 @@ def cifar(cfg, summaries, results):
         click.echo(f"wrote {results}")
 
 
-@experiment_command(RiceConfig, "experiments.rice:run_rice", "Folder for the results table and plot (e.g. results/).")
+@experiment_command(RiceConfig, "experiments.rice:run_rice", "Folder for the results table and plot (e.g. results/).",
+                    results_files=lambda results: [os.path.join(results, "rice_results.md"),
+                                                   os.path.join(results, "rice_accuracy.png")])
 def rice(cfg, summaries, results):
     """Rice varieties: VGG16 transfer learning, then pruning and retraining."""
     from experiments.report import rice_results
@@ -339,7 +369,7 @@ def echo_skipped(plan):
 def prune(model_path, ranker, data_dir, preprocess, image_size, batch_size, limit_per_class, rank_batches, seed,
           ratio, plan_path, exclude, output, round_to, round_mode, save_plan, force, allow_inexact, db):
     """Prune any .keras model with a ranker and ratio (or a plan file)."""
-    from experiments.common import ensure_writable_dir, finish_model_run
+    from experiments.common import check_output_owner, ensure_writable_dir, finish_model_run
     from pruning import CNNModel, PrunePlan, model_stats
     from pruning import prune as prune_model
     from pruning.stats import format_stats
@@ -351,10 +381,11 @@ def prune(model_path, ranker, data_dir, preprocess, image_size, batch_size, limi
     except ValueError as e:
         fail(e)
     log = open_log(db)  # before any work: a broken log leaves no model without a row
-    owners = [r["id"] for r in log.runs(artifact=output) if r["status"] == "completed"]
-    if owners and not force:
-        raise click.ClickException(f"{output!r} is the model of finished run {owners[0]}; choose another "
-                                   "--output (or pass --force to replace it).")
+    try:
+        check_output_owner(log, output, force, "--output")
+        check_output_owner(log, save_plan, force, "--save-plan")
+    except ValueError as e:
+        fail(e)
     model = load_keras_model(model_path)
     rate_spec = None if ratio is None else (ratio[0] if len(ratio) == 1 else list(ratio))
     try:
@@ -389,6 +420,7 @@ def prune(model_path, ranker, data_dir, preprocess, image_size, batch_size, limi
             fail(e)
     if save_plan:
         plan.save(save_plan)
+        log.add_outputs(run.id, {save_plan: "plan"})
     echo_skipped(plan)
     click.echo(format_stats(model_stats(model), model_stats(pruned)))
     click.echo(f"wrote {output} (run {run.id})")

@@ -137,6 +137,13 @@ def m003_run_pid_and_folder(db):
     db["runs"].add_column("run_dir", str)
 
 
+@migration
+def m004_run_outputs(db):
+    """Files a run wrote outside its folder (a copy of its model, its plan, results):
+    a JSON object {absolute path: kind}, so no later command replaces them."""
+    db["runs"].add_column("outputs", str)
+
+
 def _json_list(text):
     try:
         value = json.loads(text) if text else []
@@ -381,6 +388,31 @@ class ExperimentLog:
             "run_id": run_id, "layer": name, "filters_before": plan.filters.get(name, len(keep)),
             "filters_after": len(keep), "ranker": ranker,
         } for name, keep in plan.keep.items())
+
+    def add_outputs(self, run_id, files):
+        """Records files {path: kind ("model", "plan", "results", ...)} that run `run_id`
+        wrote outside its folder (see `file_owner`)."""
+        row = self.db.execute("SELECT outputs FROM runs WHERE id = ?", [run_id]).fetchone()
+        outputs = json.loads(row[0]) if row and row[0] else {}
+        outputs.update({os.path.abspath(p): kind for p, kind in files.items()})
+        self.update_run(run_id, outputs=json.dumps(outputs))
+
+    def file_owner(self, path):
+        """(run id, kind) when `path` is a file of a completed run: its model (the
+        recorded artifact), the plan saved beside it, or a file it recorded with
+        `add_outputs`; else None."""
+        target = os.path.realpath(path)
+        columns = set(self.db["runs"].columns_dict)
+        outputs = "outputs" if "outputs" in columns else "NULL"
+        for run_id, artifact, files in self.db.execute(
+                f"SELECT id, artifact, {outputs} FROM runs WHERE status = 'completed' ORDER BY id"):
+            owned = json.loads(files) if files else {}
+            if artifact:
+                owned = {artifact: "model", os.path.splitext(artifact)[0] + ".plan.json": "plan", **owned}
+            for p, kind in owned.items():
+                if os.path.realpath(p) == target:
+                    return run_id, kind
+        return None
 
     def update_run(self, run_id, **fields):
         for key in ("metrics", "config", "rates"):

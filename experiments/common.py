@@ -40,6 +40,20 @@ def ensure_writable_dir(path, what="output folder"):
     return path
 
 
+def check_output_owner(log, path, force=False, option="--output"):
+    """Refuses to write `path` when it is a file of a finished run in experiment log `log`
+    (its model, the plan beside it, or a copy, plan or results it recorded), unless
+    `force`: a ValueError names the run. Every command that writes a user path calls
+    this before any work (prune -o, compress --output, --save-plan, --results,
+    report, export -o)."""
+    if force or log is None or not path:
+        return
+    owner = log.file_owner(path)
+    if owner:
+        raise ValueError(f"{path!r} is the {owner[1]} of finished run {owner[0]}; choose another {option} "
+                         "(or pass --force to replace it).")
+
+
 @contextlib.contextmanager
 def atomic_path(path):
     """Yields a temporary path beside `path` (same extension, so Keras accepts it)

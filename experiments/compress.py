@@ -17,7 +17,7 @@ import numpy as np
 import tensorflow as tf
 
 from experiments import common
-from experiments.config import CompressConfig  # noqa: F401  (the config block of this experiment)
+from experiments.config import CompressConfig, InputError  # noqa: F401  (CompressConfig: this experiment's config)
 from experiments.data import (
     AUTOTUNE, folder_dataset, list_image_folder, load_cifar_folder, preprocessing,
     random_crop_flip, stratified_split,
@@ -200,17 +200,35 @@ def run_compress(cfg, log, model=None, progress=None, echo=print, resume=None):
         return _run_compress(cfg, log, model, echo)
 
 
-def _run_compress(cfg, log, model, echo):
-    metric, target = cfg.target
-    common.set_seed(cfg.seed)
+def precheck(cfg, log, model=None):
+    """Every check `compress` can make before any run row or folder exists; each failure
+    is an `InputError` (one line; the CLI exits 2). Returns (model, cfg with the image
+    size, the (train, val, test) arrays, class names)."""
+    for path, option in ((cfg.output, "--output"), (cfg.output and plan_path_of(cfg.output), "--output")):
+        try:
+            common.check_output_owner(log, path, cfg.force, option)
+        except ValueError as e:
+            raise InputError(str(e)) from None
     model = model if model is not None else keras.models.load_model(cfg.model)
     size = cfg.image_size or model.inputs[0].shape[1]
     cfg = dataclasses.replace(cfg, image_size=int(size))
-    ((x_tr, y_tr), (x_val, y_val), (x_te, y_te)), names = load_arrays(cfg)
+    arrays, names = load_arrays(cfg)
+    if model.outputs[0].shape[-1] != len(names):
+        raise InputError(f"The model has {model.outputs[0].shape[-1]} outputs but {cfg.data_dir!r} has "
+                         f"{len(names)} classes ({', '.join(names)}).")
+    return model, cfg, arrays, names
+
+
+def plan_path_of(model_path):
+    """The plan JSON written beside a compressed model."""
+    return os.path.splitext(model_path)[0] + ".plan.json"
+
+
+def _run_compress(cfg, log, model, echo):
+    metric, target = cfg.target
+    common.set_seed(cfg.seed)
+    model, cfg, ((x_tr, y_tr), (x_val, y_val), (x_te, y_te)), names = precheck(cfg, log, model)
     classes = len(names)
-    if model.outputs[0].shape[-1] != classes:
-        raise ValueError(f"The model has {model.outputs[0].shape[-1]} outputs but {cfg.data_dir!r} has "
-                         f"{classes} classes ({', '.join(names)}).")
     prep = preprocessing(cfg.preprocess)
     test_ds = array_dataset(x_te, y_te, classes, 128, prep)
     val_ds = array_dataset(x_val, y_val, classes, 128, prep) if len(x_val) else None
@@ -282,7 +300,8 @@ def _run_compress(cfg, log, model, echo):
         common.write_text(plan_path, total_plan.to_json())
         if cfg.output:  # a copy (model and plan) where the user asked; the run's own folder keeps the original
             common.save_model(current, cfg.output)
-            common.write_text(os.path.splitext(cfg.output)[0] + ".plan.json", total_plan.to_json())
+            common.write_text(plan_path_of(cfg.output), total_plan.to_json())
+            log.add_outputs(parent.id, {cfg.output: "model", plan_path_of(cfg.output): "plan"})
         summary = {"run_id": parent.id, "metric": metric, "target": target, "reached": final_cost / base_cost,
                    "baseline": {**base, **base_sizes}, "final": {**final, **sizes},
                    "speedup": base_sizes["latency_ms"] / sizes["latency_ms"], "steps": steps,

@@ -371,6 +371,7 @@ class CompressConfig:
     strategy: str = strategy_field()
     mixed_precision: str = precision_field()
     verbose: int = verbose_field()
+    force: bool = option(False, "Replace --output (and --results) even when it is a file of a finished run.")
 
     @property
     def target(self):
@@ -431,6 +432,10 @@ def _check_counts(cfg, positive, non_negative, optional_positive):
     for name in optional_positive:
         if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
             raise ValueError(f"Expected {name} >= 1 or None (all). Received: {name}={getattr(cfg, name)}")
+
+
+class InputError(ValueError):
+    """A bad input found before any run or folder exists (the CLI exits 2 with its one line)."""
 
 
 def check_model_file(path, name="model"):
