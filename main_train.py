@@ -162,6 +162,18 @@ def interrupt_message():
         raise SystemExit(143 if type(e).__name__ == "Terminated" else 130)
 
 
+@contextlib.contextmanager
+def log_failure():
+    """A log that stayed locked or full to the end of a run: its one line, which names
+    the cause and where the run's model is saved (exit 1)."""
+    from save_sqlite import LogUnavailable
+
+    try:
+        yield
+    except LogUnavailable as e:
+        fail(e)
+
+
 def run_experiment(run_fn, cfg, db, resume=None, check=None):
     """Opens the log, then runs an experiment. A ValueError in the config (before any
     run) is a usage error (exit 2); one found mid-run (bad data or weights, whose run
@@ -369,7 +381,7 @@ def echo_skipped(plan):
 def prune(model_path, ranker, data_dir, preprocess, image_size, batch_size, limit_per_class, rank_batches, seed,
           ratio, plan_path, exclude, output, round_to, round_mode, save_plan, force, allow_inexact, db):
     """Prune any .keras model with a ranker and ratio (or a plan file)."""
-    from experiments.common import check_output_owner, ensure_writable_dir, finish_model_run
+    from experiments.common import check_output_owner, ensure_writable_dir, finish_model_run, write_text
     from pruning import CNNModel, PrunePlan, model_stats
     from pruning import prune as prune_model
     from pruning.stats import format_stats
@@ -408,19 +420,20 @@ def prune(model_path, ranker, data_dir, preprocess, image_size, batch_size, limi
     for w in caught:
         if str(w.message).startswith("Pruned inexactly"):
             click.echo(str(w.message))
-    with interrupt_message(), log.run("prune", model=os.path.basename(model_path), ranker=plan.meta.get("ranker"),
+    with interrupt_message(), log_failure(), log.run("prune", model=os.path.basename(model_path),
+                                                     ranker=plan.meta.get("ranker"),
                                       pruning_ratio=rate_spec if isinstance(rate_spec, float) else None,
                                       rates=rate_spec if isinstance(rate_spec, list) else None, seed=seed,
                                       config={"model": model_path, "plan": plan.to_dict(), "output": output}) as run:
         log.log_layer_prunes(run.id, plan, plan.meta.get("ranker"))
         try:
+            if save_plan:  # before the run is marked completed, so a failing save fails the run
+                write_text(save_plan, plan.to_json())
+                log.add_outputs(run.id, {save_plan: "plan"})
             finish_model_run(run, pruned, artifact=output, latency_batch=None, label="pruned",
                              echo=lambda line: None)
         except ValueError as e:
             fail(e)
-    if save_plan:
-        plan.save(save_plan)
-        log.add_outputs(run.id, {save_plan: "plan"})
     echo_skipped(plan)
     click.echo(format_stats(model_stats(model), model_stats(pruned)))
     click.echo(f"wrote {output} (run {run.id})")

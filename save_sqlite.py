@@ -24,12 +24,14 @@ here, as is the reference notebook's `save_training_log_to_sqlite(...)`.
 
 import contextlib
 import datetime
+import errno
 import json
 import os
 import platform
 import signal
 import sqlite3
 import threading
+import time
 import traceback
 import urllib.parse
 from contextlib import contextmanager
@@ -221,6 +223,42 @@ def remove_partial_files(folder, pattern=f"*{PARTIAL}*", recursive=False):
     return removed
 
 
+# ------------------------------------------------------------- failing writes
+WRITE_TIMEOUT_S = 60.0  # how long one write retries a locked or full log before it is kept for later
+WRITE_TIMEOUT_VAR = "PRUNING_DB_WRITE_TIMEOUT"  # seconds, instead of WRITE_TIMEOUT_S
+
+
+class LogUnavailable(ValueError):
+    """The log could not be written for the whole retry time: one line with the cause."""
+
+
+def write_failure(e):
+    """The cause of a failed log write in words, or None when the error is not one that
+    can pass (a lock held by another process, a full disk, an I/O error)."""
+    text = str(e).lower()
+    if isinstance(e, sqlite3.OperationalError):
+        if "locked" in text or "busy" in text:
+            return f"it is locked by another process ({e})"
+        if "full" in text:
+            return f"the disk is full ({e})"
+        if "disk i/o" in text:
+            return f"the disk failed to write ({e})"
+        return None
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO):
+        return ("the disk is full" if e.errno != errno.EIO else "the disk failed to write") + f" ({e})"
+    return None
+
+
+def log_error_hint(e):
+    """The one hint that fits why the log cannot be opened for writing."""
+    cause = write_failure(e)
+    if cause and "locked" in cause:
+        return f"{cause}; wait for the other process, or pass another --db"
+    if cause:
+        return f"{cause}; free space on its disk, or pass another --db"
+    return f"{e}; check the permissions of the file and its folder, or pass another --db"
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM, raised like Ctrl-C so a run ends as `interrupted`."""
 
@@ -253,14 +291,25 @@ class ExperimentLog:
         readonly: open an existing log read-only (for reading commands): a missing
             file, a file that is not SQLite, or one without this toolkit's tables is
             a ValueError, and nothing is created, migrated or changed.
+        write_timeout: seconds a write retries (with backoff) while the log is locked
+            by another process or its disk is full; default `$PRUNING_DB_WRITE_TIMEOUT`
+            or 60. A write that still fails is kept in memory and written with the next
+            one that succeeds, or at the end of the run (`run`); if the log never takes
+            it, the run ends with a `LogUnavailable` naming the cause and the model.
 
     For writing, the file (and its folder) is created and migrated as needed, and
     `running` rows of dead processes on this host become `interrupted`.
     """
 
-    def __init__(self, path=None, readonly=False):
+    def __init__(self, path=None, readonly=False, write_timeout=None):
         self.path = path or default_db_path()
         self.readonly = readonly
+        self.write_timeout = float(write_timeout if write_timeout is not None else
+                                   os.environ.get(WRITE_TIMEOUT_VAR) or WRITE_TIMEOUT_S)
+        self.pending = []  # writes that failed for write_timeout: retried before the next one, and at the end
+        self.failure = None  # why the last of them failed (write_failure's words)
+        self._depth = 0  # nesting of `run` blocks
+        self._reserved = 0  # the last run id taken while the log could not be written
         self.applied = []
         self.db = sqlite_utils.Database(self._connect())
         try:
@@ -272,13 +321,14 @@ class ExperimentLog:
         if readonly:
             return
         try:
-            self.db.enable_wal()
-            self.applied = migrate(self.db)
-        except sqlite3.OperationalError as e:
+            self._retry(lambda: (self.db.enable_wal(), setattr(self, "applied", migrate(self.db))),
+                        self.write_timeout)
+            # Each write waits at most a second inside SQLite; `_retry` waits the rest, with backoff.
+            self.db.conn.execute(f"PRAGMA busy_timeout = {int(min(1.0, self.write_timeout) * 1000)}")
+            self.interrupted = self._retry(self.mark_dead_runs, self.write_timeout)
+        except (sqlite3.OperationalError, OSError) as e:
             self.close()
-            raise ValueError(f"Cannot write to the experiment log {self.path!r} ({e}); check the "
-                             "permissions of the file and its folder, or pass another --db.") from None
-        self.interrupted = self.mark_dead_runs()
+            raise ValueError(f"Cannot write to the experiment log {self.path!r}: {log_error_hint(e)}.") from None
 
     def _connect(self):
         path = os.path.abspath(self.path)
@@ -325,6 +375,66 @@ class ExperimentLog:
         self.db.conn.close()
 
     # ---------------------------------------------------------------- writes
+    def _retry(self, op, timeout):
+        """`op()`, tried again with backoff while it fails with a passing cause (lock, full
+        disk) for up to `timeout` seconds; then that error is raised."""
+        deadline, wait = time.monotonic() + timeout, 0.05
+        while True:
+            try:
+                return op()
+            except (sqlite3.OperationalError, OSError) as e:
+                left = deadline - time.monotonic()
+                if write_failure(e) is None or left <= 0:
+                    raise
+                time.sleep(min(wait, left))
+                wait = min(wait * 2, 2.0)
+
+    def _write(self, op):
+        """Runs write `op` (its own transaction). When the log cannot be written for
+        `write_timeout` seconds, the write is kept in `pending` (in order) and the run
+        goes on; every later write first retries the pending ones once, and `flush`
+        (at the end of the outermost run at the latest) writes them all."""
+        if self.pending and not self.flush(timeout=0):
+            self.pending.append(op)
+            return
+        try:
+            self._retry(op, self.write_timeout)
+        except (sqlite3.OperationalError, OSError) as e:
+            if write_failure(e) is None:
+                raise
+            self.failure = write_failure(e)
+            self.pending.append(op)
+
+    def flush(self, timeout=None):
+        """Writes the pending writes in order, retrying for up to `timeout` seconds
+        (default `write_timeout`); True when none is left."""
+        timeout = self.write_timeout if timeout is None else timeout
+        while self.pending:
+            try:
+                self._retry(self.pending[0], timeout)
+            except (sqlite3.OperationalError, OSError) as e:
+                if write_failure(e) is None:
+                    raise
+                self.failure = write_failure(e)
+                return False
+            self.pending.pop(0)
+        return True
+
+    def _transaction(self, *statements):
+        """A write op: runs the callables in one IMMEDIATE transaction."""
+        def op():
+            conn = self.db.conn
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                for st in statements:
+                    st()
+                conn.execute("COMMIT")
+            except BaseException:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+                raise
+        return op
+
     def mark_dead_runs(self):
         """`running` rows of this host whose process is gone become `interrupted`;
         returns their ids."""
@@ -349,12 +459,27 @@ class ExperimentLog:
         """
         from pruning import __version__
 
-        return self.db["runs"].insert({
+        row = {
             "experiment": experiment, "model": model, "dataset": dataset, "ranker": ranker,
             "pruning_ratio": pruning_ratio, "rates": _dumps(rates), "parent_id": parent_id,
             "seed": seed, "config": _dumps(config or {}), "status": "running",
             "started_at": now(), "version": __version__, "host": platform.node(), "pid": os.getpid(),
-        }).last_pk
+        }
+        if self._depth == 0 or not self.pending:
+            try:
+                return self._retry(lambda: self.db["runs"].insert(row).last_pk,
+                                   self.write_timeout if not self.pending else 0)
+            except (sqlite3.OperationalError, OSError) as e:
+                if self._depth == 0 or write_failure(e) is None:
+                    raise  # before any work: the caller says why
+                self.failure = write_failure(e)
+        # Inside a run whose log is failing (a compress step): the row is written later, with the next
+        # free id read now (a read works while another process holds the lock, or the disk is full).
+        row["id"] = max(self.db.execute("SELECT max(id) FROM runs").fetchone()[0] or 0,
+                        self._reserved) + 1
+        self._reserved = row["id"]
+        self.pending.append(lambda: self.db["runs"].insert(row))
+        return row["id"]
 
     def log_epoch(self, run_id, phase, epoch, seconds, logs=None, lr=None):
         """Writes one finished epoch; an epoch run again after a resume replaces its row."""
@@ -367,35 +492,32 @@ class ExperimentLog:
             "lr": lr if lr is not None else logs.get("learning_rate"), "logs": json.dumps(logs),
             "created_at": now(),
         }
-        conn = self.db.conn
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            conn.execute("DELETE FROM epochs WHERE run_id = ? AND phase = ? AND epoch = ?",
-                         [run_id, phase, int(epoch)])
-            self.db["epochs"].insert(row)
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
+        self._write(self._transaction(
+            lambda: self.db.conn.execute("DELETE FROM epochs WHERE run_id = ? AND phase = ? AND epoch = ?",
+                                         [run_id, phase, int(epoch)]),
+            lambda: self.db["epochs"].insert(row)))
 
     def log_layer_prunes(self, run_id, plan, ranker=None):
         """One row per conv the plan touches: filters before and after. A run prunes each
         conv once, so a conv pruned again after a resume replaces its row."""
         names = list(plan.keep)
-        self.db.execute(f"DELETE FROM layer_prunes WHERE run_id = ? AND layer IN ({', '.join('?' * len(names))})",
-                        [run_id, *names])
-        self.db["layer_prunes"].insert_all({
-            "run_id": run_id, "layer": name, "filters_before": plan.filters.get(name, len(keep)),
-            "filters_after": len(keep), "ranker": ranker,
-        } for name, keep in plan.keep.items())
+        rows = [{"run_id": run_id, "layer": name, "filters_before": plan.filters.get(name, len(keep)),
+                 "filters_after": len(keep), "ranker": ranker} for name, keep in plan.keep.items()]
+        self._write(self._transaction(
+            lambda: self.db.execute(f"DELETE FROM layer_prunes WHERE run_id = ? AND layer IN "
+                                    f"({', '.join('?' * len(names))})", [run_id, *names]),
+            lambda: self.db["layer_prunes"].insert_all(rows)))
 
     def add_outputs(self, run_id, files):
         """Records files {path: kind ("model", "plan", "results", ...)} that run `run_id`
         wrote outside its folder (see `file_owner`)."""
-        row = self.db.execute("SELECT outputs FROM runs WHERE id = ?", [run_id]).fetchone()
-        outputs = json.loads(row[0]) if row and row[0] else {}
-        outputs.update({os.path.abspath(p): kind for p, kind in files.items()})
-        self.update_run(run_id, outputs=json.dumps(outputs))
+        files = {os.path.abspath(p): kind for p, kind in files.items()}
+
+        def merge():
+            row = self.db.execute("SELECT outputs FROM runs WHERE id = ?", [run_id]).fetchone()
+            outputs = {**(json.loads(row[0]) if row and row[0] else {}), **files}
+            self.db["runs"].update(run_id, {"outputs": json.dumps(outputs)})
+        self._write(self._transaction(merge))
 
     def file_owner(self, path):
         """(run id, kind) when `path` is a file of a completed run: its model (the
@@ -422,7 +544,8 @@ class ExperimentLog:
         if unknown:
             raise ValueError(f"Unknown run fields: {sorted(unknown)}. Expected some of: "
                              f"{sorted(self.db['runs'].columns_dict)}")
-        self.db["runs"].update(run_id, {k: _plain(v) for k, v in fields.items()})
+        values = {k: _plain(v) for k, v in fields.items()}
+        self._write(lambda: self.db["runs"].update(run_id, values))
 
     def finish_run(self, run_id, status="completed", **fields):
         if status not in STATUSES:
@@ -455,9 +578,12 @@ class ExperimentLog:
         run in its own row instead of starting one."""
         run_id = self.resume(resume)["id"] if resume is not None else self.start_run(experiment, **kwargs)
         handle = Run(self, run_id)
+        self._depth += 1
+        ended = False  # the block ended normally: only then wait for a failing log
         try:
             with sigterm_as_interrupt():
                 yield handle
+            ended = True
         except KeyboardInterrupt as e:
             self.finish_run(handle.id, "interrupted", error=type(e).__name__ + (f": {e}" if str(e) else ""))
             raise
@@ -468,6 +594,15 @@ class ExperimentLog:
         else:
             if not handle.finished:
                 self.finish_run(handle.id, "completed")
+        finally:
+            self._depth -= 1
+            written = self.flush(timeout=self.write_timeout if self._depth == 0 and ended else 0)
+        if not written and self._depth == 0:
+            where = handle.artifact or handle.dir
+            raise LogUnavailable(
+                f"Cannot write the experiment log {self.path!r}: {self.failure}. Run {handle.id} finished, but "
+                f"{len(self.pending)} of its log writes (epochs, final row) are not in the log"
+                + (f"; its model is saved at {where}" if where else "") + ".")
 
     # ----------------------------------------------------------------- reads
     def runs(self, experiment=None, status=None, parent_id=None, artifact=None):
@@ -516,6 +651,8 @@ class Run:
         self.log = log
         self.id = run_id
         self.finished = False
+        self.artifact = None  # the model it finished with
+        self._dir = None
 
     @property
     def row(self):
@@ -524,7 +661,9 @@ class Run:
     @property
     def dir(self):
         """The run's artifact folder (None until `make_dir`)."""
-        return self.row.get("run_dir")
+        if self._dir is None:
+            self._dir = self.row.get("run_dir")
+        return self._dir
 
     def make_dir(self, out_dir, slug):
         """Creates the run's own artifact folder `<out_dir>/<run id>-<slug>` (a suffix
@@ -542,6 +681,7 @@ class Run:
                 break
             except FileExistsError:
                 n += 1
+        self._dir = path
         self.log.update_run(self.id, run_dir=path)
         return path
 
@@ -551,6 +691,7 @@ class Run:
         return SQLiteLogger(self.log, self.id, phase)
 
     def finish(self, **fields):
+        self.artifact = fields.get("artifact", self.artifact)
         self.log.finish_run(self.id, "completed", **fields)
         self.finished = True
 

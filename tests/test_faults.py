@@ -113,3 +113,95 @@ def test_no_command_replaces_a_finished_runs_file(setup, tmp_path):
     assert other.read_bytes() == first
     r = invoke(compress_args(setup, tmp_path, "--output", str(other), "--force", "--seed", "1"))
     assert r.exit_code == 0, r.output
+
+
+# ------------------------------------------------------------------ 2. a failing log
+def fit_logged(log, run, epochs=3, on_epoch=None):
+    """Fits a tiny model for `epochs` with the run's epoch logger; `on_epoch(epoch)` runs
+    before the logger at each epoch end."""
+    model = tiny_model(size=8)
+    model.compile("sgd", "categorical_crossentropy")
+    x = np.random.default_rng(0).random((8, 8, 8, 3), dtype=np.float32)
+    y = keras.utils.to_categorical(np.arange(8) % 2, 2)
+    hook = keras.callbacks.LambdaCallback(on_epoch_end=lambda e, logs: on_epoch and on_epoch(e))
+    model.fit(x, y, epochs=epochs, verbose=0, callbacks=[hook, run.callback("train")])
+    return model
+
+
+def short_lock_timeout(log, seconds=1):
+    log.db.conn.execute(f"PRAGMA busy_timeout = {int(seconds * 1000)}")
+    return log
+
+
+def test_a_lock_held_longer_than_the_timeout_loses_no_epoch(tmp_path, monkeypatch):
+    monkeypatch.setenv("PRUNING_DB_WRITE_TIMEOUT", "2")
+    db = str(tmp_path / "log.db")
+    log = short_lock_timeout(ExperimentLog(db))
+    other = sqlite3.connect(db, isolation_level=None, check_same_thread=False)
+    released = []
+
+    def lock(epoch):
+        if epoch == 0:  # another process takes the write lock for 3 s (longer than the 2 s timeout)
+            other.execute("BEGIN IMMEDIATE")
+            threading.Timer(3.0, lambda: (other.execute("COMMIT"), released.append(time.monotonic()))).start()
+
+    start = time.monotonic()
+    with log.run("x") as run:
+        fit_logged(log, run, on_epoch=lock)
+        run.finish(test_top1=0.5)
+    assert released and time.monotonic() - start >= 3.0  # the run waited out the lock
+    assert log.get_run(run.id)["status"] == "completed"
+    assert [e["epoch"] for e in log.epochs(run.id)] == [0, 1, 2]
+    assert log.pending == []
+
+
+def test_a_log_that_never_comes_back_keeps_the_model_and_says_why(tmp_path, monkeypatch):
+    from save_sqlite import LogUnavailable
+
+    monkeypatch.setenv("PRUNING_DB_WRITE_TIMEOUT", "0.5")
+    db = str(tmp_path / "log.db")
+    log = short_lock_timeout(ExperimentLog(db), 0.5)
+    other = sqlite3.connect(db, isolation_level=None)
+    with pytest.raises(LogUnavailable) as e:
+        with log.run("x") as run:
+            run.make_dir(str(tmp_path / "runs"), "x")
+            other.execute("BEGIN IMMEDIATE")  # held past the end of the run
+            model = fit_logged(log, run, epochs=2)
+            path = os.path.join(run.dir, "model.keras")
+            model.save(path)
+            run.finish(artifact=path, test_top1=0.5)
+    message = str(e.value)
+    assert "locked by another process" in message and f"model is saved at {path}" in message
+    assert "\n" not in message and os.path.exists(path)
+    other.execute("COMMIT")
+    assert log.flush()  # what was kept lands once the log takes writes again
+    assert log.get_run(run.id)["status"] == "completed" and len(log.epochs(run.id)) == 2
+
+
+@pytest.mark.parametrize("error", [OSError(errno.ENOSPC, "No space left on device"),
+                                   sqlite3.OperationalError("database or disk is full")])
+def test_a_full_disk_under_the_log_during_compress(setup, tmp_path, monkeypatch, error):
+    """Every log write fails once the run has its folder: compress still trains and saves its
+    model, and ends with one line naming the full disk and the model."""
+    import sqlite_utils
+
+    import save_sqlite
+
+    monkeypatch.setenv("PRUNING_DB_WRITE_TIMEOUT", "0.2")
+    full = []
+    execute = sqlite_utils.Database.execute
+
+    def failing(self, sql, *args, **kwargs):
+        if full and sql.lstrip().upper().startswith(("INSERT", "UPDATE", "DELETE")):
+            raise error
+        return execute(self, sql, *args, **kwargs)
+
+    make_dir = save_sqlite.Run.make_dir
+    monkeypatch.setattr(sqlite_utils.Database, "execute", failing)
+    monkeypatch.setattr(save_sqlite.Run, "make_dir", lambda *a: (make_dir(*a), full.append(1))[0])
+    r = invoke(compress_args(setup, tmp_path, "--epochs", "1"))
+    assert r.exit_code == 1, (r.output, r.exception)
+    last = r.output.strip().splitlines()[-1]
+    assert "Traceback" not in r.output and "the disk is full" in last and "model is saved at" in last, r.output
+    saved = last.split("model is saved at ")[1].rstrip(".")
+    assert os.path.exists(saved) and keras.models.load_model(saved).count_params() > 0
