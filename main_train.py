@@ -146,19 +146,24 @@ def open_log(db, readonly=False):
     except ValueError as e:
         fail(e)
     for run_id in getattr(log, "interrupted", []):
-        click.echo(f"run {run_id} was left running by a process that is gone: marked interrupted "
-                   f"(continue it with --resume {run_id})", err=True)
+        how = (f"continue it with --resume {run_id}" if log.get_run(run_id)["experiment"] not in NOT_RESUMABLE
+               else "it cannot be resumed: run its command again")
+        click.echo(f"run {run_id} was left running by a process that is gone: marked interrupted ({how})", err=True)
     return log
 
 
+NOT_RESUMABLE = ("compress", "prune")  # experiments without --resume
+
+
 @contextlib.contextmanager
-def interrupt_message():
+def interrupt_message(resumable=True):
     """Ctrl-C or SIGTERM: the run is already marked interrupted; say how to resume."""
     try:
         yield
     except KeyboardInterrupt as e:
-        click.echo(f"\ninterrupted ({type(e).__name__}); `logs list --status interrupted` shows the run, "
-                   "--resume RUN_ID continues it.", err=True)
+        how = "--resume RUN_ID continues it." if resumable else "this command cannot resume it: run it again."
+        click.echo(f"\ninterrupted ({type(e).__name__}); `logs list --status interrupted` shows the run, {how}",
+                   err=True)
         raise SystemExit(143 if type(e).__name__ == "Terminated" else 130)
 
 
@@ -196,7 +201,7 @@ def run_experiment(run_fn, cfg, db, resume=None, check=None):
             check(log)
         except ValueError as e:
             fail(e)
-    with interrupt_message():
+    with interrupt_message(getattr(run_fn, "resumable", True)):
         try:
             return run_fn(cfg, log, progress=progressbar, echo=click.echo, resume=resume)
         except InputError as e:  # found by the experiment's own checks, before any run
@@ -229,7 +234,7 @@ def experiment_command(cls, run, results_help, argument=None, results_files=lamb
         def command(db, results, resume, force=False, **options):
             import importlib
 
-            from experiments.common import check_output_owner
+            from experiments.common import check_output_owner, check_writable_file
 
             module, name = run.split(":")
             if has_force:
@@ -241,6 +246,7 @@ def experiment_command(cls, run, results_help, argument=None, results_files=lamb
             def check(log):
                 opened.append(log)
                 for path in files:
+                    check_writable_file(path, "--results")
                     check_output_owner(log, path, force or getattr(cfg, "force", False), "--results")
 
             summaries = run_experiment(getattr(importlib.import_module(module), name), cfg, db, resume, check)
@@ -294,16 +300,12 @@ def rice(cfg, summaries, results):
 # ---------------------------------------------------------------- prune / rank
 def load_keras_model(path):
     """A .keras (or .h5) model, or a one-line error saying why it cannot be read."""
-    import keras
+    from experiments.common import load_model_file
 
     try:
-        check_model_file(path)
-        return keras.models.load_model(path)
-    except Exception as e:  # Keras raises many types for a file it cannot read
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-        if isinstance(e, ValueError) and reason.startswith(("Model file not found", repr(path))):
-            raise click.ClickException(reason) from e
-        raise click.ClickException(f"Could not load {path!r} as a Keras model: {reason}") from e
+        return load_model_file(path)
+    except ValueError as e:
+        raise click.ClickException(str(e)) from e
 
 
 def rank_data(model, data_dir, image_size, batch_size, limit, preprocess):
@@ -381,7 +383,7 @@ def echo_skipped(plan):
 def prune(model_path, ranker, data_dir, preprocess, image_size, batch_size, limit_per_class, rank_batches, seed,
           ratio, plan_path, exclude, output, round_to, round_mode, save_plan, force, allow_inexact, db):
     """Prune any .keras model with a ranker and ratio (or a plan file)."""
-    from experiments.common import check_output_owner, ensure_writable_dir, finish_model_run, write_text
+    from experiments.common import check_output_owner, check_writable_file, finish_model_run, write_text
     from pruning import CNNModel, PrunePlan, model_stats
     from pruning import prune as prune_model
     from pruning.stats import format_stats
@@ -389,9 +391,13 @@ def prune(model_path, ranker, data_dir, preprocess, image_size, batch_size, limi
     if (ratio is None) == (plan_path is None):
         raise click.UsageError("Give exactly one of --ratio and --plan.")
     try:
-        ensure_writable_dir(os.path.dirname(os.path.abspath(output)), "folder of --output")
+        check_writable_file(output, "--output")
+        if save_plan:
+            check_writable_file(save_plan, "--save-plan")
     except ValueError as e:
         fail(e)
+    if not output.endswith((".keras", ".h5")):
+        raise click.BadParameter(f"Expected a .keras (or .h5) file. Received: {output!r}", param_hint="--output")
     log = open_log(db)  # before any work: a broken log leaves no model without a row
     try:
         check_output_owner(log, output, force, "--output")
@@ -420,7 +426,7 @@ def prune(model_path, ranker, data_dir, preprocess, image_size, batch_size, limi
     for w in caught:
         if str(w.message).startswith("Pruned inexactly"):
             click.echo(str(w.message))
-    with interrupt_message(), log_failure(), log.run("prune", model=os.path.basename(model_path),
+    with interrupt_message(False), log_failure(), log.run("prune", model=os.path.basename(model_path),
                                                      ranker=plan.meta.get("ranker"),
                                       pruning_ratio=rate_spec if isinstance(rate_spec, float) else None,
                                       rates=rate_spec if isinstance(rate_spec, list) else None, seed=seed,

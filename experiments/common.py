@@ -3,6 +3,7 @@ training phases, measuring, and the end of a model's run (`finish_model_run`).""
 
 import contextlib
 import dataclasses
+import errno
 import json
 import os
 import shutil
@@ -54,6 +55,70 @@ def check_output_owner(log, path, force=False, option="--output"):
                          "(or pass --force to replace it).")
 
 
+def load_model_file(path, name="model"):
+    """Loads a saved Keras model (.keras, .h5); every reason it cannot (missing,
+    not a Keras zip, truncated config.json or weights, ...) is one `InputError` naming
+    the file."""
+    import zipfile
+
+    from experiments.config import InputError, check_model_file
+
+    try:
+        check_model_file(path, name)
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    if zipfile.is_zipfile(path):
+        try:
+            with zipfile.ZipFile(path) as z:
+                members = z.namelist()
+        except (zipfile.BadZipFile, OSError) as e:
+            raise InputError(f"Could not load {path!r} as a Keras model: {e}") from None
+        if "config.json" not in members:
+            raise InputError(f"{path!r} is a zip archive but not a Keras model: it has no config.json (it holds "
+                             f"{', '.join(members[:5]) or 'nothing'}{' ...' if len(members) > 5 else ''}).")
+    try:
+        return keras.models.load_model(path)
+    except json.JSONDecodeError as e:
+        reason = f"its config.json is not valid JSON (truncated?): {e}"
+    except OSError as e:
+        reason = f"its weights cannot be read (truncated?): {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+    except Exception as e:  # Keras raises many types for a file it cannot read
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+    raise InputError(f"Could not load {path!r} as a Keras model: {reason}") from None
+
+
+def os_reason(e):
+    """Why an OSError happened, in words a user acts on."""
+    return {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
+            errno.EROFS: "it is on a read-only file system", errno.EACCES: "permission denied",
+            errno.EPERM: "permission denied", errno.EISDIR: "it is a folder",
+            errno.ENOTDIR: "a part of its path is a file, not a folder"}.get(e.errno, e.strerror or str(e))
+
+
+def check_writable_file(path, what="output file"):
+    """Checks, before the work, that `path` can be written as a file: not a folder, no
+    file where a folder of its path should be, and a writable place (its missing
+    folders are created when it is written). A ValueError says why not."""
+    if os.path.isdir(path):
+        raise ValueError(f"Expected a file path for the {what}. Received a folder: {path!r}")
+    existing = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ValueError(f"Cannot write the {what} {path!r}: {existing!r} is a file, not a folder.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        place = "read-only" if _read_only_mount(existing) else "not writable (permission denied)"
+        raise ValueError(f"Cannot write the {what} {path!r}: the folder {existing!r} is {place}.")
+    return path
+
+
+def _read_only_mount(folder):
+    try:
+        return bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
 @contextlib.contextmanager
 def atomic_path(path):
     """Yields a temporary path beside `path` (same extension, so Keras accepts it)
@@ -61,24 +126,28 @@ def atomic_path(path):
 
     The file is created by the writer with the user's umask (not mkstemp's 0600). An
     exception or Ctrl-C/SIGTERM removes it; after a SIGKILL it stays as
-    `<name>.partial-<pid><ext>`, which `remove_partial_files` deletes once that
-    process is gone.
+    `<name>.partial-<pid><ext>`, which the next atomic save into the same folder (or
+    the next open of the log, for a run's folder) deletes once that process is gone.
+    A folder as `path`, a file in its path, a read-only place or a full disk is one
+    ValueError naming `path`; the previous file at `path` is then untouched.
     """
+    check_writable_file(path, "file")
     folder, name = os.path.split(os.path.abspath(path))
     ensure_writable_dir(folder)
     stem, ext = os.path.splitext(name)
     if stem.endswith(".weights"):  # keep Keras' double extension
         stem, ext = stem[:-len(".weights")], ".weights" + ext
     tmp = os.path.join(folder, f"{stem}{PARTIAL}{os.getpid()}{ext}")
-    remove_partial_files(folder, f"{stem}{PARTIAL}*")  # left by a killed writer of the same file
+    remove_partial_files(folder)  # left in this folder by killed writers
     try:
         yield tmp
         os.replace(tmp, path)
-    except PermissionError as e:
-        raise ValueError(f"Cannot write {path!r}: {e.strerror}.") from None
+    except OSError as e:
+        raise ValueError(f"Cannot write {path!r}: {os_reason(e)} ({e.strerror or e}).") from None
     finally:
         if os.path.exists(tmp):
-            os.remove(tmp)
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
 
 
 def save_model(model, path):

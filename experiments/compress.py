@@ -19,11 +19,11 @@ import tensorflow as tf
 from experiments import common
 from experiments.config import CompressConfig, InputError  # noqa: F401  (CompressConfig: this experiment's config)
 from experiments.data import (
-    AUTOTUNE, folder_dataset, list_image_folder, load_cifar_folder, preprocessing,
+    AUTOTUNE, check_readable, check_splits, folder_dataset, list_image_folder, load_cifar_folder, preprocessing,
     random_crop_flip, stratified_split,
 )
 from pruning import CNNModel, model_stats, prune
-from pruning.allocation import PlanCost, allocate, compose
+from pruning.allocation import PlanCost, allocate, compose, prunable_groups
 from pruning.graph import leaf_layers
 from pruning.criteria import outputs_probabilities
 from pruning.distill import Distiller, teacher_logits
@@ -45,13 +45,18 @@ def load_arrays(cfg):
         x, y, names = load_cifar_folder(root, "train", per_class_limit, cfg.seed)
         x_test, y_test, _ = load_cifar_folder(root, "test", cfg.test_limit, cfg.seed)
         train, val, _ = stratified_split(y, (1 - cfg.val_fraction, cfg.val_fraction, 0.0), cfg.seed)
+        check_splits(y, [train], names, ["train"])
         parts = [(x[train], y[train]), (x[val], y[val]), (x_test, y_test)]
         if size and size != x.shape[1]:
             parts = [(_resize(a, size), b) for a, b in parts]
         return parts, names
     paths, labels, names = list_image_folder(root, cfg.limit_per_class, cfg.seed)
+    check_readable(paths)
+    split = stratified_split(labels, cfg.split, cfg.seed)
+    needed = [0, 1, 2] if cfg.allocation == "sensitivity" else [0, 2]  # train and test (and val to measure)
+    check_splits(labels, [split[i] for i in needed], names, [("train", "val", "test")[i] for i in needed])
     parts = []
-    for idx in stratified_split(labels, cfg.split, cfg.seed):
+    for idx in split:
         ds = folder_dataset([paths[i] for i in idx], labels[idx], size, 64, cache=False)
         xs = [np.clip(np.round(b[0].numpy()), 0, 255).astype(np.uint8) for b in ds]
         parts.append((np.concatenate(xs) if xs else np.zeros((0, size, size, 3), np.uint8), labels[idx]))
@@ -177,7 +182,7 @@ def finetune(model, train_ds, epochs, lr=1e-3, teacher=None, distill=False, temp
 
 def step_targets(target, steps):
     """Fractions of the baseline kept after each step, reaching `target` linearly."""
-    return [1.0 - (1.0 - target) * i / steps for i in range(1, steps + 1)]
+    return [round(1.0 - (1.0 - target) * i / steps, 12) for i in range(1, steps + 1)]  # no float noise
 
 
 def cost_of(model, metric, latency_batch=16, latency_runs=10):
@@ -204,15 +209,45 @@ def precheck(cfg, log, model=None):
     """Every check `compress` can make before any run row or folder exists; each failure
     is an `InputError` (one line; the CLI exits 2). Returns (model, cfg with the image
     size, the (train, val, test) arrays, class names)."""
-    for path, option in ((cfg.output, "--output"), (cfg.output and plan_path_of(cfg.output), "--output")):
+    for path in (cfg.output, cfg.output and plan_path_of(cfg.output)):
         try:
-            common.check_output_owner(log, path, cfg.force, option)
+            if path:
+                common.check_writable_file(path, "--output")
+            common.check_output_owner(log, path, cfg.force, "--output")
         except ValueError as e:
             raise InputError(str(e)) from None
-    model = model if model is not None else keras.models.load_model(cfg.model)
+    if cfg.output and not cfg.output.endswith((".keras", ".h5")):
+        raise InputError(f"Expected --output to be a .keras (or .h5) file. Received: {cfg.output!r}")
+    model = model if model is not None else common.load_model_file(cfg.model)
+    try:
+        cnn = CNNModel(model)
+        groups = prunable_groups(cnn, cfg.exclude)  # also: every --exclude name is a conv
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    if not groups:
+        raise InputError(f"Nothing to prune in {cfg.model!r}: " + (
+            "it has no convolution." if not cnn.conv_layers else
+            "every convolution is excluded, feeds the output or is blocked ("
+            + "; ".join(f"{c.name}: {c.blocked_by or 'feeds the output'}" for c in cnn.conv_layers
+                        if c.name not in cfg.exclude)[:300] + ")."))
+    metric, target = cfg.target
+    if metric != "latency":  # the most every allowed conv can lose, counted without building it
+        keep = {name: np.arange(max(1, cnn.conv(name).filters - int(cfg.max_ratio * cnn.conv(name).filters)))
+                for g in groups for name in g}
+        counter = PlanCost(cnn)
+        least = counter(keep)[metric] / counter({})[metric]
+        if least > target * 1.02:
+            raise InputError(f"Cannot reach target_{metric}={target:g}: removing {cfg.max_ratio:g} of the filters "
+                             f"of every prunable conv keeps {least:.4f} of the {metric}. Raise --max-ratio, "
+                             "exclude fewer layers, or give a larger target.")
+    if cfg.image_size is None and (len(model.inputs[0].shape) != 4 or model.inputs[0].shape[1] is None):
+        raise InputError(f"{cfg.model!r} has input shape {tuple(model.inputs[0].shape)}: pass --image-size.")
     size = cfg.image_size or model.inputs[0].shape[1]
     cfg = dataclasses.replace(cfg, image_size=int(size))
-    arrays, names = load_arrays(cfg)
+    try:
+        arrays, names = load_arrays(cfg)
+    except ValueError as e:
+        raise InputError(str(e)) from None
     if model.outputs[0].shape[-1] != len(names):
         raise InputError(f"The model has {model.outputs[0].shape[-1]} outputs but {cfg.data_dir!r} has "
                          f"{len(names)} classes ({', '.join(names)}).")
@@ -222,6 +257,9 @@ def precheck(cfg, log, model=None):
 def plan_path_of(model_path):
     """The plan JSON written beside a compressed model."""
     return os.path.splitext(model_path)[0] + ".plan.json"
+
+
+run_compress.resumable = False  # the CLI's interrupt message does not offer --resume
 
 
 def _run_compress(cfg, log, model, echo):

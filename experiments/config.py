@@ -315,6 +315,9 @@ class RiceConfig:
         get_ranker(self.ranker)
 
 
+MAX_STEPS = 20  # compress rounds: more only adds no-op steps (each a logged child run)
+
+
 @dataclasses.dataclass
 class CompressConfig:
     """`compress`: a user's model + images -> a smaller model at a MAC, parameter or
@@ -355,7 +358,7 @@ class CompressConfig:
     max_ratio: float = option(0.9, "At most this fraction of any conv's filters is removed.", min=0.0, max=0.99)
     round_to: int = option(1, "Round kept filter counts to a multiple of this.", min=1)
     exclude: tuple = option((), "Comma-separated conv layers left unpruned.", parse="names")
-    steps: int = option(1, "Prune/fine-tune rounds that reach the target gradually.", min=1)
+    steps: int = option(1, "Prune/fine-tune rounds that reach the target gradually.", min=1, max=MAX_STEPS)
     epochs: int = option(2, "Fine-tuning epochs per step.", min=0)
     batch_size: int = option(32, "Fine-tuning batch size (images).", min=1)
     lr: float = option(1e-3, "Adam learning rate while fine-tuning.", min=0.0)
@@ -417,21 +420,40 @@ class CompressConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 raise ValueError(f"Expected {name} an integer >= {lo}. Received: {name}={v!r}")
+        if self.steps > MAX_STEPS:
+            raise ValueError(f"Expected steps in [1, {MAX_STEPS}]. Received: steps={self.steps}")
         if self.distill:
             check_distill(self.temperature, self.alpha)
+        check_ranker_options(self.ranker, self.ranker_kwargs)
         make_ranker(self.ranker, self.ranker_kwargs, seed=self.seed)
 
 
-def _check_counts(cfg, positive, non_negative, optional_positive):
-    for name in positive:
-        if getattr(cfg, name) < 1:
-            raise ValueError(f"Expected {name} >= 1. Received: {name}={getattr(cfg, name)}")
-    for name in non_negative:
-        if getattr(cfg, name) < 0:
-            raise ValueError(f"Expected {name} >= 0. Received: {name}={getattr(cfg, name)}")
-    for name in optional_positive:
-        if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
-            raise ValueError(f"Expected {name} >= 1 or None (all). Received: {name}={getattr(cfg, name)}")
+def check_ranker_options(ranker, options):
+    """A ValueError when a ranker option's value is not of the type its constructor
+    declares (its annotation, else its default's type): num_batches=abc for an int."""
+    import inspect
+    import typing
+
+    from pruning.rankers import RANKERS
+
+    if ranker not in RANKERS:
+        return  # make_ranker names the known rankers (and rejects unknown options)
+    init = RANKERS[ranker].__init__
+    params, hints = inspect.signature(init).parameters, typing.get_type_hints(init)
+    for key, value in options.items():
+        if key not in params:
+            continue
+        kinds = tuple(a for a in typing.get_args(hints[key]) if a is not type(None)) if key in hints else ()
+        kinds = kinds or ((hints[key],) if key in hints else (type(params[key].default),))
+        kinds = tuple(k for k in kinds if k in (bool, int, float, str))
+        if not kinds or value is None:
+            continue
+        ok = any(isinstance(value, bool) if k is bool else
+                 isinstance(value, (int, float) if k is float else k) and not isinstance(value, bool)
+                 for k in kinds)
+        if not ok:
+            raise ValueError(f"Expected ranker option {key} to be {' or '.join(k.__name__ for k in kinds)}. "
+                             f"Received: {key}={value!r}")
 
 
 class InputError(ValueError):

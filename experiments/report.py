@@ -6,7 +6,7 @@ import re
 
 import matplotlib
 
-from experiments.common import check_output_owner, config_dict, ensure_writable_dir, write_text
+from experiments.common import atomic_path, check_output_owner, config_dict, ensure_writable_dir, write_text
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -54,9 +54,13 @@ def accuracy_plot(runs, title, path):
 
 
 def _save(fig, path):
+    """Writes the figure as a PNG atomically (a full disk leaves the previous plot)."""
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=110, format="png")
+    finally:
+        plt.close(fig)
     return path
 
 

@@ -61,10 +61,12 @@ def invoke(args):
 
 
 def one_line_error(r, code):
-    """The command exited with `code` and printed one line, no traceback."""
+    """The command exited with `code` and ended with one error line (after click's usage
+    lines for a bad option), no traceback; returns that line."""
     assert r.exit_code == code, (r.exit_code, r.output, r.exception)
-    assert "Traceback" not in r.output and r.output.strip().count("\n") == 0, r.output
-    return r.output
+    lines = r.output.strip().splitlines()
+    assert "Traceback" not in r.output and [l for l in lines if l.startswith("Error:")] == lines[-1:], r.output
+    return lines[-1]
 
 
 def n_runs(db):
@@ -205,3 +207,87 @@ def test_a_full_disk_under_the_log_during_compress(setup, tmp_path, monkeypatch,
     assert "Traceback" not in r.output and "the disk is full" in last and "model is saved at" in last, r.output
     saved = last.split("model is saved at ")[1].rstrip(".")
     assert os.path.exists(saved) and keras.models.load_model(saved).count_params() > 0
+
+
+# ------------------------------------------------------------------ 3. compress checks
+def rewrite_member(src, dst, member, cut=None, drop=False):
+    """A copy of zip `src` with `member` cut to its first half (or left out)."""
+    import zipfile
+
+    with zipfile.ZipFile(src) as z, zipfile.ZipFile(dst, "w") as out:
+        for name in z.namelist():
+            data = z.read(name)
+            if name == member and drop:
+                continue
+            out.writestr(name, data[:len(data) // 2] if name == member else data)
+    return str(dst)
+
+
+def no_conv_model(path):
+    inp = keras.Input((16, 16, 3))
+    keras.Model(inp, keras.layers.Dense(2, activation="softmax")(keras.layers.Flatten()(inp))).save(path)
+    return str(path)
+
+
+def _case(name, setup, tmp_path):
+    """(extra args or a replaced model/data, expected text) of one compress check."""
+    import zipfile
+
+    model, data, extra = setup["model"], setup["data"], []
+    if name == "zip_not_keras":
+        model = str(tmp_path / "z.keras")
+        with zipfile.ZipFile(model, "w") as z:
+            z.writestr("hello.txt", "hi")
+        expect = "is a zip archive but not a Keras model"
+    elif name == "truncated_weights":
+        model = rewrite_member(setup["model"], tmp_path / "w.keras", "model.weights.h5")
+        expect = "weights cannot be read"
+    elif name == "truncated_config":
+        model = rewrite_member(setup["model"], tmp_path / "c.keras", "config.json")
+        expect = "config.json is not valid JSON"
+    elif name == "undecodable_image":
+        data = image_folder(tmp_path / "img")
+        (tmp_path / "img" / "a" / "3.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+        expect = f"Cannot decode 1 image file (truncated, or not an image): {tmp_path / 'img' / 'a' / '3.jpg'}"
+    elif name == "five_images_per_class":
+        data, expect = image_folder(tmp_path / "few", n=5), "split has no image of class"
+    elif name == "unknown_exclude":
+        extra, expect = ["--exclude", "c1,nosuch"], "nosuch"
+    elif name == "unreachable_target":
+        extra, expect = ["--target-macs", "0.01", "--max-ratio", "0.5"], "Cannot reach target_macs=0.01"
+    elif name == "nothing_prunable":
+        model, expect = no_conv_model(tmp_path / "dense.keras"), "Nothing to prune"
+    elif name == "all_excluded":
+        extra, expect = ["--exclude", "c1,c2"], "Nothing to prune"
+    elif name == "ranker_option_type":
+        extra = ["--ranker", "taylor", "--ranker-option", "num_batches=abc"]
+        expect = "Expected ranker option num_batches to be int. Received: num_batches='abc'"
+    else:  # steps
+        extra, expect = ["--steps", "1000000"], "1000000 is not in the range"
+    return model, data, extra, expect
+
+
+@pytest.mark.parametrize("case", ["zip_not_keras", "truncated_weights", "truncated_config", "undecodable_image",
+                                  "five_images_per_class", "unknown_exclude", "unreachable_target",
+                                  "nothing_prunable", "all_excluded", "ranker_option_type", "steps"])
+def test_compress_checks_everything_before_any_run(setup, tmp_path, case):
+    model, data, extra, expect = _case(case, setup, tmp_path)
+    args = compress_args({"model": model, "data": data}, tmp_path, *extra)
+    out = one_line_error(invoke(args), 2)
+    assert expect in out, out
+    if case.startswith(("zip", "truncated")):
+        assert repr(model) in out  # names the file
+    assert n_runs(str(tmp_path / "log.db")) == 0 and no_run_folder(tmp_path)
+
+
+def test_interrupted_compress_does_not_offer_resume(setup, tmp_path, monkeypatch):
+    import experiments.compress
+    from save_sqlite import Terminated
+
+    def killed(*a, **k):
+        raise Terminated("SIGTERM")
+
+    monkeypatch.setattr(experiments.compress, "finetune", killed)
+    r = invoke(compress_args(setup, tmp_path, "--epochs", "1"))
+    assert r.exit_code == 143 and "run it again" in r.output and "--resume" not in r.output, r.output
+    assert {row["status"] for row in ExperimentLog(str(tmp_path / "log.db")).runs()} == {"interrupted"}
