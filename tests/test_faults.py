@@ -291,3 +291,103 @@ def test_interrupted_compress_does_not_offer_resume(setup, tmp_path, monkeypatch
     r = invoke(compress_args(setup, tmp_path, "--epochs", "1"))
     assert r.exit_code == 143 and "run it again" in r.output and "--resume" not in r.output, r.output
     assert {row["status"] for row in ExperimentLog(str(tmp_path / "log.db")).runs()} == {"interrupted"}
+
+
+# ------------------------------------------------------------------ 4. output paths
+def test_output_paths_are_checked_before_the_work(setup, tmp_path):
+    db = str(tmp_path / "log.db")
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    (tmp_path / "folder.keras").mkdir()
+    prune = ["prune", setup["model"], "--ratio", "0.5", "--db", db]
+    r = invoke([*prune, "-o", str(tmp_path / "folder.keras")])
+    assert f"Received a folder: '{tmp_path / 'folder.keras'}'" in one_line_error(r, 1)
+    r = invoke([*prune, "-o", str(tmp_path / "p.keras"), "--save-plan", str(blocker / "plan.json")])
+    assert f"'{blocker}' is a file, not a folder" in one_line_error(r, 1)
+    assert not (tmp_path / "p.keras").exists() and n_runs(db) == 0
+    r = invoke(compress_args(setup, tmp_path, "--output", str(blocker / "c.keras")))
+    assert f"'{blocker}' is a file, not a folder" in one_line_error(r, 2) and n_runs(db) == 0
+    r = invoke(["logs", "export", "--db", db, "-o", str(tmp_path / "folder.keras")])
+    assert "Received a folder" in one_line_error(r, 1)
+    # A missing folder of --save-plan is created; the plan is written before the run is completed.
+    r = invoke([*prune, "-o", str(tmp_path / "p.keras"), "--save-plan", str(tmp_path / "new" / "sub" / "plan.json")])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "new" / "sub" / "plan.json").read_text())["keep"]
+
+
+def test_partial_leftovers_are_removed_by_the_next_save_there(setup, tmp_path):
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    leftover = tmp_path / f"other.partial-{gone.pid}.keras"
+    leftover.write_bytes(b"")  # a writer of another file was SIGKILLed mid-copy
+    r = invoke(["prune", setup["model"], "--ratio", "0.5", "-o", str(tmp_path / "p.keras"),
+                "--db", str(tmp_path / "log.db")])
+    assert r.exit_code == 0 and not leftover.exists()
+
+
+def test_plan_save_is_atomic(tmp_path, monkeypatch):
+    from pruning import PrunePlan
+
+    plan = PrunePlan({"c1": [0, 1]}, filters={"c1": 4})
+    path = tmp_path / "plan.json"
+    plan.save(str(path))
+    before = path.read_text()
+
+    def broken(self):
+        raise RuntimeError("killed mid-write")
+
+    monkeypatch.setattr(PrunePlan, "to_json", broken)
+    with pytest.raises(RuntimeError):
+        plan.save(str(path))
+    assert path.read_text() == before and os.listdir(tmp_path) == ["plan.json"]
+
+
+def test_report_on_a_full_disk_keeps_the_previous_plots(tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    db, out = str(tmp_path / "log.db"), tmp_path / "results"
+    log = ExperimentLog(db)
+    with log.run("prune", pruning_ratio=0.5) as run:
+        run.finish(test_top1=0.5, params=10, macs=100, latency_ms=1.0)
+    assert invoke(["report", "--db", db, "--out-dir", str(out)]).exit_code == 0
+    before = {p: (out / p).read_bytes() for p in os.listdir(out)}
+    savefig = matplotlib.figure.Figure.savefig
+
+    def full(self, fname, *args, **kwargs):
+        with open(fname, "wb") as f:
+            f.write(b"\x89PNG")  # a few bytes, then the disk is full
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", full)
+    r = invoke(["report", "--db", db, "--out-dir", str(out), "--force"])
+    assert "the disk is full" in one_line_error(r, 1)
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", savefig)
+    assert {p: (out / p).read_bytes() for p in os.listdir(out)} == before  # nothing replaced, no leftovers
+
+
+def _mount(*args):
+    """Runs mount (root only); skips the test where it is not allowed."""
+    r = subprocess.run(["mount", *args], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount here: {r.stderr.strip()}")
+
+
+def test_real_full_disk_and_read_only_folder(setup, tmp_path):
+    small, ro = tmp_path / "small", tmp_path / "ro"
+    small.mkdir()
+    ro.mkdir()
+    _mount("-t", "tmpfs", "-o", "size=16k", "tmpfs", str(small))
+    try:
+        db = str(tmp_path / "log.db")
+        r = invoke(["prune", setup["model"], "--ratio", "0.5", "-o", str(small / "p.keras"), "--db", db])
+        assert f"Cannot write '{small / 'p.keras'}': the disk is full" in one_line_error(r, 1)
+        assert os.listdir(small) == []  # no partial file left
+        _mount("--bind", str(ro), str(ro))
+        try:
+            _mount("-o", "remount,bind,ro", str(ro))
+            r = invoke(["prune", setup["model"], "--ratio", "0.5", "-o", str(ro / "p.keras"), "--db", db])
+            assert f"the folder '{ro}' is read-only" in one_line_error(r, 1)
+        finally:
+            subprocess.run(["umount", str(ro)])
+    finally:
+        subprocess.run(["umount", str(small)])
