@@ -145,6 +145,9 @@ def open_log(db, readonly=False):
         log = ExperimentLog(db, readonly=readonly)
     except ValueError as e:
         fail(e)
+    if log.immutable:
+        click.echo(f"note: {db} is on read-only media: opened it with immutable=1 (writes made to it elsewhere "
+                   "since are not seen)", err=True)
     for run_id in getattr(log, "interrupted", []):
         how = (f"continue it with --resume {run_id}" if log.get_run(run_id)["experiment"] not in NOT_RESUMABLE
                else "it cannot be resumed: run its command again")

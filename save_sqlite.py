@@ -43,7 +43,7 @@ ENV_VAR = "PRUNING_DB"
 DEFAULT_DB = os.path.join("logs", "experiments.db")
 STATUSES = ("running", "completed", "failed", "interrupted")
 # Tables and views of the log a user may export (the CLI's `logs export --table`).
-TABLES = ("runs", "epochs", "layer_prunes", "training_logs")
+TABLES = ("runs", "epochs", "layer_prunes", "training_logs", "runs_now")
 OWN_TABLES = ("runs", "epochs", "layer_prunes")
 
 
@@ -144,6 +144,26 @@ def m004_run_outputs(db):
     """Files a run wrote outside its folder (a copy of its model, its plan, results):
     a JSON object {absolute path: kind}, so no later command replaces them."""
     db["runs"].add_column("outputs", str)
+
+
+STALE_AFTER_S = 180  # a running row whose heartbeat is older reads as `stale` in the runs_now view
+HEARTBEAT_S = 30  # how often a live run's heartbeat is written
+
+
+@migration
+def m005_run_heartbeat_and_runs_now(db):
+    """`heartbeat`: when a running run last said it is alive (every HEARTBEAT_S while it
+    runs). The view `runs_now` is `runs` plus `status_now`: a running row whose heartbeat
+    (or start, before the first) is older than STALE_AFTER_S reads `stale`, so a SQL
+    reader tells a dead run without anyone writing the log."""
+    db["runs"].add_column("heartbeat", str)
+    db.execute(f"""
+        CREATE VIEW runs_now AS
+        SELECT CASE WHEN status = 'running' AND
+                         (julianday('now') - julianday(coalesce(heartbeat, started_at))) * 86400 > {STALE_AFTER_S}
+                    THEN 'stale' ELSE status END AS status_now, *
+        FROM runs
+    """)
 
 
 def _json_list(text):
@@ -259,6 +279,35 @@ def log_error_hint(e):
     return f"{e}; check the permissions of the file and its folder, or pass another --db"
 
 
+def open_read_only(path):
+    """Opens the SQLite file `path` for reading only; returns (connection, immutable).
+
+    The file is opened with `mode=ro` (it sees the writes of running runs). On read-only
+    media (an archived log, a read-only mount) a WAL file cannot be opened that way
+    (SQLite needs to create its `-shm` file beside it); it is then opened with
+    `immutable=1` and `immutable` is True: nothing can change it there, but a process
+    that writes it elsewhere is not seen. A missing file, or one that is not SQLite, is
+    a ValueError naming it. Nothing is ever created or changed.
+    """
+    if not os.path.isfile(path):
+        raise ValueError(f"No experiment log at {path!r}. Pass --db or set ${ENV_VAR} to an "
+                         "existing log; training commands create one.")
+    uri = f"file:{urllib.parse.quote(os.path.abspath(path))}"
+    for immutable in (False, True):
+        conn = sqlite3.connect(f"{uri}?{'immutable=1' if immutable else 'mode=ro'}", uri=True, timeout=60,
+                               isolation_level=None, check_same_thread=False)
+        try:
+            conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+            return conn, immutable
+        except sqlite3.OperationalError:
+            conn.close()
+            if immutable or os.access(os.path.dirname(os.path.abspath(path)), os.W_OK):
+                raise  # not read-only media: the caller says why
+        except sqlite3.DatabaseError as e:
+            conn.close()
+            raise ValueError(f"{path!r} is not an SQLite database ({e}).") from None
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM, raised like Ctrl-C so a run ends as `interrupted`."""
 
@@ -310,7 +359,9 @@ class ExperimentLog:
         self.failure = None  # why the last of them failed (write_failure's words)
         self._depth = 0  # nesting of `run` blocks
         self._reserved = 0  # the last run id taken while the log could not be written
+        self._beating, self._heart = set(), None  # runs whose heartbeat the heartbeat thread writes
         self.applied = []
+        self.immutable = False  # opened read-only with immutable=1 (read-only media)
         self.db = sqlite_utils.Database(self._connect())
         try:
             tables = set(self.db.table_names())
@@ -318,6 +369,7 @@ class ExperimentLog:
             self.close()
             raise ValueError(f"{self.path!r} is not an SQLite database ({e}).") from None
         self._check_ours(tables)
+        self._check_intact()
         if readonly:
             return
         try:
@@ -333,11 +385,11 @@ class ExperimentLog:
     def _connect(self):
         path = os.path.abspath(self.path)
         if self.readonly:
-            if not os.path.isfile(path):
-                raise ValueError(f"No experiment log at {self.path!r}. Pass --db or set ${ENV_VAR} to an "
-                                 "existing log; training commands create one.")
-            uri = f"file:{urllib.parse.quote(path)}?mode=ro"
-            return sqlite3.connect(uri, uri=True, timeout=60, isolation_level=None, check_same_thread=False)
+            try:
+                conn, self.immutable = open_read_only(self.path)
+            except sqlite3.OperationalError as e:
+                raise ValueError(f"Cannot read the experiment log {self.path!r}: {e}.") from None
+            return conn
         if os.path.isdir(path):
             raise ValueError(f"Expected an SQLite file for the log. Received a folder: {self.path!r}")
         folder = os.path.dirname(path)
@@ -371,7 +423,20 @@ class ExperimentLog:
         raise ValueError(f"{self.path!r} is not an experiment log of this toolkit: its tables "
                          f"({', '.join(foreign) or 'none'}) were not created by it. Pass another --db.")
 
+    def _check_intact(self):
+        """A damaged file (a bad sector, a copy cut short) is one ValueError naming it."""
+        try:
+            problems = [" ".join(str(r[0]).replace("*** in database main ***", "").split())
+                        for r in self.db.execute("PRAGMA quick_check(3)").fetchall()]
+        except sqlite3.DatabaseError as e:
+            problems = [str(e)]
+        if problems != ["ok"]:
+            self.close()
+            raise ValueError(f"The experiment log {self.path!r} is damaged ({'; '.join(problems)[:200]}). Restore "
+                             f"it from a backup, or save what is readable with `sqlite3 {self.path} .recover`.")
+
     def close(self):
+        self._stop_heartbeat()
         self.db.conn.close()
 
     # ---------------------------------------------------------------- writes
@@ -435,6 +500,31 @@ class ExperimentLog:
                 raise
         return op
 
+    def _start_heartbeat(self):
+        """A daemon thread that writes `heartbeat` of this log's live runs every
+        HEARTBEAT_S seconds, on its own connection (a failing write is skipped)."""
+        if self._heart is not None and self._heart.is_alive():
+            return
+        stop = self._heart_stop = threading.Event()
+
+        def beat():
+            conn = sqlite3.connect(os.path.abspath(self.path), timeout=1, isolation_level=None)
+            try:
+                while not stop.wait(HEARTBEAT_S):
+                    ids = list(self._beating)
+                    if ids:
+                        with contextlib.suppress(sqlite3.Error):
+                            conn.execute(f"UPDATE runs SET heartbeat = ? WHERE id IN ({', '.join('?' * len(ids))})"
+                                         " AND status = 'running'", [now(), *ids])
+            finally:
+                conn.close()
+        self._heart = threading.Thread(target=beat, name="run-heartbeat", daemon=True)
+        self._heart.start()
+
+    def _stop_heartbeat(self):
+        if getattr(self, "_heart", None) is not None:
+            self._heart_stop.set()
+
     def mark_dead_runs(self):
         """`running` rows of this host whose process is gone become `interrupted`;
         returns their ids."""
@@ -465,6 +555,8 @@ class ExperimentLog:
             "seed": seed, "config": _dumps(config or {}), "status": "running",
             "started_at": now(), "version": __version__, "host": platform.node(), "pid": os.getpid(),
         }
+        if "heartbeat" in self.db["runs"].columns_dict:
+            row["heartbeat"] = row["started_at"]
         if self._depth == 0 or not self.pending:
             try:
                 return self._retry(lambda: self.db["runs"].insert(row).last_pk,
@@ -578,6 +670,8 @@ class ExperimentLog:
         run in its own row instead of starting one."""
         run_id = self.resume(resume)["id"] if resume is not None else self.start_run(experiment, **kwargs)
         handle = Run(self, run_id)
+        self._beating.add(run_id)
+        self._start_heartbeat()
         self._depth += 1
         ended = False  # the block ended normally: only then wait for a failing log
         try:
@@ -595,6 +689,7 @@ class ExperimentLog:
             if not handle.finished:
                 self.finish_run(handle.id, "completed")
         finally:
+            self._beating.discard(run_id)
             self._depth -= 1
             written = self.flush(timeout=self.write_timeout if self._depth == 0 and ended else 0)
         if not written and self._depth == 0:
@@ -639,9 +734,16 @@ class ExperimentLog:
         """Every row of a table or view in TABLES, by id: (columns, list of dicts)."""
         if table not in TABLES:
             raise ValueError(f"Expected table in {TABLES}. Received: table={table!r}")
+        if table not in self.db.table_names() + self.db.view_names():
+            raise ValueError(f"{self.path!r} has no {table} yet (an older log): a training command, or "
+                             "ExperimentLog(path), adds it.")
         cursor = self.db.execute(f"SELECT * FROM [{table}] ORDER BY id")
         columns = [c[0] for c in cursor.description]
-        return columns, [dict(zip(columns, r)) for r in cursor.fetchall()]
+        rows = [dict(zip(columns, r)) for r in cursor.fetchall()]
+        if table in ("runs", "runs_now"):  # the status `list` and `show` give
+            rows = [{**live, "status_now": live["status"]} if "status_now" in r and live is not r else live
+                    for r in rows for live in [self._live_status(r)]]
+        return columns, rows
 
 
 class Run:

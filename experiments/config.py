@@ -456,6 +456,18 @@ def check_ranker_options(ranker, options):
                              f"Received: {key}={value!r}")
 
 
+def _check_counts(cfg, positive, non_negative, optional_positive):
+    for name in positive:
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"Expected {name} >= 1. Received: {name}={getattr(cfg, name)}")
+    for name in non_negative:
+        if getattr(cfg, name) < 0:
+            raise ValueError(f"Expected {name} >= 0. Received: {name}={getattr(cfg, name)}")
+    for name in optional_positive:
+        if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
+            raise ValueError(f"Expected {name} >= 1 or None (all). Received: {name}={getattr(cfg, name)}")
+
+
 class InputError(ValueError):
     """A bad input found before any run or folder exists (the CLI exits 2 with its one line)."""
 

@@ -388,6 +388,79 @@ def test_real_full_disk_and_read_only_folder(setup, tmp_path):
             r = invoke(["prune", setup["model"], "--ratio", "0.5", "-o", str(ro / "p.keras"), "--db", db])
             assert f"the folder '{ro}' is read-only" in one_line_error(r, 1)
         finally:
-            subprocess.run(["umount", str(ro)])
+            subprocess.run(["umount", "-l", str(ro)])
     finally:
-        subprocess.run(["umount", str(small)])
+        subprocess.run(["umount", "-l", str(small)])
+
+
+# ------------------------------------------------------------------ 5. reading the log
+def _log_with_runs(db, n=40):
+    log = ExperimentLog(db)
+    for i in range(n):
+        with log.run("prune", pruning_ratio=0.5, config={"pad": "x" * 200}) as run:
+            log.log_epoch(run.id, "train", 0, 1.0, {"loss": 0.5})
+            run.finish(test_top1=0.5, params=10, macs=100)
+    log.close()
+
+
+def test_a_log_on_read_only_media_is_read_and_says_so(tmp_path):
+    folder = tmp_path / "archive"
+    folder.mkdir()
+    db = str(folder / "log.db")
+    _log_with_runs(db, 2)
+    _mount("--bind", str(folder), str(folder))
+    try:
+        _mount("-o", "remount,bind,ro", str(folder))
+        for args in (["logs", "list"], ["logs", "export"], ["logs", "show", "1"]):
+            r = invoke([*args, "--db", db])
+            assert r.exit_code == 0 and "read-only media" in r.output and "immutable=1" in r.output, r.output
+        assert "completed" in invoke(["logs", "list", "--db", db]).output
+    finally:
+        subprocess.run(["umount", "-l", str(folder)])
+
+
+def test_a_damaged_log_is_one_line_naming_it(setup, tmp_path):
+    db = str(tmp_path / "log.db")
+    _log_with_runs(db)
+    size = os.path.getsize(db)
+    with open(db, "r+b") as f:  # a bad sector: garbage over every page after the first
+        for page in range(1, size // 4096):
+            f.seek(page * 4096)
+            f.write(b"\xee" * 64)
+    for args in (["logs", "list"], ["logs", "show", "3"], ["logs", "export"], ["report", "--out-dir",
+                                                                               str(tmp_path / "r")],
+                 ["prune", setup["model"], "--ratio", "0.5", "-o", str(tmp_path / "p.keras")]):
+        r = invoke([*args, "--db", db])
+        assert f"The experiment log '{db}' is damaged" in one_line_error(r, 1), (args, r.output)
+    assert not (tmp_path / "p.keras").exists()
+
+
+def test_export_shows_the_status_list_shows(tmp_path):
+    db = str(tmp_path / "log.db")
+    log = ExperimentLog(db)
+    run_id = log.start_run("prune")
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    log.db.execute("UPDATE runs SET pid = ? WHERE id = ?", [gone.pid, run_id])  # its process died
+    log.close()
+    listed = invoke(["logs", "list", "--db", db]).output
+    exported = invoke(["logs", "export", "--format", "json", "--db", db]).output
+    assert "interrupted" in listed and json.loads(exported)[0]["status"] == "interrupted"
+    assert json.loads(invoke(["logs", "export", "--table", "runs_now", "--format", "json", "--db", db])
+                      .output)[0]["status_now"] == "interrupted"
+
+
+def test_running_rows_carry_a_heartbeat_and_runs_now_shows_stale(tmp_path, monkeypatch):
+    import save_sqlite
+
+    monkeypatch.setattr(save_sqlite, "HEARTBEAT_S", 0.2)
+    db = str(tmp_path / "log.db")
+    log = ExperimentLog(db)
+    reader = sqlite3.connect(db)
+    with log.run("x") as run:
+        log.db.execute("UPDATE runs SET heartbeat = '2000-01-01T00:00:00+00:00' WHERE id = ?", [run.id])
+        assert reader.execute("SELECT status_now FROM runs_now WHERE id = ?", [run.id]).fetchone()[0] == "stale"
+        time.sleep(1.0)  # the heartbeat thread writes it again
+        beat = reader.execute("SELECT heartbeat, status_now FROM runs_now WHERE id = ?", [run.id]).fetchone()
+        assert beat[0] > "2001" and beat[1] == "running"
+    assert reader.execute("SELECT status_now FROM runs_now").fetchone()[0] == "completed"
