@@ -386,9 +386,11 @@ def echo_skipped(plan):
 def prune(model_path, ranker, data_dir, preprocess, image_size, batch_size, limit_per_class, rank_batches, seed,
           ratio, plan_path, exclude, output, round_to, round_mode, save_plan, force, allow_inexact, db):
     """Prune any .keras model with a ranker and ratio (or a plan file)."""
-    from experiments.common import check_output_owner, check_writable_file, finish_model_run, write_text
-    from pruning import CNNModel, PrunePlan, model_stats
+    from experiments.common import (check_output_owner, check_prunable, check_writable_file, finish_model_run,
+                                    model_sizes, write_text)
+    from pruning import CNNModel, PrunePlan
     from pruning import prune as prune_model
+    from pruning.plan import check_ratio, resolve_ratios
     from pruning.stats import format_stats
 
     if (ratio is None) == (plan_path is None):
@@ -407,16 +409,26 @@ def prune(model_path, ranker, data_dir, preprocess, image_size, batch_size, limi
         check_output_owner(log, save_plan, force, "--save-plan")
     except ValueError as e:
         fail(e)
-    model = load_keras_model(model_path)
     rate_spec = None if ratio is None else (ratio[0] if len(ratio) == 1 else list(ratio))
+    for i, r in enumerate(ratio or ()):
+        try:
+            check_ratio(r, "ratio" if len(ratio) == 1 else f"ratio[{i}]")
+        except ValueError as e:
+            raise click.BadParameter(str(e), param_hint="--ratio")
+    model = load_keras_model(model_path)
+    applied = None
     try:
         cnn = CNNModel(model, allow_inexact=allow_inexact)
+        if not plan_path:  # before a possibly long ranking: names, prunable convs, one ratio per conv
+            check_prunable(cnn, exclude, repr(model_path))
+            applied = resolve_ratios(cnn, rate_spec, exclude)
+    except ValueError as e:
+        raise UsageFailure(str(e)) from e
+    try:
         if plan_path:
             plan = PrunePlan.load(plan_path)
             plan.validate(cnn)
         else:
-            for name in exclude:
-                cnn.conv(name)  # fail on a bad name before a possibly long ranking
             scores = scores_for(model, ranker, data_dir, image_size, batch_size, limit_per_class,
                                 rank_batches, seed, preprocess)
             plan = PrunePlan.from_scores(cnn, scores, rate_spec, exclude=exclude, meta={"ranker": ranker},
@@ -429,6 +441,11 @@ def prune(model_path, ranker, data_dir, preprocess, image_size, batch_size, limi
     for w in caught:
         if str(w.message).startswith("Pruned inexactly"):
             click.echo(str(w.message))
+    if all(len(k) == plan.filters.get(n, len(k)) for n, k in plan.keep.items()):
+        raise UsageFailure(f"Nothing to prune: the plan removes no filter of {model_path!r} (whole filter counts: "
+                           "a small ratio of a small conv rounds to 0). Give a larger --ratio.")
+    if applied is not None and (isinstance(rate_spec, list) or exclude):
+        rate_spec = [applied[c.name] for c in cnn.conv_layers]  # what was applied (excluded convs: 0)
     with interrupt_message(False), log_failure(), log.run("prune", model=os.path.basename(model_path),
                                                      ranker=plan.meta.get("ranker"),
                                       pruning_ratio=rate_spec if isinstance(rate_spec, float) else None,
@@ -444,7 +461,12 @@ def prune(model_path, ranker, data_dir, preprocess, image_size, batch_size, limi
         except ValueError as e:
             fail(e)
     echo_skipped(plan)
-    click.echo(format_stats(model_stats(model), model_stats(pruned)))
+    before, after = model_sizes(model), model_sizes(pruned)
+    if before["macs"] is None:
+        click.echo(f"params {before['params']:,} -> {after['params']:,} ({after['params'] / before['params']:.3f}); "
+                   "MACs not counted: the input size is dynamic (`stats --image-size N` counts them)")
+    else:
+        click.echo(format_stats(before, after))
     click.echo(f"wrote {output} (run {run.id})")
 
 
@@ -481,28 +503,43 @@ def rank(model_path, ranker, data_dir, preprocess, image_size, batch_size, limit
 @click.option("--runs", type=click.IntRange(1), default=20, show_default=True, help="Timed inference calls.")
 @click.option("--per-layer/--no-per-layer", default=False, show_default=True, help="List every layer.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-def stats(model_path, latency_batch, runs, per_layer, as_json):
+@click.option("--image-size", type=click.IntRange(1), default=None,
+              help="Input size (pixels, square) for a model whose input size is dynamic or not yet built.")
+def stats(model_path, latency_batch, runs, per_layer, as_json, image_size):
     """Params, MACs and measured latency of a .keras model."""
-    from pruning import CNNModel, layer_stats, measure_latency, model_stats
+    from experiments.common import dynamic_input, fixed_input, model_sizes
+    from pruning import CNNModel, layer_stats, measure_latency
 
     model = load_keras_model(model_path)
-    with progressbar("measuring latency", runs) as update:
-        latency = measure_latency(model, batch_size=latency_batch, runs=runs, progress=update)
-    totals = model_stats(model)
+    try:
+        model = fixed_input(model, image_size)
+    except ValueError as e:
+        raise UsageFailure(str(e)) from e
+    # What cannot be measured, and why (None: everything can).
+    missing = (f"the input shape {tuple(model.inputs[0].shape)} is dynamic: pass --image-size"
+               if dynamic_input(model) else None)
+    latency, slow = None, missing or (f"latency is timed for one input; the model has {len(model.inputs)}"
+                                      if len(model.inputs) > 1 else None)
+    if slow is None:
+        with progressbar("measuring latency", runs) as update:
+            latency = measure_latency(model, batch_size=latency_batch, runs=runs, progress=update)
+    totals = model_sizes(model)
     convs = [{"name": c.name, "filters": c.filters, "prunable": c.prunable} for c in CNNModel(model).conv_layers]
     if as_json:
-        click.echo(json.dumps({**totals, "latency": latency, "convs": convs,
-                               **({"layers": layer_stats(model)} if per_layer else {})}, indent=1))
+        click.echo(json.dumps({**totals, "latency": latency, "convs": convs, "not_measured": slow,
+                               **({"layers": layer_stats(model)} if per_layer and not missing else {})}, indent=1))
         return
-    if per_layer:
+    if per_layer and not missing:
         click.echo(f"{'layer':<28}{'class':<22}{'params':>12}{'MACs':>16}")
         for r in layer_stats(model):
             click.echo(f"{r['layer']:<28}{r['class']:<22}{r['params']:>12,}{r['macs']:>16,}")
+    macs = f"{totals['macs']:,}" if not missing else f"not counted: {missing}"
     click.echo(f"trainable params  {totals['trainable_params']:,}\nparams (total)    {totals['params']:,}\n"
-               f"MACs              {totals['macs']:,}\n"
-               f"latency           {latency['ms_per_batch']:.2f} ms per batch of {latency_batch} "
-               f"(p90 {latency['ms_p90']:.2f} ms, {latency['ms_per_image']:.3f} ms/image)\n"
-               f"prunable convs    {sum(c['prunable'] for c in convs)} of {len(convs)}")
+               f"MACs              {macs}\n"
+               + (f"latency           {latency['ms_per_batch']:.2f} ms per batch of {latency_batch} "
+                  f"(p90 {latency['ms_p90']:.2f} ms, {latency['ms_per_image']:.3f} ms/image)\n" if latency else
+                  f"latency           not measured: {slow}\n")
+               + f"prunable convs    {sum(c['prunable'] for c in convs)} of {len(convs)}")
 
 
 # -------------------------------------------------------------------- compress

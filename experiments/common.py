@@ -224,6 +224,67 @@ def distributed(cfg):
         keras.mixed_precision.set_global_policy(previous)
 
 
+# ------------------------------------------------------------ odd models
+def dynamic_input(model):
+    """Whether some input of `model` has a dimension (besides the batch) of unknown size."""
+    return any(d is None for t in model.inputs for d in t.shape[1:])
+
+
+def fixed_input(model, image_size=None):
+    """`model` with a known input shape: an unbuilt Sequential is built for
+    `image_size` x `image_size` x 3, and a model whose input size is dynamic is cloned
+    (same weights) onto inputs whose unknown dimensions are `image_size`. Without
+    `image_size` a dynamic model is returned as it is (see `dynamic_input`) and an
+    unbuilt one is an `InputError`."""
+    from experiments.config import InputError
+
+    try:
+        inputs = model.inputs
+    except (AttributeError, ValueError):
+        inputs = None
+    if not inputs:
+        if image_size is None:
+            raise InputError(f"The model {model.name!r} has no input shape yet (an unbuilt Sequential): pass "
+                             "--image-size.")
+        model.build((None, image_size, image_size, 3))
+        return model
+    if image_size is None or not dynamic_input(model):
+        return model
+    shaped = [keras.Input(tuple(image_size if d is None else d for d in t.shape[1:]), dtype=t.dtype) for t in inputs]
+    clone = keras.models.clone_model(model, input_tensors=shaped if len(shaped) > 1 else shaped[0])
+    clone.set_weights(model.get_weights())
+    return clone
+
+
+def model_sizes(model):
+    """`pruning.model_stats`, with macs None when the input size is dynamic (the MACs
+    depend on the image size)."""
+    if dynamic_input(model):
+        return {"trainable_params": sum(int(np.prod(w.shape)) for w in model.trainable_weights),
+                "non_trainable_params": sum(int(np.prod(w.shape)) for w in model.non_trainable_weights),
+                "params": int(model.count_params()), "macs": None}
+    return model_stats(model)
+
+
+def check_prunable(cnn, exclude=(), source="the model"):
+    """The tied groups of convs that may lose filters; an `InputError` (one line) when
+    there are none: no conv, or every conv excluded, blocked or feeding the output."""
+    from experiments.config import InputError
+    from pruning.allocation import prunable_groups
+
+    try:
+        groups = prunable_groups(cnn, exclude)  # also: every exclude name is a conv
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    if not groups:
+        why = "it has no convolution" if not cnn.conv_layers else (
+            "every convolution is excluded, feeds the output or is blocked (" + "; ".join(
+                f"{c.name}: {c.blocked_by or 'feeds the output'}" for c in cnn.conv_layers
+                if c.name not in exclude)[:300] + ")")
+        raise InputError(f"Nothing to prune in {source}: {why}.")
+    return groups
+
+
 # ------------------------------------------------------------ measuring
 def measure(model, latency_batch=32, latency_runs=10):
     """Params, MACs and inference latency of `model` as run fields."""
@@ -268,7 +329,7 @@ def finish_model_run(run, model, evaluate=None, *, filename="model.keras", laten
     fields = dict(evaluate(model)) if evaluate is not None else {}
     details = {**fields.pop("metrics", {}), **(metrics or {})}
     extra = fields.pop("summary", {})
-    stats = model_stats(model)
+    stats = model_sizes(model)
     sizes = {"params": stats["params"], "trainable_params": stats["trainable_params"], "macs": stats["macs"]}
     speedup = None
     if latency_batch:
@@ -306,7 +367,8 @@ def finished_parent(log, row):
 def summary_line(label, s, latency_batch=None, extra=()):
     parts = [f"top-1 {s['test_top1']:.4f}"] if s.get("test_top1") is not None else []
     parts += [f"{name.replace('_top1', '').replace('_', '-')} {s[name]:.4f}" for name in extra]
-    parts += [f"{s['params']:,} params", f"{s['macs']:,} MACs"]
+    parts += [f"{s['params']:,} params", f"{s['macs']:,} MACs" if s.get("macs") is not None else "MACs not counted "
+              "(dynamic input size)"]
     if s.get("latency_ms") is not None:
         parts.append(f"{s['latency_ms']:.1f} ms/batch of {latency_batch} ({s['speedup']:.2f}x)")
     return f"{label}: {', '.join(parts)}"

@@ -23,7 +23,7 @@ from experiments.data import (
     random_crop_flip, stratified_split,
 )
 from pruning import CNNModel, model_stats, prune
-from pruning.allocation import PlanCost, allocate, compose, prunable_groups
+from pruning.allocation import PlanCost, allocate, compose
 from pruning.graph import leaf_layers
 from pruning.criteria import outputs_probabilities
 from pruning.distill import Distiller, teacher_logits
@@ -219,17 +219,14 @@ def precheck(cfg, log, model=None):
     if cfg.output and not cfg.output.endswith((".keras", ".h5")):
         raise InputError(f"Expected --output to be a .keras (or .h5) file. Received: {cfg.output!r}")
     model = model if model is not None else common.load_model_file(cfg.model)
-    try:
-        cnn = CNNModel(model)
-        groups = prunable_groups(cnn, cfg.exclude)  # also: every --exclude name is a conv
-    except ValueError as e:
-        raise InputError(str(e)) from None
-    if not groups:
-        raise InputError(f"Nothing to prune in {cfg.model!r}: " + (
-            "it has no convolution." if not cnn.conv_layers else
-            "every convolution is excluded, feeds the output or is blocked ("
-            + "; ".join(f"{c.name}: {c.blocked_by or 'feeds the output'}" for c in cnn.conv_layers
-                        if c.name not in cfg.exclude)[:300] + ")."))
+    model = common.fixed_input(model, cfg.image_size)
+    if common.dynamic_input(model):
+        raise InputError(f"{cfg.model!r} has a dynamic input shape {tuple(model.inputs[0].shape)}: pass --image-size.")
+    if len(model.inputs) != 1 or len(model.outputs) != 1:
+        raise InputError(f"compress trains an image classifier with one input and one output; {cfg.model!r} has "
+                         f"{len(model.inputs)} inputs and {len(model.outputs)} outputs.")
+    cnn = CNNModel(model)
+    groups = common.check_prunable(cnn, cfg.exclude, repr(cfg.model))
     metric, target = cfg.target
     if metric != "latency":  # the most every allowed conv can lose, counted without building it
         keep = {name: np.arange(max(1, cnn.conv(name).filters - int(cfg.max_ratio * cnn.conv(name).filters)))
@@ -240,8 +237,6 @@ def precheck(cfg, log, model=None):
             raise InputError(f"Cannot reach target_{metric}={target:g}: removing {cfg.max_ratio:g} of the filters "
                              f"of every prunable conv keeps {least:.4f} of the {metric}. Raise --max-ratio, "
                              "exclude fewer layers, or give a larger target.")
-    if cfg.image_size is None and (len(model.inputs[0].shape) != 4 or model.inputs[0].shape[1] is None):
-        raise InputError(f"{cfg.model!r} has input shape {tuple(model.inputs[0].shape)}: pass --image-size.")
     size = cfg.image_size or model.inputs[0].shape[1]
     cfg = dataclasses.replace(cfg, image_size=int(size))
     try:

@@ -464,3 +464,70 @@ def test_running_rows_carry_a_heartbeat_and_runs_now_shows_stale(tmp_path, monke
         beat = reader.execute("SELECT heartbeat, status_now FROM runs_now WHERE id = ?", [run.id]).fetchone()
         assert beat[0] > "2001" and beat[1] == "running"
     assert reader.execute("SELECT status_now FROM runs_now").fetchone()[0] == "completed"
+
+
+# ------------------------------------------------------------------ 6. odd models
+@pytest.fixture(scope="module")
+def odd_models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("odd")
+    inp = keras.Input((None, None, 3))
+    x = keras.layers.Conv2D(4, 3, name="c1")(inp)
+    x = keras.layers.Conv2D(4, 3, name="c2")(x)
+    keras.Model(inp, keras.layers.Dense(2)(keras.layers.GlobalAveragePooling2D()(x))).save(root / "dynamic.keras")
+    a, b = keras.Input((8, 8, 3)), keras.Input((8, 8, 3))
+    g = keras.layers.GlobalAveragePooling2D()(keras.layers.Concatenate()([keras.layers.Conv2D(4, 3)(a),
+                                                                         keras.layers.Conv2D(4, 3)(b)]))
+    keras.Model([a, b], [keras.layers.Dense(2)(g), keras.layers.Dense(3)(g)]).save(root / "two_in_out.keras")
+    with pytest.warns(UserWarning):
+        keras.Sequential([keras.layers.Conv2D(4, 3), keras.layers.GlobalAveragePooling2D(),
+                          keras.layers.Dense(2)]).save(root / "unbuilt.keras")
+    no_conv_model(root / "dense.keras")
+    return {p.stem: str(p) for p in root.iterdir()}
+
+
+def test_stats_on_odd_models(odd_models):
+    r = invoke(["stats", odd_models["dynamic"], "--runs", "1", "--latency-batch", "1"])
+    assert r.exit_code == 0 and "params (total)    270" in r.output, r.output
+    assert "MACs              not counted: the input shape (None, None, None, 3) is dynamic: pass --image-size" \
+        in r.output and "latency           not measured" in r.output
+    r = invoke(["stats", odd_models["dynamic"], "--image-size", "10", "--runs", "1", "--latency-batch", "1"])
+    # c1: 8x8 outputs x 4 filters x 27, c2: 6x6 x 4 x 36, dense 4 x 2
+    assert r.exit_code == 0 and f"MACs              {8 * 8 * 4 * 27 + 6 * 6 * 4 * 36 + 8:,}" in r.output, r.output
+    assert "ms per batch of 1" in r.output
+    r = invoke(["stats", odd_models["two_in_out"], "--runs", "1", "--json"])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.output[r.output.index("{"):])
+    assert out["macs"] == 2 * 6 * 6 * 4 * 27 + 8 * 2 + 8 * 3 and out["latency"] is None and "2" in out["not_measured"]
+    r = invoke(["stats", odd_models["unbuilt"], "--runs", "1"])
+    assert "unbuilt Sequential): pass --image-size" in one_line_error(r, 2)
+    r = invoke(["stats", odd_models["unbuilt"], "--image-size", "8", "--runs", "1", "--latency-batch", "1"])
+    assert r.exit_code == 0 and f"MACs              {6 * 6 * 4 * 27 + 8:,}" in r.output, r.output
+
+
+def test_prune_on_odd_models(odd_models, tmp_path):
+    db = str(tmp_path / "log.db")
+    r = invoke(["prune", odd_models["dynamic"], "--ratio", "0.5", "-o", str(tmp_path / "d.keras"), "--db", db])
+    assert r.exit_code == 0 and "MACs not counted: the input size is dynamic" in r.output, r.output
+    pruned = keras.models.load_model(tmp_path / "d.keras")
+    assert pruned.get_layer("c1").filters == 2 and pruned(np.zeros((1, 12, 12, 3))).shape == (1, 2)
+    for args, expect in (([odd_models["dense"], "--ratio", "0.5"], "Nothing to prune in"),
+                         ([odd_models["dynamic"], "--ratio", "0.1"], "the plan removes no filter"),
+                         ([odd_models["dynamic"], "--ratio", "1.2"], "Expected ratio in [0, 1). Received: ratio=1.2"),
+                         ([odd_models["dynamic"], "--ratio", "0.5,0.5", "--exclude", "c1,c2"], "Nothing to prune")):
+        r = invoke(["prune", *args, "-o", str(tmp_path / "n.keras"), "--db", db])
+        assert expect in one_line_error(r, 2), (args, r.output)
+    assert n_runs(db) == 1 and not (tmp_path / "n.keras").exists()
+    # A --ratio list with --exclude logs the rates applied, not the ones given.
+    r = invoke(["prune", odd_models["dynamic"], "--ratio", "0.5,0.5", "--exclude", "c2", "-o",
+                str(tmp_path / "e.keras"), "--db", db])
+    assert r.exit_code == 0, r.output
+    assert json.loads(ExperimentLog(db).runs()[-1]["rates"]) == [0.5, 0.0]
+
+
+def test_compress_on_odd_models(setup, odd_models, tmp_path):
+    for model, expect in ((odd_models["dynamic"], "has a dynamic input shape (None, None, None, 3): pass --image-size"),
+                          (odd_models["two_in_out"], "has 2 inputs and 2 outputs"),
+                          (odd_models["unbuilt"], "unbuilt Sequential")):
+        r = invoke(compress_args({"model": model, "data": setup["data"]}, tmp_path))
+        assert expect in one_line_error(r, 2), r.output
+    assert n_runs(str(tmp_path / "log.db")) == 0
