@@ -375,8 +375,6 @@ class ExperimentLog:
         try:
             self._retry(lambda: (self.db.enable_wal(), setattr(self, "applied", migrate(self.db))),
                         self.write_timeout)
-            # Each write waits at most a second inside SQLite; `_retry` waits the rest, with backoff.
-            self.db.conn.execute(f"PRAGMA busy_timeout = {int(min(1.0, self.write_timeout) * 1000)}")
             self.interrupted = self._retry(self.mark_dead_runs, self.write_timeout)
         except (sqlite3.OperationalError, OSError) as e:
             self.close()
@@ -403,10 +401,12 @@ class ExperimentLog:
         if not os.path.exists(path) and not os.access(folder, os.W_OK):
             raise ValueError(f"Cannot create the experiment log {self.path!r}: folder {folder!r} is "
                              "not writable.")
-        # Autocommit: each statement is its own transaction unless one is begun;
-        # a 60 s busy timeout lets concurrent runs wait for each other's writes.
+        # Autocommit: each statement is its own transaction unless one is begun. Each write
+        # waits at most a second inside SQLite; `_retry` waits up to write_timeout, with backoff,
+        # so concurrent runs wait for each other's writes.
         try:
-            return sqlite3.connect(path, timeout=60, isolation_level=None, check_same_thread=False)
+            return sqlite3.connect(path, timeout=min(1.0, self.write_timeout), isolation_level=None,
+                                   check_same_thread=False)
         except sqlite3.Error as e:
             raise ValueError(f"Cannot open the experiment log {self.path!r}: {e}.") from None
 

@@ -298,7 +298,7 @@ def _run_compress(cfg, log, model, echo):
             with log.run("compress", model=os.path.basename(cfg.model), dataset=dataset, ranker=ranker.name,
                          seed=cfg.seed, parent_id=parent.id, config={**config, "step": i, "goal": goal}) as run:
                 now = cost_of(current, metric, cfg.latency_batch, cfg.latency_runs)
-                relative = min(1.0, goal * base_cost / now)
+                relative = min(1.0, round(goal * base_cost / now, 12))  # no float noise in messages
                 pruned, plan = prune_to_target(
                     current, ranker, metric, relative, cfg.allocation, rank_ds, evaluate_fn, cfg.round_to,
                     cfg.exclude, cfg.max_ratio, cfg.latency_batch)
@@ -347,5 +347,10 @@ def _run_compress(cfg, log, model, echo):
     echo(f"compressed: top-1 {final['test_top1']:.4f} (baseline {base['test_top1']:.4f}), {metric} "
          f"{summary['reached']:.3f} of the baseline (target {target}), {sizes['params']:,} params, "
          f"{sizes['macs']:,} MACs, {sizes['latency_ms']:.1f} ms/batch ({summary['speedup']:.2f}x)")
+    if summary["reached"] > target * 1.02:  # the allocation's tolerance
+        echo(f"warning: the compressed model keeps {summary['reached']:.3f} of the baseline {metric}, above the "
+             f"target {target:g}" + (" (latency does not fall in proportion to the filters removed on this machine; "
+                                     "a smaller target prunes more)" if metric == "latency" else
+                                     " (filter counts are whole numbers)") + ".")
     echo(f"wrote {output} and {plan_path} (run {parent.id})")
     return summary

@@ -531,3 +531,33 @@ def test_compress_on_odd_models(setup, odd_models, tmp_path):
         r = invoke(compress_args({"model": model, "data": setup["data"]}, tmp_path))
         assert expect in one_line_error(r, 2), r.output
     assert n_runs(str(tmp_path / "log.db")) == 0
+
+
+# ------------------------------------------------------------------ 7. smaller items
+def test_a_missed_target_is_a_warning_and_goals_have_no_float_noise(setup, tmp_path):
+    from experiments.compress import step_targets
+
+    assert step_targets(0.001, 1) == [0.001] and step_targets(0.3, 3) == [0.766666666667, 0.533333333333, 0.3]
+    r = invoke(compress_args(setup, tmp_path))  # 0.6 of the MACs: whole filters reach 0.6137
+    assert r.exit_code == 0, r.output
+    assert "warning: the compressed model keeps 0.614 of the baseline macs, above the target 0.6" in r.output
+
+
+def test_a_locked_or_full_log_says_so_not_permissions(setup, tmp_path, monkeypatch):
+    monkeypatch.setenv("PRUNING_DB_WRITE_TIMEOUT", "0.3")
+    db = str(tmp_path / "log.db")
+    ExperimentLog(db).close()
+    other = sqlite3.connect(db, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    try:
+        start = time.monotonic()
+        r = invoke(["prune", setup["model"], "--ratio", "0.5", "-o", str(tmp_path / "p.keras"), "--db", db])
+        line = one_line_error(r, 1)
+        assert "locked by another process" in line and "wait for the other process" in line, line
+        assert "permission" not in line and time.monotonic() - start < 20
+    finally:
+        other.execute("ROLLBACK")
+    from save_sqlite import log_error_hint
+
+    assert "free space" in log_error_hint(sqlite3.OperationalError("database or disk is full"))
+    assert "free space" in log_error_hint(OSError(errno.ENOSPC, "No space left on device"))
