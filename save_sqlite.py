@@ -359,6 +359,7 @@ class ExperimentLog:
         self.failure = None  # why the last of them failed (write_failure's words)
         self._depth = 0  # nesting of `run` blocks
         self._reserved = 0  # the last run id taken while the log could not be written
+        self._moved = {}  # such an id -> the id its row got, when another process took it meanwhile
         self._beating, self._heart = set(), None  # runs whose heartbeat the heartbeat thread writes
         self.applied = []
         self.immutable = False  # opened read-only with immutable=1 (read-only media)
@@ -570,8 +571,21 @@ class ExperimentLog:
         row["id"] = max(self.db.execute("SELECT max(id) FROM runs").fetchone()[0] or 0,
                         self._reserved) + 1
         self._reserved = row["id"]
-        self.pending.append(lambda: self.db["runs"].insert(row))
+
+        def insert():
+            late = {**row, "parent_id": self._id(row["parent_id"])}
+            try:
+                self.db["runs"].insert(late)
+            except sqlite3.IntegrityError:  # another process took the id meanwhile: the next free one
+                del late["id"]
+                self._moved[row["id"]] = self.db["runs"].insert(late).last_pk
+        self.pending.append(insert)
         return row["id"]
+
+    def _id(self, run_id):
+        """The id run `run_id` has in the file (another one when its row was written late and
+        its id had been taken meanwhile)."""
+        return self._moved.get(run_id, run_id)
 
     def log_epoch(self, run_id, phase, epoch, seconds, logs=None, lr=None):
         """Writes one finished epoch; an epoch run again after a resume replaces its row."""
@@ -586,8 +600,8 @@ class ExperimentLog:
         }
         self._write(self._transaction(
             lambda: self.db.conn.execute("DELETE FROM epochs WHERE run_id = ? AND phase = ? AND epoch = ?",
-                                         [run_id, phase, int(epoch)]),
-            lambda: self.db["epochs"].insert(row)))
+                                         [self._id(run_id), phase, int(epoch)]),
+            lambda: self.db["epochs"].insert({**row, "run_id": self._id(run_id)})))
 
     def log_layer_prunes(self, run_id, plan, ranker=None):
         """One row per conv the plan touches: filters before and after. A run prunes each
@@ -597,8 +611,8 @@ class ExperimentLog:
                  "filters_after": len(keep), "ranker": ranker} for name, keep in plan.keep.items()]
         self._write(self._transaction(
             lambda: self.db.execute(f"DELETE FROM layer_prunes WHERE run_id = ? AND layer IN "
-                                    f"({', '.join('?' * len(names))})", [run_id, *names]),
-            lambda: self.db["layer_prunes"].insert_all(rows)))
+                                    f"({', '.join('?' * len(names))})", [self._id(run_id), *names]),
+            lambda: self.db["layer_prunes"].insert_all([{**r, "run_id": self._id(run_id)} for r in rows])))
 
     def add_outputs(self, run_id, files):
         """Records files {path: kind ("model", "plan", "results", ...)} that run `run_id`
@@ -606,9 +620,9 @@ class ExperimentLog:
         files = {os.path.abspath(p): kind for p, kind in files.items()}
 
         def merge():
-            row = self.db.execute("SELECT outputs FROM runs WHERE id = ?", [run_id]).fetchone()
+            row = self.db.execute("SELECT outputs FROM runs WHERE id = ?", [self._id(run_id)]).fetchone()
             outputs = {**(json.loads(row[0]) if row and row[0] else {}), **files}
-            self.db["runs"].update(run_id, {"outputs": json.dumps(outputs)})
+            self.db["runs"].update(self._id(run_id), {"outputs": json.dumps(outputs)})
         self._write(self._transaction(merge))
 
     def file_owner(self, path):
@@ -637,7 +651,7 @@ class ExperimentLog:
             raise ValueError(f"Unknown run fields: {sorted(unknown)}. Expected some of: "
                              f"{sorted(self.db['runs'].columns_dict)}")
         values = {k: _plain(v) for k, v in fields.items()}
-        self._write(lambda: self.db["runs"].update(run_id, values))
+        self._write(lambda: self.db["runs"].update(self._id(run_id), values))
 
     def finish_run(self, run_id, status="completed", **fields):
         if status not in STATUSES:

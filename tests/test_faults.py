@@ -561,3 +561,21 @@ def test_a_locked_or_full_log_says_so_not_permissions(setup, tmp_path, monkeypat
 
     assert "free space" in log_error_hint(sqlite3.OperationalError("database or disk is full"))
     assert "free space" in log_error_hint(OSError(errno.ENOSPC, "No space left on device"))
+
+
+def test_a_step_started_while_the_log_fails_keeps_its_rows_even_if_its_id_is_taken(tmp_path, monkeypatch):
+    monkeypatch.setenv("PRUNING_DB_WRITE_TIMEOUT", "0.3")
+    db = str(tmp_path / "log.db")
+    log = ExperimentLog(db)
+    other = sqlite3.connect(db, isolation_level=None)
+    with log.run("compress") as parent:
+        other.execute("BEGIN IMMEDIATE")  # another process holds the lock ...
+        with log.run("compress", parent_id=parent.id) as step:  # ... when a step starts
+            log.log_epoch(step.id, "step1", 0, 1.0, {"loss": 0.5})
+            other.execute("INSERT INTO runs (experiment, status, started_at) VALUES ('other', 'running', 'x')")
+            other.execute("COMMIT")  # and it took the id the step was given
+            step.finish(test_top1=0.5)
+        parent.finish(test_top1=0.5)
+    rows = {r["experiment"]: r for r in log.runs() if r["parent_id"]}
+    assert rows["compress"]["status"] == "completed" and rows["compress"]["parent_id"] == parent.id
+    assert len(log.epochs(rows["compress"]["id"])) == 1 and log.pending == []
