@@ -227,7 +227,11 @@ def distributed(cfg):
 # ------------------------------------------------------------ odd models
 def dynamic_input(model):
     """Whether some input of `model` has a dimension (besides the batch) of unknown size."""
-    return any(d is None for t in model.inputs for d in t.shape[1:])
+    try:
+        inputs = model.inputs or []
+    except (AttributeError, ValueError):  # an unbuilt model: nothing is known
+        return False
+    return any(d is None for t in inputs for d in t.shape[1:])
 
 
 def fixed_input(model, image_size=None):

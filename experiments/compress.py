@@ -24,6 +24,7 @@ from experiments.data import (
 )
 from pruning import CNNModel, model_stats, prune
 from pruning.allocation import PlanCost, allocate, compose
+from pruning.plan import n_kept
 from pruning.graph import leaf_layers
 from pruning.criteria import outputs_probabilities
 from pruning.distill import Distiller, teacher_logits
@@ -225,15 +226,18 @@ def precheck(cfg, log, model=None):
     if len(model.inputs) != 1 or len(model.outputs) != 1:
         raise InputError(f"compress trains an image classifier with one input and one output; {cfg.model!r} has "
                          f"{len(model.inputs)} inputs and {len(model.outputs)} outputs.")
-    cnn = CNNModel(model)
+    try:
+        cnn = CNNModel(model)
+    except ValueError as e:  # a layer the pruning engine cannot read
+        raise InputError(f"Cannot prune {cfg.model!r}: {e}") from None
     groups = common.check_prunable(cnn, cfg.exclude, repr(cfg.model))
     metric, target = cfg.target
     if metric != "latency":  # the most every allowed conv can lose, counted without building it
-        keep = {name: np.arange(max(1, cnn.conv(name).filters - int(cfg.max_ratio * cnn.conv(name).filters)))
+        keep = {name: np.arange(n_kept(cnn.conv(name).filters, cfg.max_ratio, cfg.round_to))
                 for g in groups for name in g}
         counter = PlanCost(cnn)
         least = counter(keep)[metric] / counter({})[metric]
-        if least > target * 1.02:
+        if least > target * 1.02:  # the allocation's tolerance
             raise InputError(f"Cannot reach target_{metric}={target:g}: removing {cfg.max_ratio:g} of the filters "
                              f"of every prunable conv keeps {least:.4f} of the {metric}. Raise --max-ratio, "
                              "exclude fewer layers, or give a larger target.")
