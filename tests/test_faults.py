@@ -579,3 +579,17 @@ def test_a_step_started_while_the_log_fails_keeps_its_rows_even_if_its_id_is_tak
     rows = {r["experiment"]: r for r in log.runs() if r["parent_id"]}
     assert rows["compress"]["status"] == "completed" and rows["compress"]["parent_id"] == parent.id
     assert len(log.epochs(rows["compress"]["id"])) == 1 and log.pending == []
+
+
+def test_a_dead_compress_run_is_not_offered_resume(setup, tmp_path):
+    db = str(tmp_path / "log.db")
+    log = ExperimentLog(db)
+    ids = [log.start_run("compress"), log.start_run("rice")]
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    log.db.execute("UPDATE runs SET pid = ?", [gone.pid])  # their process died
+    log.close()
+    r = invoke(["prune", setup["model"], "--ratio", "0.5", "-o", str(tmp_path / "p.keras"), "--db", db])
+    assert f"run {ids[0]} was left running by a process that is gone: marked interrupted (it cannot be resumed: " \
+           "run its command again)" in r.output
+    assert f"(continue it with --resume {ids[1]})" in r.output
