@@ -353,8 +353,11 @@ class ExperimentLog:
     def __init__(self, path=None, readonly=False, write_timeout=None):
         self.path = path or default_db_path()
         self.readonly = readonly
-        self.write_timeout = float(write_timeout if write_timeout is not None else
-                                   os.environ.get(WRITE_TIMEOUT_VAR) or WRITE_TIMEOUT_S)
+        value = write_timeout if write_timeout is not None else os.environ.get(WRITE_TIMEOUT_VAR) or WRITE_TIMEOUT_S
+        try:
+            self.write_timeout = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"Expected write_timeout (${WRITE_TIMEOUT_VAR}) in seconds. Received: {value!r}") from None
         self.pending = []  # writes that failed for write_timeout: retried before the next one, and at the end
         self.failure = None  # why the last of them failed (write_failure's words)
         self._depth = 0  # nesting of `run` blocks
