@@ -17,7 +17,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import click  # noqa: E402
 
 from experiments.config import (EXPORT_FORMATS, PREPROCESSING, QUANTIZATIONS, ROUND_MODES, CifarConfig,  # noqa: E402
-                                CompressConfig, RiceConfig, check_model_file, cli_fields)
+                                CompressConfig, InputError, RiceConfig, check_model_file, cli_fields)
 from save_sqlite import DEFAULT_DB, ENV_VAR, STATUSES, TABLES  # noqa: E402
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -145,27 +145,48 @@ def open_log(db, readonly=False):
         log = ExperimentLog(db, readonly=readonly)
     except ValueError as e:
         fail(e)
+    if log.immutable:
+        click.echo(f"note: {db} is on read-only media: opened it with immutable=1 (writes made to it elsewhere "
+                   "since are not seen)", err=True)
     for run_id in getattr(log, "interrupted", []):
-        click.echo(f"run {run_id} was left running by a process that is gone: marked interrupted "
-                   f"(continue it with --resume {run_id})", err=True)
+        how = (f"continue it with --resume {run_id}" if log.get_run(run_id)["experiment"] not in NOT_RESUMABLE
+               else "it cannot be resumed: run its command again")
+        click.echo(f"run {run_id} was left running by a process that is gone: marked interrupted ({how})", err=True)
     return log
 
 
+NOT_RESUMABLE = ("compress", "prune")  # experiments without --resume
+
+
 @contextlib.contextmanager
-def interrupt_message():
+def interrupt_message(resumable=True):
     """Ctrl-C or SIGTERM: the run is already marked interrupted; say how to resume."""
     try:
         yield
     except KeyboardInterrupt as e:
-        click.echo(f"\ninterrupted ({type(e).__name__}); `logs list --status interrupted` shows the run, "
-                   "--resume RUN_ID continues it.", err=True)
+        how = "--resume RUN_ID continues it." if resumable else "this command cannot resume it: run it again."
+        click.echo(f"\ninterrupted ({type(e).__name__}); `logs list --status interrupted` shows the run, {how}",
+                   err=True)
         raise SystemExit(143 if type(e).__name__ == "Terminated" else 130)
 
 
-def run_experiment(run_fn, cfg, db, resume=None):
+@contextlib.contextmanager
+def log_failure():
+    """A log that stayed locked or full to the end of a run: its one line, which names
+    the cause and where the run's model is saved (exit 1)."""
+    from save_sqlite import LogUnavailable
+
+    try:
+        yield
+    except LogUnavailable as e:
+        fail(e)
+
+
+def run_experiment(run_fn, cfg, db, resume=None, check=None):
     """Opens the log, then runs an experiment. A ValueError in the config (before any
     run) is a usage error (exit 2); one found mid-run (bad data or weights, whose run
-    is then already marked failed) exits 1; both print one line."""
+    is then already marked failed) exits 1; both print one line. `check(log)`, if
+    given, runs once the log is open, before any work (a ValueError: exit 1)."""
     if resume is None:
         try:
             cfg.validate()
@@ -178,9 +199,16 @@ def run_experiment(run_fn, cfg, db, resume=None):
         except ValueError as e:
             fail(e)
     log = open_log(db)
-    with interrupt_message():
+    if check is not None:
+        try:
+            check(log)
+        except ValueError as e:
+            fail(e)
+    with interrupt_message(getattr(run_fn, "resumable", True)):
         try:
             return run_fn(cfg, log, progress=progressbar, echo=click.echo, resume=resume)
+        except InputError as e:  # found by the experiment's own checks, before any run
+            raise UsageFailure(str(e)) from e
         except ValueError as e:
             fail(e)
 
@@ -196,27 +224,48 @@ def cli():
 
 
 # ---------------------------------------------------------- cifar and rice
-def experiment_command(cls, run, results_help, argument=None):
+def experiment_command(cls, run, results_help, argument=None, results_files=lambda results: [results]):
     """Decorator: a training command whose options are the fields of config `cls`,
-    plus --results, --resume and --db (`argument`: a field given as the command's
-    positional argument instead). `run` ("module:function") runs the experiment; the
-    decorated function `fn(cfg, summaries, results)` reports its summaries."""
+    plus --results, --resume, --db and (unless `cls` has a `force` field) --force
+    (`argument`: a field given as the command's positional argument instead). `run`
+    ("module:function") runs the experiment; the decorated function
+    `fn(cfg, summaries, results)` reports its summaries into the files
+    `results_files(results)`, which no finished run may own (unless --force)."""
     def decorate(fn):
-        @cli.command(fn.__name__, context_settings=CONTEXT, help=fn.__doc__)
-        @config_options(cls, skip=(argument,))
-        @click.option("--results", default=None, help=results_help)
-        @resume_option
-        @db_option
-        def command(db, results, resume, **options):
+        has_force = "force" in {f.name for f in dataclasses.fields(cls)}
+
+        def command(db, results, resume, force=False, **options):
             import importlib
 
+            from experiments.common import check_output_owner, check_writable_file
+
             module, name = run.split(":")
+            if has_force:
+                options["force"] = force
             cfg = config_from_options(cls, options)
-            summaries = run_experiment(getattr(importlib.import_module(module), name), cfg, db, resume)
+            files = results_files(results) if results else []
+            opened = []
+
+            def check(log):
+                opened.append(log)
+                for path in files:
+                    check_writable_file(path, "--results")
+                    check_output_owner(log, path, force or getattr(cfg, "force", False), "--results")
+
+            summaries = run_experiment(getattr(importlib.import_module(module), name), cfg, db, resume, check)
             try:
                 fn(cfg, summaries, results)
             except ValueError as e:  # an unwritable --results path
                 fail(e)
+            if files:
+                first = summaries[0] if isinstance(summaries, list) else summaries
+                opened[0].add_outputs(first["run_id"], {p: "results" for p in files})
+        if not has_force:
+            command = click.option("--force", is_flag=True,
+                                   help="Replace --results even when it holds a finished run's file.")(command)
+        command = db_option(resume_option(click.option("--results", default=None, help=results_help)(command)))
+        command = cli.command(fn.__name__, context_settings=CONTEXT, help=fn.__doc__)(
+            config_options(cls, skip=(argument,))(command))
         if argument:
             command = click.argument(argument.upper())(command)
             command.params.insert(0, command.params.pop())  # the argument first in --help
@@ -240,7 +289,9 @@ def cifar(cfg, summaries, results):
         click.echo(f"wrote {results}")
 
 
-@experiment_command(RiceConfig, "experiments.rice:run_rice", "Folder for the results table and plot (e.g. results/).")
+@experiment_command(RiceConfig, "experiments.rice:run_rice", "Folder for the results table and plot (e.g. results/).",
+                    results_files=lambda results: [os.path.join(results, "rice_results.md"),
+                                                   os.path.join(results, "rice_accuracy.png")])
 def rice(cfg, summaries, results):
     """Rice varieties: VGG16 transfer learning, then pruning and retraining."""
     from experiments.report import rice_results
@@ -252,16 +303,12 @@ def rice(cfg, summaries, results):
 # ---------------------------------------------------------------- prune / rank
 def load_keras_model(path):
     """A .keras (or .h5) model, or a one-line error saying why it cannot be read."""
-    import keras
+    from experiments.common import load_model_file
 
     try:
-        check_model_file(path)
-        return keras.models.load_model(path)
-    except Exception as e:  # Keras raises many types for a file it cannot read
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-        if isinstance(e, ValueError) and reason.startswith(("Model file not found", repr(path))):
-            raise click.ClickException(reason) from e
-        raise click.ClickException(f"Could not load {path!r} as a Keras model: {reason}") from e
+        return load_model_file(path)
+    except ValueError as e:
+        raise click.ClickException(str(e)) from e
 
 
 def rank_data(model, data_dir, image_size, batch_size, limit, preprocess):
@@ -318,12 +365,6 @@ def echo_skipped(plan):
                    + "; ".join(f"{name} ({reason})" for name, reason in skipped.items()))
 
 
-def refuse_logged_output(log, output, force, what="model"):
-    """A one-line error when `output` is the file of a finished run of the log (unless --force)."""
-    owners = [r["id"] for r in log.runs(artifact=output) if r["status"] == "completed"]
-    if owners and not force:
-        raise click.ClickException(f"{output!r} is the {what} of finished run {owners[0]}; choose another "
-                                   "--output (or pass --force to replace it).")
 
 
 @cli.command(context_settings=CONTEXT)
@@ -347,32 +388,49 @@ def refuse_logged_output(log, output, force, what="model"):
 def prune(model_path, ranker, data_dir, preprocess, image_size, batch_size, limit_per_class, rank_batches, seed,
           ratio, plan_path, exclude, output, round_to, round_mode, save_plan, force, allow_inexact, db):
     """Prune any .keras model with a ranker and ratio (or a plan file)."""
-    from experiments.common import ensure_writable_dir, finish_model_run
-    from pruning import CNNModel, PrunePlan, model_stats
+    from experiments.common import (check_output_owner, check_prunable, check_writable_file, finish_model_run,
+                                    model_sizes, write_text)
+    from pruning import CNNModel, PrunePlan
     from pruning import prune as prune_model
-    from pruning.plan import nothing_prunable
+    from pruning.plan import check_ratio, resolve_ratios
     from pruning.stats import format_stats
 
     if (ratio is None) == (plan_path is None):
         raise click.UsageError("Give exactly one of --ratio and --plan.")
     try:
-        ensure_writable_dir(os.path.dirname(os.path.abspath(output)), "folder of --output")
+        check_writable_file(output, "--output")
+        if save_plan:
+            check_writable_file(save_plan, "--save-plan")
     except ValueError as e:
         fail(e)
+    if not output.endswith((".keras", ".h5")):
+        raise click.BadParameter(f"Expected a .keras (or .h5) file. Received: {output!r}", param_hint="--output")
     log = open_log(db)  # before any work: a broken log leaves no model without a row
-    refuse_logged_output(log, output, force)
-    model = load_keras_model(model_path)
+    try:
+        check_output_owner(log, output, force, "--output")
+        check_output_owner(log, save_plan, force, "--save-plan")
+    except ValueError as e:
+        fail(e)
     rate_spec = None if ratio is None else (ratio[0] if len(ratio) == 1 else list(ratio))
+    for i, r in enumerate(ratio or ()):
+        try:
+            check_ratio(r, "ratio" if len(ratio) == 1 else f"ratio[{i}]")
+        except ValueError as e:
+            raise click.BadParameter(str(e), param_hint="--ratio")
+    model = load_keras_model(model_path)
+    applied = None
     try:
         cnn = CNNModel(model, allow_inexact=allow_inexact)
+        if not plan_path:  # before a possibly long ranking: names, prunable convs, one ratio per conv
+            check_prunable(cnn, exclude, repr(model_path))
+            applied = resolve_ratios(cnn, rate_spec, exclude)
+    except ValueError as e:
+        raise UsageFailure(str(e)) from e
+    try:
         if plan_path:
             plan = PrunePlan.load(plan_path)
             plan.validate(cnn)
         else:
-            for name in exclude:
-                cnn.conv(name)  # fail on a bad name before a possibly long ranking
-            if isinstance(rate_spec, float) and rate_spec > 0 and nothing_prunable(cnn):
-                raise ValueError(nothing_prunable(cnn))  # rather than write the model back at x1.00
             scores = scores_for(model, ranker, data_dir, image_size, batch_size, limit_per_class,
                                 rank_batches, seed, preprocess)
             plan = PrunePlan.from_scores(cnn, scores, rate_spec, exclude=exclude, meta={"ranker": ranker},
@@ -385,20 +443,32 @@ def prune(model_path, ranker, data_dir, preprocess, image_size, batch_size, limi
     for w in caught:
         if str(w.message).startswith("Pruned inexactly"):
             click.echo(str(w.message))
-    with interrupt_message(), log.run("prune", model=os.path.basename(model_path), ranker=plan.meta.get("ranker"),
+    if all(len(k) == plan.filters.get(n, len(k)) for n, k in plan.keep.items()):
+        raise UsageFailure(f"Nothing to prune: the plan removes no filter of {model_path!r} (whole filter counts: "
+                           "a small ratio of a small conv rounds to 0). Give a larger --ratio.")
+    if applied is not None and (isinstance(rate_spec, list) or exclude):
+        rate_spec = [applied[c.name] for c in cnn.conv_layers]  # what was applied (excluded convs: 0)
+    with interrupt_message(False), log_failure(), log.run("prune", model=os.path.basename(model_path),
+                                                     ranker=plan.meta.get("ranker"),
                                       pruning_ratio=rate_spec if isinstance(rate_spec, float) else None,
                                       rates=rate_spec if isinstance(rate_spec, list) else None, seed=seed,
                                       config={"model": model_path, "plan": plan.to_dict(), "output": output}) as run:
         log.log_layer_prunes(run.id, plan, plan.meta.get("ranker"))
         try:
+            if save_plan:  # before the run is marked completed, so a failing save fails the run
+                write_text(save_plan, plan.to_json())
+                log.add_outputs(run.id, {save_plan: "plan"})
             finish_model_run(run, pruned, artifact=output, latency_batch=None, label="pruned",
                              echo=lambda line: None)
         except ValueError as e:
             fail(e)
-    if save_plan:
-        plan.save(save_plan)
     echo_skipped(plan)
-    click.echo(format_stats(model_stats(model), model_stats(pruned)))
+    before, after = model_sizes(model), model_sizes(pruned)
+    if before["macs"] is None:
+        click.echo(f"params {before['params']:,} -> {after['params']:,} ({after['params'] / before['params']:.3f}); "
+                   "MACs not counted: the input size is dynamic (`stats --image-size N` counts them)")
+    else:
+        click.echo(format_stats(before, after))
     click.echo(f"wrote {output} (run {run.id})")
 
 
@@ -435,13 +505,16 @@ def rank(model_path, ranker, data_dir, preprocess, image_size, batch_size, limit
 @click.option("--runs", type=click.IntRange(1), default=20, show_default=True, help="Timed inference calls.")
 @click.option("--per-layer/--no-per-layer", default=False, show_default=True, help="List every layer.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.option("--image-size", type=click.IntRange(1), default=None,
+              help="Input size (pixels, square) for a model whose input size is dynamic or not yet built.")
 @click.option("--compare", nargs=2, default=None, metavar="A.keras B.keras",
               help="Time two models in the same window in interleaved rounds; B's speed-up over A.")
 @click.option("--rounds", type=click.IntRange(1), default=None,
               help="Interleaved rounds of --compare (default: --runs rounds of one call per model).")
-def stats(model_path, latency_batch, runs, per_layer, as_json, compare, rounds):
+def stats(model_path, latency_batch, runs, per_layer, as_json, image_size, compare, rounds):
     """Params, MACs and measured latency of a .keras model (or --compare A.keras B.keras)."""
-    from pruning import CNNModel, layer_stats, measure_latency, model_stats
+    from experiments.common import dynamic_input, fixed_input, model_sizes
+    from pruning import CNNModel, layer_stats, measure_latency
 
     if compare:
         if model_path:
@@ -451,23 +524,35 @@ def stats(model_path, latency_batch, runs, per_layer, as_json, compare, rounds):
     if not model_path:
         raise click.UsageError("Missing argument 'MODEL_PATH' (or give --compare A.keras B.keras).")
     model = load_keras_model(model_path)
-    with progressbar("measuring latency", runs) as update:
-        latency = measure_latency(model, batch_size=latency_batch, runs=runs, progress=update)
-    totals = model_stats(model)
+    try:
+        model = fixed_input(model, image_size)
+    except ValueError as e:
+        raise UsageFailure(str(e)) from e
+    # What cannot be measured, and why (None: everything can).
+    missing = (f"the input shape {tuple(model.inputs[0].shape)} is dynamic: pass --image-size"
+               if dynamic_input(model) else None)
+    latency, slow = None, missing or (f"latency is timed for one input; the model has {len(model.inputs)}"
+                                      if len(model.inputs) > 1 else None)
+    if slow is None:
+        with progressbar("measuring latency", runs) as update:
+            latency = measure_latency(model, batch_size=latency_batch, runs=runs, progress=update)
+    totals = model_sizes(model)
     convs = [{"name": c.name, "filters": c.filters, "prunable": c.prunable} for c in CNNModel(model).conv_layers]
     if as_json:
-        click.echo(json.dumps({**totals, "latency": latency, "convs": convs,
-                               **({"layers": layer_stats(model)} if per_layer else {})}, indent=1))
+        click.echo(json.dumps({**totals, "latency": latency, "convs": convs, "not_measured": slow,
+                               **({"layers": layer_stats(model)} if per_layer and not missing else {})}, indent=1))
         return
-    if per_layer:
+    if per_layer and not missing:
         click.echo(f"{'layer':<28}{'class':<22}{'params':>12}{'MACs':>16}")
         for r in layer_stats(model):
             click.echo(f"{r['layer']:<28}{r['class']:<22}{r['params']:>12,}{r['macs']:>16,}")
+    macs = f"{totals['macs']:,}" if not missing else f"not counted: {missing}"
     click.echo(f"trainable params  {totals['trainable_params']:,}\nparams (total)    {totals['params']:,}\n"
-               f"MACs              {totals['macs']:,}\n"
-               f"latency           {latency['ms_per_batch']:.2f} ms per batch of {latency_batch} "
-               f"(p90 {latency['ms_p90']:.2f} ms, {latency['ms_per_image']:.3f} ms/image)\n"
-               f"prunable convs    {sum(c['prunable'] for c in convs)} of {len(convs)}")
+               f"MACs              {macs}\n"
+               + (f"latency           {latency['ms_per_batch']:.2f} ms per batch of {latency_batch} "
+                  f"(p90 {latency['ms_p90']:.2f} ms, {latency['ms_per_image']:.3f} ms/image)\n" if latency else
+                  f"latency           not measured: {slow}\n")
+               + f"prunable convs    {sum(c['prunable'] for c in convs)} of {len(convs)}")
 
 
 def compare_latency(paths, latency_batch, runs, rounds, as_json):
@@ -554,8 +639,13 @@ def export(model_path, output, fmt, quantize, calibration_dir, calibration_image
     if quantize == "int8" and not calibration_dir:
         raise click.UsageError("--quantize int8 needs --calibration-dir IMAGES (a representative dataset "
                                "drawn from your images); or use --quantize dynamic.")
+    from experiments.common import check_output_owner
+
     log = open_log(db)
-    refuse_logged_output(log, output, force, what="export")
+    try:
+        check_output_owner(log, output, force, "-o")
+    except ValueError as e:
+        raise UsageFailure(str(e)) from e
     model = load_keras_model(model_path)
     parent = model_run(log, model_path)
     preprocess = preprocess or logged_preprocess(parent) or "vgg16"

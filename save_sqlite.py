@@ -24,12 +24,14 @@ here, as is the reference notebook's `save_training_log_to_sqlite(...)`.
 
 import contextlib
 import datetime
+import errno
 import json
 import os
 import platform
 import signal
 import sqlite3
 import threading
+import time
 import traceback
 import urllib.parse
 from contextlib import contextmanager
@@ -41,7 +43,7 @@ ENV_VAR = "PRUNING_DB"
 DEFAULT_DB = os.path.join("logs", "experiments.db")
 STATUSES = ("running", "completed", "failed", "interrupted")
 # Tables and views of the log a user may export (the CLI's `logs export --table`).
-TABLES = ("runs", "epochs", "layer_prunes", "training_logs")
+TABLES = ("runs", "epochs", "layer_prunes", "training_logs", "runs_now")
 OWN_TABLES = ("runs", "epochs", "layer_prunes")
 
 
@@ -137,6 +139,33 @@ def m003_run_pid_and_folder(db):
     db["runs"].add_column("run_dir", str)
 
 
+@migration
+def m004_run_outputs(db):
+    """Files a run wrote outside its folder (a copy of its model, its plan, results):
+    a JSON object {absolute path: kind}, so no later command replaces them."""
+    db["runs"].add_column("outputs", str)
+
+
+STALE_AFTER_S = 180  # a running row whose heartbeat is older reads as `stale` in the runs_now view
+HEARTBEAT_S = 30  # how often a live run's heartbeat is written
+
+
+@migration
+def m005_run_heartbeat_and_runs_now(db):
+    """`heartbeat`: when a running run last said it is alive (every HEARTBEAT_S while it
+    runs). The view `runs_now` is `runs` plus `status_now`: a running row whose heartbeat
+    (or start, before the first) is older than STALE_AFTER_S reads `stale`, so a SQL
+    reader tells a dead run without anyone writing the log."""
+    db["runs"].add_column("heartbeat", str)
+    db.execute(f"""
+        CREATE VIEW runs_now AS
+        SELECT CASE WHEN status = 'running' AND
+                         (julianday('now') - julianday(coalesce(heartbeat, started_at))) * 86400 > {STALE_AFTER_S}
+                    THEN 'stale' ELSE status END AS status_now, *
+        FROM runs
+    """)
+
+
 def _json_list(text):
     try:
         value = json.loads(text) if text else []
@@ -214,6 +243,71 @@ def remove_partial_files(folder, pattern=f"*{PARTIAL}*", recursive=False):
     return removed
 
 
+# ------------------------------------------------------------- failing writes
+WRITE_TIMEOUT_S = 60.0  # how long one write retries a locked or full log before it is kept for later
+WRITE_TIMEOUT_VAR = "PRUNING_DB_WRITE_TIMEOUT"  # seconds, instead of WRITE_TIMEOUT_S
+
+
+class LogUnavailable(ValueError):
+    """The log could not be written for the whole retry time: one line with the cause."""
+
+
+def write_failure(e):
+    """The cause of a failed log write in words, or None when the error is not one that
+    can pass (a lock held by another process, a full disk, an I/O error)."""
+    text = str(e).lower()
+    if isinstance(e, sqlite3.OperationalError):
+        if "locked" in text or "busy" in text:
+            return f"it is locked by another process ({e})"
+        if "full" in text:
+            return f"the disk is full ({e})"
+        if "disk i/o" in text:
+            return f"the disk failed to write ({e})"
+        return None
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO):
+        return ("the disk is full" if e.errno != errno.EIO else "the disk failed to write") + f" ({e})"
+    return None
+
+
+def log_error_hint(e):
+    """The one hint that fits why the log cannot be opened for writing."""
+    cause = write_failure(e)
+    if cause and "locked" in cause:
+        return f"{cause}; wait for the other process, or pass another --db"
+    if cause:
+        return f"{cause}; free space on its disk, or pass another --db"
+    return f"{e}; check the permissions of the file and its folder, or pass another --db"
+
+
+def open_read_only(path):
+    """Opens the SQLite file `path` for reading only; returns (connection, immutable).
+
+    The file is opened with `mode=ro` (it sees the writes of running runs). On read-only
+    media (an archived log, a read-only mount) a WAL file cannot be opened that way
+    (SQLite needs to create its `-shm` file beside it); it is then opened with
+    `immutable=1` and `immutable` is True: nothing can change it there, but a process
+    that writes it elsewhere is not seen. A missing file, or one that is not SQLite, is
+    a ValueError naming it. Nothing is ever created or changed.
+    """
+    if not os.path.isfile(path):
+        raise ValueError(f"No experiment log at {path!r}. Pass --db or set ${ENV_VAR} to an "
+                         "existing log; training commands create one.")
+    uri = f"file:{urllib.parse.quote(os.path.abspath(path))}"
+    for immutable in (False, True):
+        conn = sqlite3.connect(f"{uri}?{'immutable=1' if immutable else 'mode=ro'}", uri=True, timeout=60,
+                               isolation_level=None, check_same_thread=False)
+        try:
+            conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+            return conn, immutable
+        except sqlite3.OperationalError:
+            conn.close()
+            if immutable or os.access(os.path.dirname(os.path.abspath(path)), os.W_OK):
+                raise  # not read-only media: the caller says why
+        except sqlite3.DatabaseError as e:
+            conn.close()
+            raise ValueError(f"{path!r} is not an SQLite database ({e}).") from None
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM, raised like Ctrl-C so a run ends as `interrupted`."""
 
@@ -246,15 +340,32 @@ class ExperimentLog:
         readonly: open an existing log read-only (for reading commands): a missing
             file, a file that is not SQLite, or one without this toolkit's tables is
             a ValueError, and nothing is created, migrated or changed.
+        write_timeout: seconds a write retries (with backoff) while the log is locked
+            by another process or its disk is full; default `$PRUNING_DB_WRITE_TIMEOUT`
+            or 60. A write that still fails is kept in memory and written with the next
+            one that succeeds, or at the end of the run (`run`); if the log never takes
+            it, the run ends with a `LogUnavailable` naming the cause and the model.
 
     For writing, the file (and its folder) is created and migrated as needed, and
     `running` rows of dead processes on this host become `interrupted`.
     """
 
-    def __init__(self, path=None, readonly=False):
+    def __init__(self, path=None, readonly=False, write_timeout=None):
         self.path = path or default_db_path()
         self.readonly = readonly
+        value = write_timeout if write_timeout is not None else os.environ.get(WRITE_TIMEOUT_VAR) or WRITE_TIMEOUT_S
+        try:
+            self.write_timeout = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"Expected write_timeout (${WRITE_TIMEOUT_VAR}) in seconds. Received: {value!r}") from None
+        self.pending = []  # writes that failed for write_timeout: retried before the next one, and at the end
+        self.failure = None  # why the last of them failed (write_failure's words)
+        self._depth = 0  # nesting of `run` blocks
+        self._reserved = 0  # the last run id taken while the log could not be written
+        self._moved = {}  # such an id -> the id its row got, when another process took it meanwhile
+        self._beating, self._heart = set(), None  # runs whose heartbeat the heartbeat thread writes
         self.applied = []
+        self.immutable = False  # opened read-only with immutable=1 (read-only media)
         self.db = sqlite_utils.Database(self._connect())
         try:
             tables = set(self.db.table_names())
@@ -262,25 +373,25 @@ class ExperimentLog:
             self.close()
             raise ValueError(f"{self.path!r} is not an SQLite database ({e}).") from None
         self._check_ours(tables)
+        self._check_intact()
         if readonly:
             return
         try:
-            self.db.enable_wal()
-            self.applied = migrate(self.db)
-        except sqlite3.OperationalError as e:
+            self._retry(lambda: (self.db.enable_wal(), setattr(self, "applied", migrate(self.db))),
+                        self.write_timeout)
+            self.interrupted = self._retry(self.mark_dead_runs, self.write_timeout)
+        except (sqlite3.OperationalError, OSError) as e:
             self.close()
-            raise ValueError(f"Cannot write to the experiment log {self.path!r} ({e}); check the "
-                             "permissions of the file and its folder, or pass another --db.") from None
-        self.interrupted = self.mark_dead_runs()
+            raise ValueError(f"Cannot write to the experiment log {self.path!r}: {log_error_hint(e)}.") from None
 
     def _connect(self):
         path = os.path.abspath(self.path)
         if self.readonly:
-            if not os.path.isfile(path):
-                raise ValueError(f"No experiment log at {self.path!r}. Pass --db or set ${ENV_VAR} to an "
-                                 "existing log; training commands create one.")
-            uri = f"file:{urllib.parse.quote(path)}?mode=ro"
-            return sqlite3.connect(uri, uri=True, timeout=60, isolation_level=None, check_same_thread=False)
+            try:
+                conn, self.immutable = open_read_only(self.path)
+            except sqlite3.OperationalError as e:
+                raise ValueError(f"Cannot read the experiment log {self.path!r}: {e}.") from None
+            return conn
         if os.path.isdir(path):
             raise ValueError(f"Expected an SQLite file for the log. Received a folder: {self.path!r}")
         folder = os.path.dirname(path)
@@ -294,10 +405,12 @@ class ExperimentLog:
         if not os.path.exists(path) and not os.access(folder, os.W_OK):
             raise ValueError(f"Cannot create the experiment log {self.path!r}: folder {folder!r} is "
                              "not writable.")
-        # Autocommit: each statement is its own transaction unless one is begun;
-        # a 60 s busy timeout lets concurrent runs wait for each other's writes.
+        # Autocommit: each statement is its own transaction unless one is begun. Each write
+        # waits at most a second inside SQLite; `_retry` waits up to write_timeout, with backoff,
+        # so concurrent runs wait for each other's writes.
         try:
-            return sqlite3.connect(path, timeout=60, isolation_level=None, check_same_thread=False)
+            return sqlite3.connect(path, timeout=min(1.0, self.write_timeout), isolation_level=None,
+                                   check_same_thread=False)
         except sqlite3.Error as e:
             raise ValueError(f"Cannot open the experiment log {self.path!r}: {e}.") from None
 
@@ -314,10 +427,108 @@ class ExperimentLog:
         raise ValueError(f"{self.path!r} is not an experiment log of this toolkit: its tables "
                          f"({', '.join(foreign) or 'none'}) were not created by it. Pass another --db.")
 
+    def _check_intact(self):
+        """A damaged file (a bad sector, a copy cut short) is one ValueError naming it."""
+        try:
+            problems = [" ".join(str(r[0]).replace("*** in database main ***", "").split())
+                        for r in self.db.execute("PRAGMA quick_check(3)").fetchall()]
+        except sqlite3.DatabaseError as e:
+            problems = [str(e)]
+        if problems != ["ok"]:
+            self.close()
+            raise ValueError(f"The experiment log {self.path!r} is damaged ({'; '.join(problems)[:200]}). Restore "
+                             f"it from a backup, or save what is readable with `sqlite3 {self.path} .recover`.")
+
     def close(self):
+        self._stop_heartbeat()
         self.db.conn.close()
 
     # ---------------------------------------------------------------- writes
+    def _retry(self, op, timeout):
+        """`op()`, tried again with backoff while it fails with a passing cause (lock, full
+        disk) for up to `timeout` seconds; then that error is raised."""
+        deadline, wait = time.monotonic() + timeout, 0.05
+        while True:
+            try:
+                return op()
+            except (sqlite3.OperationalError, OSError) as e:
+                left = deadline - time.monotonic()
+                if write_failure(e) is None or left <= 0:
+                    raise
+                time.sleep(min(wait, left))
+                wait = min(wait * 2, 2.0)
+
+    def _write(self, op):
+        """Runs write `op` (its own transaction). When the log cannot be written for
+        `write_timeout` seconds, the write is kept in `pending` (in order) and the run
+        goes on; every later write first retries the pending ones once, and `flush`
+        (at the end of the outermost run at the latest) writes them all."""
+        if self.pending and not self.flush(timeout=0):
+            self.pending.append(op)
+            return
+        try:
+            self._retry(op, self.write_timeout)
+        except (sqlite3.OperationalError, OSError) as e:
+            if write_failure(e) is None:
+                raise
+            self.failure = write_failure(e)
+            self.pending.append(op)
+
+    def flush(self, timeout=None):
+        """Writes the pending writes in order, retrying for up to `timeout` seconds
+        (default `write_timeout`); True when none is left."""
+        timeout = self.write_timeout if timeout is None else timeout
+        while self.pending:
+            try:
+                self._retry(self.pending[0], timeout)
+            except (sqlite3.OperationalError, OSError) as e:
+                if write_failure(e) is None:
+                    raise
+                self.failure = write_failure(e)
+                return False
+            self.pending.pop(0)
+        return True
+
+    def _transaction(self, *statements):
+        """A write op: runs the callables in one IMMEDIATE transaction."""
+        def op():
+            conn = self.db.conn
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                for st in statements:
+                    st()
+                conn.execute("COMMIT")
+            except BaseException:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+                raise
+        return op
+
+    def _start_heartbeat(self):
+        """A daemon thread that writes `heartbeat` of this log's live runs every
+        HEARTBEAT_S seconds, on its own connection (a failing write is skipped)."""
+        if self._heart is not None and self._heart.is_alive():
+            return
+        stop = self._heart_stop = threading.Event()
+
+        def beat():
+            conn = sqlite3.connect(os.path.abspath(self.path), timeout=1, isolation_level=None)
+            try:
+                while not stop.wait(HEARTBEAT_S):
+                    ids = list(self._beating)
+                    if ids:
+                        with contextlib.suppress(sqlite3.Error):
+                            conn.execute(f"UPDATE runs SET heartbeat = ? WHERE id IN ({', '.join('?' * len(ids))})"
+                                         " AND status = 'running'", [now(), *ids])
+            finally:
+                conn.close()
+        self._heart = threading.Thread(target=beat, name="run-heartbeat", daemon=True)
+        self._heart.start()
+
+    def _stop_heartbeat(self):
+        if getattr(self, "_heart", None) is not None:
+            self._heart_stop.set()
+
     def mark_dead_runs(self):
         """`running` rows of this host whose process is gone become `interrupted`;
         returns their ids."""
@@ -342,12 +553,42 @@ class ExperimentLog:
         """
         from pruning import __version__
 
-        return self.db["runs"].insert({
+        row = {
             "experiment": experiment, "model": model, "dataset": dataset, "ranker": ranker,
             "pruning_ratio": pruning_ratio, "rates": _dumps(rates), "parent_id": parent_id,
             "seed": seed, "config": _dumps(config or {}), "status": "running",
             "started_at": now(), "version": __version__, "host": platform.node(), "pid": os.getpid(),
-        }).last_pk
+        }
+        if "heartbeat" in self.db["runs"].columns_dict:
+            row["heartbeat"] = row["started_at"]
+        if self._depth == 0 or not self.pending:
+            try:
+                return self._retry(lambda: self.db["runs"].insert(row).last_pk,
+                                   self.write_timeout if not self.pending else 0)
+            except (sqlite3.OperationalError, OSError) as e:
+                if self._depth == 0 or write_failure(e) is None:
+                    raise  # before any work: the caller says why
+                self.failure = write_failure(e)
+        # Inside a run whose log is failing (a compress step): the row is written later, with the next
+        # free id read now (a read works while another process holds the lock, or the disk is full).
+        row["id"] = max(self.db.execute("SELECT max(id) FROM runs").fetchone()[0] or 0,
+                        self._reserved) + 1
+        self._reserved = row["id"]
+
+        def insert():
+            late = {**row, "parent_id": self._id(row["parent_id"])}
+            try:
+                self.db["runs"].insert(late)
+            except sqlite3.IntegrityError:  # another process took the id meanwhile: the next free one
+                del late["id"]
+                self._moved[row["id"]] = self.db["runs"].insert(late).last_pk
+        self.pending.append(insert)
+        return row["id"]
+
+    def _id(self, run_id):
+        """The id run `run_id` has in the file (another one when its row was written late and
+        its id had been taken meanwhile)."""
+        return self._moved.get(run_id, run_id)
 
     def log_epoch(self, run_id, phase, epoch, seconds, logs=None, lr=None):
         """Writes one finished epoch; an epoch run again after a resume replaces its row."""
@@ -360,27 +601,49 @@ class ExperimentLog:
             "lr": lr if lr is not None else logs.get("learning_rate"), "logs": json.dumps(logs),
             "created_at": now(),
         }
-        conn = self.db.conn
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            conn.execute("DELETE FROM epochs WHERE run_id = ? AND phase = ? AND epoch = ?",
-                         [run_id, phase, int(epoch)])
-            self.db["epochs"].insert(row)
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
+        self._write(self._transaction(
+            lambda: self.db.conn.execute("DELETE FROM epochs WHERE run_id = ? AND phase = ? AND epoch = ?",
+                                         [self._id(run_id), phase, int(epoch)]),
+            lambda: self.db["epochs"].insert({**row, "run_id": self._id(run_id)})))
 
     def log_layer_prunes(self, run_id, plan, ranker=None):
         """One row per conv the plan touches: filters before and after. A run prunes each
         conv once, so a conv pruned again after a resume replaces its row."""
         names = list(plan.keep)
-        self.db.execute(f"DELETE FROM layer_prunes WHERE run_id = ? AND layer IN ({', '.join('?' * len(names))})",
-                        [run_id, *names])
-        self.db["layer_prunes"].insert_all({
-            "run_id": run_id, "layer": name, "filters_before": plan.filters.get(name, len(keep)),
-            "filters_after": len(keep), "ranker": ranker,
-        } for name, keep in plan.keep.items())
+        rows = [{"run_id": run_id, "layer": name, "filters_before": plan.filters.get(name, len(keep)),
+                 "filters_after": len(keep), "ranker": ranker} for name, keep in plan.keep.items()]
+        self._write(self._transaction(
+            lambda: self.db.execute(f"DELETE FROM layer_prunes WHERE run_id = ? AND layer IN "
+                                    f"({', '.join('?' * len(names))})", [self._id(run_id), *names]),
+            lambda: self.db["layer_prunes"].insert_all([{**r, "run_id": self._id(run_id)} for r in rows])))
+
+    def add_outputs(self, run_id, files):
+        """Records files {path: kind ("model", "plan", "results", ...)} that run `run_id`
+        wrote outside its folder (see `file_owner`)."""
+        files = {os.path.abspath(p): kind for p, kind in files.items()}
+
+        def merge():
+            row = self.db.execute("SELECT outputs FROM runs WHERE id = ?", [self._id(run_id)]).fetchone()
+            outputs = {**(json.loads(row[0]) if row and row[0] else {}), **files}
+            self.db["runs"].update(self._id(run_id), {"outputs": json.dumps(outputs)})
+        self._write(self._transaction(merge))
+
+    def file_owner(self, path):
+        """(run id, kind) when `path` is a file of a completed run: its model (the
+        recorded artifact), the plan saved beside it, or a file it recorded with
+        `add_outputs`; else None."""
+        target = os.path.realpath(path)
+        columns = set(self.db["runs"].columns_dict)
+        outputs = "outputs" if "outputs" in columns else "NULL"
+        for run_id, artifact, files in self.db.execute(
+                f"SELECT id, artifact, {outputs} FROM runs WHERE status = 'completed' ORDER BY id"):
+            owned = json.loads(files) if files else {}
+            if artifact:
+                owned = {artifact: "model", os.path.splitext(artifact)[0] + ".plan.json": "plan", **owned}
+            for p, kind in owned.items():
+                if os.path.realpath(p) == target:
+                    return run_id, kind
+        return None
 
     def update_run(self, run_id, **fields):
         for key in ("metrics", "config", "rates"):
@@ -390,7 +653,8 @@ class ExperimentLog:
         if unknown:
             raise ValueError(f"Unknown run fields: {sorted(unknown)}. Expected some of: "
                              f"{sorted(self.db['runs'].columns_dict)}")
-        self.db["runs"].update(run_id, {k: _plain(v) for k, v in fields.items()})
+        values = {k: _plain(v) for k, v in fields.items()}
+        self._write(lambda: self.db["runs"].update(self._id(run_id), values))
 
     def finish_run(self, run_id, status="completed", **fields):
         if status not in STATUSES:
@@ -423,9 +687,14 @@ class ExperimentLog:
         run in its own row instead of starting one."""
         run_id = self.resume(resume)["id"] if resume is not None else self.start_run(experiment, **kwargs)
         handle = Run(self, run_id)
+        self._beating.add(run_id)
+        self._start_heartbeat()
+        self._depth += 1
+        ended = False  # the block ended normally: only then wait for a failing log
         try:
             with sigterm_as_interrupt():
                 yield handle
+            ended = True
         except KeyboardInterrupt as e:
             self.finish_run(handle.id, "interrupted", error=type(e).__name__ + (f": {e}" if str(e) else ""))
             raise
@@ -436,6 +705,16 @@ class ExperimentLog:
         else:
             if not handle.finished:
                 self.finish_run(handle.id, "completed")
+        finally:
+            self._beating.discard(run_id)
+            self._depth -= 1
+            written = self.flush(timeout=self.write_timeout if self._depth == 0 and ended else 0)
+        if not written and self._depth == 0:
+            where = handle.artifact or handle.dir
+            raise LogUnavailable(
+                f"Cannot write the experiment log {self.path!r}: {self.failure}. Run {handle.id} finished, but "
+                f"{len(self.pending)} of its log writes (epochs, final row) are not in the log"
+                + (f"; its model is saved at {where}" if where else "") + ".")
 
     # ----------------------------------------------------------------- reads
     def runs(self, experiment=None, status=None, parent_id=None, artifact=None):
@@ -472,9 +751,16 @@ class ExperimentLog:
         """Every row of a table or view in TABLES, by id: (columns, list of dicts)."""
         if table not in TABLES:
             raise ValueError(f"Expected table in {TABLES}. Received: table={table!r}")
+        if table not in self.db.table_names() + self.db.view_names():
+            raise ValueError(f"{self.path!r} has no {table} yet (an older log): a training command, or "
+                             "ExperimentLog(path), adds it.")
         cursor = self.db.execute(f"SELECT * FROM [{table}] ORDER BY id")
         columns = [c[0] for c in cursor.description]
-        return columns, [dict(zip(columns, r)) for r in cursor.fetchall()]
+        rows = [dict(zip(columns, r)) for r in cursor.fetchall()]
+        if table in ("runs", "runs_now"):  # the status `list` and `show` give
+            rows = [{**live, "status_now": live["status"]} if "status_now" in r and live is not r else live
+                    for r in rows for live in [self._live_status(r)]]
+        return columns, rows
 
 
 class Run:
@@ -484,6 +770,8 @@ class Run:
         self.log = log
         self.id = run_id
         self.finished = False
+        self.artifact = None  # the model it finished with
+        self._dir = None
 
     @property
     def row(self):
@@ -492,7 +780,9 @@ class Run:
     @property
     def dir(self):
         """The run's artifact folder (None until `make_dir`)."""
-        return self.row.get("run_dir")
+        if self._dir is None:
+            self._dir = self.row.get("run_dir")
+        return self._dir
 
     def make_dir(self, out_dir, slug):
         """Creates the run's own artifact folder `<out_dir>/<run id>-<slug>` (a suffix
@@ -510,6 +800,7 @@ class Run:
                 break
             except FileExistsError:
                 n += 1
+        self._dir = path
         self.log.update_run(self.id, run_dir=path)
         return path
 
@@ -519,6 +810,7 @@ class Run:
         return SQLiteLogger(self.log, self.id, phase)
 
     def finish(self, **fields):
+        self.artifact = fields.get("artifact", self.artifact)
         self.log.finish_run(self.id, "completed", **fields)
         self.finished = True
 

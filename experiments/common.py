@@ -3,6 +3,7 @@ training phases, measuring, and the end of a model's run (`finish_model_run`).""
 
 import contextlib
 import dataclasses
+import errno
 import json
 import os
 import shutil
@@ -40,6 +41,84 @@ def ensure_writable_dir(path, what="output folder"):
     return path
 
 
+def check_output_owner(log, path, force=False, option="--output"):
+    """Refuses to write `path` when it is a file of a finished run in experiment log `log`
+    (its model, the plan beside it, or a copy, plan or results it recorded), unless
+    `force`: a ValueError names the run. Every command that writes a user path calls
+    this before any work (prune -o, compress --output, --save-plan, --results,
+    report, export -o)."""
+    if force or log is None or not path:
+        return
+    owner = log.file_owner(path)
+    if owner:
+        raise ValueError(f"{path!r} is the {owner[1]} of finished run {owner[0]}; choose another {option} "
+                         "(or pass --force to replace it).")
+
+
+def load_model_file(path, name="model"):
+    """Loads a saved Keras model (.keras, .h5); every reason it cannot (missing,
+    not a Keras zip, truncated config.json or weights, ...) is one `InputError` naming
+    the file."""
+    import zipfile
+
+    from experiments.config import InputError, check_model_file
+
+    try:
+        check_model_file(path, name)
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    if zipfile.is_zipfile(path):
+        try:
+            with zipfile.ZipFile(path) as z:
+                members = z.namelist()
+        except (zipfile.BadZipFile, OSError) as e:
+            raise InputError(f"Could not load {path!r} as a Keras model: {e}") from None
+        if "config.json" not in members:
+            raise InputError(f"{path!r} is a zip archive but not a Keras model: it has no config.json (it holds "
+                             f"{', '.join(members[:5]) or 'nothing'}{' ...' if len(members) > 5 else ''}).")
+    try:
+        return keras.models.load_model(path)
+    except json.JSONDecodeError as e:
+        reason = f"its config.json is not valid JSON (truncated?): {e}"
+    except OSError as e:
+        reason = f"its weights cannot be read (truncated?): {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+    except Exception as e:  # Keras raises many types for a file it cannot read
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+    raise InputError(f"Could not load {path!r} as a Keras model: {reason}") from None
+
+
+def os_reason(e):
+    """Why an OSError happened, in words a user acts on."""
+    return {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
+            errno.EROFS: "it is on a read-only file system", errno.EACCES: "permission denied",
+            errno.EPERM: "permission denied", errno.EISDIR: "it is a folder",
+            errno.ENOTDIR: "a part of its path is a file, not a folder"}.get(e.errno, e.strerror or str(e))
+
+
+def check_writable_file(path, what="output file"):
+    """Checks, before the work, that `path` can be written as a file: not a folder, no
+    file where a folder of its path should be, and a writable place (its missing
+    folders are created when it is written). A ValueError says why not."""
+    if os.path.isdir(path):
+        raise ValueError(f"Expected a file path for the {what}. Received a folder: {path!r}")
+    existing = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ValueError(f"Cannot write the {what} {path!r}: {existing!r} is a file, not a folder.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        place = "read-only" if _read_only_mount(existing) else "not writable (permission denied)"
+        raise ValueError(f"Cannot write the {what} {path!r}: the folder {existing!r} is {place}.")
+    return path
+
+
+def _read_only_mount(folder):
+    try:
+        return bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
 @contextlib.contextmanager
 def atomic_path(path):
     """Yields a temporary path beside `path` (same extension, so Keras accepts it)
@@ -47,24 +126,28 @@ def atomic_path(path):
 
     The file is created by the writer with the user's umask (not mkstemp's 0600). An
     exception or Ctrl-C/SIGTERM removes it; after a SIGKILL it stays as
-    `<name>.partial-<pid><ext>`, which `remove_partial_files` deletes once that
-    process is gone.
+    `<name>.partial-<pid><ext>`, which the next atomic save into the same folder (or
+    the next open of the log, for a run's folder) deletes once that process is gone.
+    A folder as `path`, a file in its path, a read-only place or a full disk is one
+    ValueError naming `path`; the previous file at `path` is then untouched.
     """
+    check_writable_file(path, "file")
     folder, name = os.path.split(os.path.abspath(path))
     ensure_writable_dir(folder)
     stem, ext = os.path.splitext(name)
     if stem.endswith(".weights"):  # keep Keras' double extension
         stem, ext = stem[:-len(".weights")], ".weights" + ext
     tmp = os.path.join(folder, f"{stem}{PARTIAL}{os.getpid()}{ext}")
-    remove_partial_files(folder, f"{stem}{PARTIAL}*")  # left by a killed writer of the same file
+    remove_partial_files(folder)  # left in this folder by killed writers
     try:
         yield tmp
         os.replace(tmp, path)
-    except PermissionError as e:
-        raise ValueError(f"Cannot write {path!r}: {e.strerror}.") from None
+    except OSError as e:
+        raise ValueError(f"Cannot write {path!r}: {os_reason(e)} ({e.strerror or e}).") from None
     finally:
         if os.path.exists(tmp):
-            os.remove(tmp)
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
 
 
 def save_model(model, path):
@@ -139,6 +222,71 @@ def distributed(cfg):
             yield strategy
     finally:
         keras.mixed_precision.set_global_policy(previous)
+
+
+# ------------------------------------------------------------ odd models
+def dynamic_input(model):
+    """Whether some input of `model` has a dimension (besides the batch) of unknown size."""
+    try:
+        inputs = model.inputs or []
+    except (AttributeError, ValueError):  # an unbuilt model: nothing is known
+        return False
+    return any(d is None for t in inputs for d in t.shape[1:])
+
+
+def fixed_input(model, image_size=None):
+    """`model` with a known input shape: an unbuilt Sequential is built for
+    `image_size` x `image_size` x 3, and a model whose input size is dynamic is cloned
+    (same weights) onto inputs whose unknown dimensions are `image_size`. Without
+    `image_size` a dynamic model is returned as it is (see `dynamic_input`) and an
+    unbuilt one is an `InputError`."""
+    from experiments.config import InputError
+
+    try:
+        inputs = model.inputs
+    except (AttributeError, ValueError):
+        inputs = None
+    if not inputs:
+        if image_size is None:
+            raise InputError(f"The model {model.name!r} has no input shape yet (an unbuilt Sequential): pass "
+                             "--image-size.")
+        model.build((None, image_size, image_size, 3))
+        return model
+    if image_size is None or not dynamic_input(model):
+        return model
+    shaped = [keras.Input(tuple(image_size if d is None else d for d in t.shape[1:]), dtype=t.dtype) for t in inputs]
+    clone = keras.models.clone_model(model, input_tensors=shaped if len(shaped) > 1 else shaped[0])
+    clone.set_weights(model.get_weights())
+    return clone
+
+
+def model_sizes(model):
+    """`pruning.model_stats`, with macs None when the input size is dynamic (the MACs
+    depend on the image size)."""
+    if dynamic_input(model):
+        return {"trainable_params": sum(int(np.prod(w.shape)) for w in model.trainable_weights),
+                "non_trainable_params": sum(int(np.prod(w.shape)) for w in model.non_trainable_weights),
+                "params": int(model.count_params()), "macs": None}
+    return model_stats(model)
+
+
+def check_prunable(cnn, exclude=(), source="the model"):
+    """The tied groups of convs that may lose filters; an `InputError` (one line) when
+    there are none: no conv, or every conv excluded, blocked or feeding the output."""
+    from experiments.config import InputError
+    from pruning.allocation import prunable_groups
+
+    try:
+        groups = prunable_groups(cnn, exclude)  # also: every exclude name is a conv
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    if not groups:
+        why = "it has no convolution" if not cnn.conv_layers else (
+            "every convolution is excluded, feeds the output or is blocked (" + "; ".join(
+                f"{c.name}: {c.blocked_by or 'feeds the output'}" for c in cnn.conv_layers
+                if c.name not in exclude)[:300] + ")")
+        raise InputError(f"Nothing to prune in {source}: {why}.")
+    return groups
 
 
 # ------------------------------------------------------------ measuring
@@ -219,7 +367,7 @@ def finish_model_run(run, model, evaluate=None, *, filename="model.keras", laten
     fields = dict(evaluate(model)) if evaluate is not None else {}
     details = {**fields.pop("metrics", {}), **(metrics or {})}
     extra = fields.pop("summary", {})
-    stats = model_stats(model)
+    stats = model_sizes(model)
     sizes = {"params": stats["params"], "trainable_params": stats["trainable_params"], "macs": stats["macs"]}
     speedup = None
     if latency_batch:
@@ -262,7 +410,8 @@ def finished_parent(log, row):
 def summary_line(label, s, latency_batch=None, extra=()):
     parts = [f"top-1 {s['test_top1']:.4f}"] if s.get("test_top1") is not None else []
     parts += [f"{name.replace('_top1', '').replace('_', '-')} {s[name]:.4f}" for name in extra]
-    parts += [f"{s['params']:,} params", f"{s['macs']:,} MACs"]
+    parts += [f"{s['params']:,} params", f"{s['macs']:,} MACs" if s.get("macs") is not None else "MACs not counted "
+              "(dynamic input size)"]
     if s.get("latency_ms") is not None:
         parts.append(f"{s['latency_ms']:.1f} ms/batch of {latency_batch} ({s['speedup']:.2f}x)")
     return f"{label}: {', '.join(parts)}"

@@ -17,13 +17,14 @@ import numpy as np
 import tensorflow as tf
 
 from experiments import common
-from experiments.config import CompressConfig  # noqa: F401  (the config block of this experiment)
+from experiments.config import CompressConfig, InputError  # noqa: F401  (CompressConfig: this experiment's config)
 from experiments.data import (
-    AUTOTUNE, folder_dataset, list_image_folder, load_cifar_folder, preprocessing,
+    AUTOTUNE, check_readable, check_splits, folder_dataset, list_image_folder, load_cifar_folder, preprocessing,
     random_crop_flip, stratified_split,
 )
 from pruning import CNNModel, model_stats, prune
 from pruning.allocation import PlanCost, allocate, compose
+from pruning.plan import n_kept
 from pruning.graph import leaf_layers
 from pruning.criteria import outputs_probabilities
 from pruning.distill import Distiller, teacher_logits
@@ -45,13 +46,18 @@ def load_arrays(cfg):
         x, y, names = load_cifar_folder(root, "train", per_class_limit, cfg.seed)
         x_test, y_test, _ = load_cifar_folder(root, "test", cfg.test_limit, cfg.seed)
         train, val, _ = stratified_split(y, (1 - cfg.val_fraction, cfg.val_fraction, 0.0), cfg.seed)
+        check_splits(y, [train], names, ["train"])
         parts = [(x[train], y[train]), (x[val], y[val]), (x_test, y_test)]
         if size and size != x.shape[1]:
             parts = [(_resize(a, size), b) for a, b in parts]
         return parts, names
     paths, labels, names = list_image_folder(root, cfg.limit_per_class, cfg.seed)
+    check_readable(paths)
+    split = stratified_split(labels, cfg.split, cfg.seed)
+    needed = [0, 1, 2] if cfg.allocation == "sensitivity" else [0, 2]  # train and test (and val to measure)
+    check_splits(labels, [split[i] for i in needed], names, [("train", "val", "test")[i] for i in needed])
     parts = []
-    for idx in stratified_split(labels, cfg.split, cfg.seed):
+    for idx in split:
         ds = folder_dataset([paths[i] for i in idx], labels[idx], size, 64, cache=False)
         xs = [np.clip(np.round(b[0].numpy()), 0, 255).astype(np.uint8) for b in ds]
         parts.append((np.concatenate(xs) if xs else np.zeros((0, size, size, 3), np.uint8), labels[idx]))
@@ -177,7 +183,7 @@ def finetune(model, train_ds, epochs, lr=1e-3, teacher=None, distill=False, temp
 
 def step_targets(target, steps):
     """Fractions of the baseline kept after each step, reaching `target` linearly."""
-    return [1.0 - (1.0 - target) * i / steps for i in range(1, steps + 1)]
+    return [round(1.0 - (1.0 - target) * i / steps, 12) for i in range(1, steps + 1)]  # no float noise
 
 
 def cost_of(model, metric, latency_batch=16, latency_runs=10):
@@ -200,17 +206,66 @@ def run_compress(cfg, log, model=None, progress=None, echo=print, resume=None):
         return _run_compress(cfg, log, model, echo)
 
 
+def precheck(cfg, log, model=None):
+    """Every check `compress` can make before any run row or folder exists; each failure
+    is an `InputError` (one line; the CLI exits 2). Returns (model, cfg with the image
+    size, the (train, val, test) arrays, class names)."""
+    for path in (cfg.output, cfg.output and plan_path_of(cfg.output)):
+        try:
+            if path:
+                common.check_writable_file(path, "--output")
+            common.check_output_owner(log, path, cfg.force, "--output")
+        except ValueError as e:
+            raise InputError(str(e)) from None
+    if cfg.output and not cfg.output.endswith((".keras", ".h5")):
+        raise InputError(f"Expected --output to be a .keras (or .h5) file. Received: {cfg.output!r}")
+    model = model if model is not None else common.load_model_file(cfg.model)
+    model = common.fixed_input(model, cfg.image_size)
+    if common.dynamic_input(model):
+        raise InputError(f"{cfg.model!r} has a dynamic input shape {tuple(model.inputs[0].shape)}: pass --image-size.")
+    if len(model.inputs) != 1 or len(model.outputs) != 1:
+        raise InputError(f"compress trains an image classifier with one input and one output; {cfg.model!r} has "
+                         f"{len(model.inputs)} inputs and {len(model.outputs)} outputs.")
+    try:
+        cnn = CNNModel(model)
+    except ValueError as e:  # a layer the pruning engine cannot read
+        raise InputError(f"Cannot prune {cfg.model!r}: {e}") from None
+    groups = common.check_prunable(cnn, cfg.exclude, repr(cfg.model))
+    metric, target = cfg.target
+    if metric != "latency":  # the most every allowed conv can lose, counted without building it
+        keep = {name: np.arange(n_kept(cnn.conv(name).filters, cfg.max_ratio, cfg.round_to))
+                for g in groups for name in g}
+        counter = PlanCost(cnn)
+        least = counter(keep)[metric] / counter({})[metric]
+        if least > target * 1.02:  # the allocation's tolerance
+            raise InputError(f"Cannot reach target_{metric}={target:g}: removing {cfg.max_ratio:g} of the filters "
+                             f"of every prunable conv keeps {least:.4f} of the {metric}. Raise --max-ratio, "
+                             "exclude fewer layers, or give a larger target.")
+    size = cfg.image_size or model.inputs[0].shape[1]
+    cfg = dataclasses.replace(cfg, image_size=int(size))
+    try:
+        arrays, names = load_arrays(cfg)
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    if model.outputs[0].shape[-1] != len(names):
+        raise InputError(f"The model has {model.outputs[0].shape[-1]} outputs but {cfg.data_dir!r} has "
+                         f"{len(names)} classes ({', '.join(names)}).")
+    return model, cfg, arrays, names
+
+
+def plan_path_of(model_path):
+    """The plan JSON written beside a compressed model."""
+    return os.path.splitext(model_path)[0] + ".plan.json"
+
+
+run_compress.resumable = False  # the CLI's interrupt message does not offer --resume
+
+
 def _run_compress(cfg, log, model, echo):
     metric, target = cfg.target
     common.set_seed(cfg.seed)
-    model = model if model is not None else keras.models.load_model(cfg.model)
-    size = cfg.image_size or model.inputs[0].shape[1]
-    cfg = dataclasses.replace(cfg, image_size=int(size))
-    ((x_tr, y_tr), (x_val, y_val), (x_te, y_te)), names = load_arrays(cfg)
+    model, cfg, ((x_tr, y_tr), (x_val, y_val), (x_te, y_te)), names = precheck(cfg, log, model)
     classes = len(names)
-    if model.outputs[0].shape[-1] != classes:
-        raise ValueError(f"The model has {model.outputs[0].shape[-1]} outputs but {cfg.data_dir!r} has "
-                         f"{classes} classes ({', '.join(names)}).")
     prep = preprocessing(cfg.preprocess)
     test_ds = array_dataset(x_te, y_te, classes, 128, prep)
     val_ds = array_dataset(x_val, y_val, classes, 128, prep) if len(x_val) else None
@@ -247,7 +302,7 @@ def _run_compress(cfg, log, model, echo):
             with log.run("compress", model=os.path.basename(cfg.model), dataset=dataset, ranker=ranker.name,
                          seed=cfg.seed, parent_id=parent.id, config={**config, "step": i, "goal": goal}) as run:
                 now = cost_of(current, metric, cfg.latency_batch, cfg.latency_runs)
-                relative = min(1.0, goal * base_cost / now)
+                relative = min(1.0, round(goal * base_cost / now, 12))  # no float noise in messages
                 pruned, plan = prune_to_target(
                     current, ranker, metric, relative, cfg.allocation, rank_ds, evaluate_fn, cfg.round_to,
                     cfg.exclude, cfg.max_ratio, cfg.latency_batch)
@@ -282,7 +337,8 @@ def _run_compress(cfg, log, model, echo):
         common.write_text(plan_path, total_plan.to_json())
         if cfg.output:  # a copy (model and plan) where the user asked; the run's own folder keeps the original
             common.save_model(current, cfg.output)
-            common.write_text(os.path.splitext(cfg.output)[0] + ".plan.json", total_plan.to_json())
+            common.write_text(plan_path_of(cfg.output), total_plan.to_json())
+            log.add_outputs(parent.id, {cfg.output: "model", plan_path_of(cfg.output): "plan"})
         summary = {"run_id": parent.id, "metric": metric, "target": target, "reached": final_cost / base_cost,
                    "baseline": {**base, **base_sizes}, "final": {**final, **sizes},
                    "speedup": latency["speedup"], "steps": steps,
@@ -295,6 +351,11 @@ def _run_compress(cfg, log, model, echo):
     echo(f"compressed: top-1 {final['test_top1']:.4f} (baseline {base['test_top1']:.4f}), {metric} "
          f"{summary['reached']:.3f} of the baseline (target {target}), {sizes['params']:,} params, "
          f"{sizes['macs']:,} MACs, {sizes['latency_ms']:.1f} ms/batch ({summary['speedup']:.2f}x)")
+    if summary["reached"] > target * 1.02:  # the allocation's tolerance
+        echo(f"warning: the compressed model keeps {summary['reached']:.3f} of the baseline {metric}, above the "
+             f"target {target:g}" + (" (latency does not fall in proportion to the filters removed on this machine; "
+                                     "a smaller target prunes more)" if metric == "latency" else
+                                     " (filter counts are whole numbers)") + ".")
     echo(f"wrote {output} and {plan_path} (run {parent.id})")
     if cfg.export:  # the last step: the same export as `export MODEL -o ...`, logged under this run
         from experiments.deploy import export_run

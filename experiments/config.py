@@ -318,6 +318,9 @@ class RiceConfig:
         get_ranker(self.ranker)
 
 
+MAX_STEPS = 20  # compress rounds: more only adds no-op steps (each a logged child run)
+
+
 @dataclasses.dataclass
 class CompressConfig:
     """`compress`: a user's model + images -> a smaller model at a MAC, parameter or
@@ -358,7 +361,7 @@ class CompressConfig:
     max_ratio: float = option(0.9, "At most this fraction of any conv's filters is removed.", min=0.0, max=0.99)
     round_to: int = option(1, "Round kept filter counts to a multiple of this.", min=1)
     exclude: tuple = option((), "Comma-separated conv layers left unpruned.", parse="names")
-    steps: int = option(1, "Prune/fine-tune rounds that reach the target gradually.", min=1)
+    steps: int = option(1, "Prune/fine-tune rounds that reach the target gradually.", min=1, max=MAX_STEPS)
     epochs: int = option(2, "Fine-tuning epochs per step.", min=0)
     batch_size: int = option(32, "Fine-tuning batch size (images).", min=1)
     lr: float = option(1e-3, "Adam learning rate while fine-tuning.", min=0.0)
@@ -380,6 +383,7 @@ class CompressConfig:
     quantize: str = option("none", "Quantization of --export litert: none, float16, dynamic or int8 (calibrated "
                            "on training images).", choices=QUANTIZATIONS)
     calibration_images: int = option(100, "Training images that calibrate --quantize int8.", min=1)
+    force: bool = option(False, "Replace --output (and --results) even when it is a file of a finished run.")
 
     @property
     def target(self):
@@ -425,8 +429,11 @@ class CompressConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 raise ValueError(f"Expected {name} an integer >= {lo}. Received: {name}={v!r}")
+        if self.steps > MAX_STEPS:
+            raise ValueError(f"Expected steps in [1, {MAX_STEPS}]. Received: steps={self.steps}")
         if self.distill:
             check_distill(self.temperature, self.alpha)
+        check_ranker_options(self.ranker, self.ranker_kwargs)
         make_ranker(self.ranker, self.ranker_kwargs, seed=self.seed)
         if self.export is not None or self.quantize != "none":
             from pruning.export import check_export
@@ -434,6 +441,34 @@ class CompressConfig:
             if self.export is None:
                 raise ValueError(f"quantize={self.quantize!r} needs export='litert'. Received: export=None")
             check_export(self.export, self.quantize)
+
+
+def check_ranker_options(ranker, options):
+    """A ValueError when a ranker option's value is not of the type its constructor
+    declares (its annotation, else its default's type): num_batches=abc for an int."""
+    import inspect
+    import typing
+
+    from pruning.rankers import RANKERS
+
+    if ranker not in RANKERS:
+        return  # make_ranker names the known rankers (and rejects unknown options)
+    init = RANKERS[ranker].__init__
+    params, hints = inspect.signature(init).parameters, typing.get_type_hints(init)
+    for key, value in options.items():
+        if key not in params:
+            continue
+        kinds = tuple(a for a in typing.get_args(hints[key]) if a is not type(None)) if key in hints else ()
+        kinds = kinds or ((hints[key],) if key in hints else (type(params[key].default),))
+        kinds = tuple(k for k in kinds if k in (bool, int, float, str))
+        if not kinds or value is None:
+            continue
+        ok = any(isinstance(value, bool) if k is bool else
+                 isinstance(value, (int, float) if k is float else k) and not isinstance(value, bool)
+                 for k in kinds)
+        if not ok:
+            raise ValueError(f"Expected ranker option {key} to be {' or '.join(k.__name__ for k in kinds)}. "
+                             f"Received: {key}={value!r}")
 
 
 def _check_counts(cfg, positive, non_negative, optional_positive):
@@ -446,6 +481,10 @@ def _check_counts(cfg, positive, non_negative, optional_positive):
     for name in optional_positive:
         if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
             raise ValueError(f"Expected {name} >= 1 or None (all). Received: {name}={getattr(cfg, name)}")
+
+
+class InputError(ValueError):
+    """A bad input found before any run or folder exists (the CLI exits 2 with its one line)."""
 
 
 def check_model_file(path, name="model"):

@@ -6,7 +6,7 @@ import re
 
 import matplotlib
 
-from experiments.common import config_dict, ensure_writable_dir, write_text
+from experiments.common import atomic_path, check_output_owner, config_dict, ensure_writable_dir, write_text
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -54,9 +54,13 @@ def accuracy_plot(runs, title, path):
 
 
 def _save(fig, path):
+    """Writes the figure as a PNG atomically (a full disk leaves the previous plot)."""
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=110, format="png")
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -124,10 +128,14 @@ def write_report(log, out_dir, force=False):
     if previous is not None and previous > len(runs) and not force:
         raise ValueError(f"{os.path.join(out_dir, 'report.md')!r} was built from {previous} completed runs; "
                          f"{log.path!r} has {len(runs)}. Pass another --out-dir, or --force to replace it.")
+    experiments = sorted({r["experiment"] for r in runs})
+    for name in ["report.md", *(f"report_{e}_accuracy.png" for e in experiments), "report_epoch_times.png",
+                 "report_layers_kept.png"]:
+        check_output_owner(log, os.path.join(out_dir, name), force, "--out-dir")
     ensure_writable_dir(out_dir)
     written, sections = [], [f"# Experiment report\n\nDatabase: `{log.path}`; {len(runs)} completed runs "
                              f"({len(log.runs()) - len(runs)} others).\n"]
-    for experiment in sorted({r["experiment"] for r in runs}):
+    for experiment in experiments:
         exp_runs = [r for r in runs if r["experiment"] == experiment]
         sections.append(f"## {experiment}\n\n{_md_table(exp_runs)}\n")
         scored = [r for r in exp_runs if r["test_top1"] is not None]

@@ -7,6 +7,7 @@ indices, and it round-trips through JSON so any run can be replayed.
 
 import json
 import numbers
+import os
 import warnings
 
 import numpy as np
@@ -314,8 +315,17 @@ class PrunePlan:
         return cls.from_dict(d, source)
 
     def save(self, path):
-        with open(path, "w") as f:
-            f.write(self.to_json())
+        """Writes the plan as JSON atomically: a temporary file beside `path` replaces it
+        once complete, so a failed save leaves the previous file whole."""
+        stem, ext = os.path.splitext(str(path))
+        tmp = f"{stem}.partial-{os.getpid()}{ext}"
+        try:
+            with open(tmp, "w") as f:
+                f.write(self.to_json())
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
 
     @classmethod
     def load(cls, path):

@@ -7,6 +7,7 @@ Higher scores mean keep. Adding a criterion is one subclass with a `name` and a
 `rank` method, decorated with `@register_ranker`.
 """
 
+from typing import Optional
 import inspect
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -93,7 +94,7 @@ class DataRanker(Ranker):
 
     needs_data = True
 
-    def __init__(self, num_batches=None):
+    def __init__(self, num_batches: Optional[int] = None):
         self.num_batches = num_batches
 
     def rank(self, model, layer, data=None):
@@ -166,7 +167,7 @@ class HRankRanker(DataRanker):
 
     name = "hrank"
 
-    def __init__(self, num_batches=None, overlap=True):
+    def __init__(self, num_batches: Optional[int] = None, overlap=True):
         super().__init__(num_batches)
         self.overlap = overlap
 

@@ -269,7 +269,7 @@ def test_unwritable_paths_are_named(tmp_path):
     db = str(tmp_path / "l.db")
     ExperimentLog(db).close()
     r = CliRunner().invoke(cli, ["logs", "export", "--db", db, "-o", str(blocker / "out.csv")])
-    assert r.exit_code == 1 and f"Cannot use '{blocker}' as the output folder: it is a file" in r.output
+    assert r.exit_code == 1 and f"'{blocker}' is a file, not a folder" in r.output
     r = CliRunner().invoke(cli, ["rice", "--out-dir", str(blocker / "runs"), "--db", db, "--weights", "none"])
     assert r.exit_code == 1 and f"Cannot create the output folder '{blocker / 'runs'}'" in r.output
     assert "Not a directory" in r.output

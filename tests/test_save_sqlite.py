@@ -72,7 +72,7 @@ def test_old_positional_database_opens_and_migrates_by_name(tmp_path):
     path = str(tmp_path / "old.db")
     _old_positional_database(path)
     log = ExperimentLog(path)
-    assert log.applied == ["m003_run_pid_and_folder"]  # m001/m002 recognised by their stored names
+    assert log.applied == [m.name for m in MIGRATIONS[2:]]  # m001/m002 recognised by their stored names
     assert [r["status"] for r in log.runs()] == ["running", "completed"]  # no pid: not guessed dead
     assert {"pid", "run_dir"} <= set(log.db["runs"].columns_dict)
     names = [r[0] for r in log.db.execute("SELECT name FROM _migrations ORDER BY id")]
