@@ -17,7 +17,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import click  # noqa: E402
 
 from experiments.config import (EXPORT_FORMATS, PREPROCESSING, QUANTIZATIONS, ROUND_MODES, CifarConfig,  # noqa: E402
-                                CompressConfig, InputError, RiceConfig, check_model_file, cli_fields)
+                                CompressConfig, InputError, RiceConfig, cli_fields)
 from save_sqlite import DEFAULT_DB, ENV_VAR, STATUSES, TABLES  # noqa: E402
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}

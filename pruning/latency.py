@@ -15,7 +15,6 @@ any callable `f(x)` on a float32 batch that returns when the work is done (a Lit
 interpreter or an ONNX Runtime session wrapped by `pruning.export.runner`).
 """
 
-import time
 
 import numpy as np
 

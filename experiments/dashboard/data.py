@@ -10,10 +10,7 @@ read-only media, where SQLite cannot create the WAL index beside it).
 import dataclasses
 import json
 import math
-import os
-import sqlite3
 import statistics
-import urllib.parse
 
 from experiments.config import CifarConfig, CompressConfig, RiceConfig
 from save_sqlite import ExperimentLog
@@ -33,36 +30,11 @@ EPOCH_METRICS = ("loss", "accuracy", "val_loss", "val_accuracy")
 CONFIGS = {"rice": RiceConfig, "cifar": CifarConfig, "compress": CompressConfig}
 
 
-class _ReadOnlyLog(ExperimentLog):
-    """ExperimentLog(path, readonly=True) that also opens a WAL log on read-only media."""
-
-    def __init__(self, path):
-        super().__init__(path, readonly=True)
-
-    def _connect(self):
-        conn = super()._connect()  # mode=ro; a missing file is a ValueError
-        try:
-            conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
-        except sqlite3.OperationalError as e:  # a WAL log whose folder is read-only: no -shm can be made
-            conn.close()
-            if "readonly" not in str(e) and "unable to open" not in str(e):  # e.g. locked for 60 s
-                raise ValueError(f"Cannot read the experiment log {self.path!r} ({e}).") from None
-            uri = f"file:{urllib.parse.quote(os.path.abspath(self.path))}?immutable=1"
-            conn = sqlite3.connect(uri, uri=True, timeout=60, isolation_level=None, check_same_thread=False)
-            try:
-                conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
-            except sqlite3.DatabaseError:
-                conn.close()
-                raise ValueError(f"Cannot read the experiment log {self.path!r} ({e}).") from None
-        except sqlite3.DatabaseError:
-            pass  # not SQLite: ExperimentLog says so in one line
-        return conn
-
-
 def open_read_only(path):
-    """The log at `path` for reading only (never created, migrated or changed); a
-    missing, foreign or non-SQLite file is a one-line ValueError, as for `logs`."""
-    return _ReadOnlyLog(path)
+    """The log at `path` for reading only (never created, migrated or changed; on
+    read-only media with `immutable=1`: `save_sqlite.open_read_only`); a missing, foreign
+    or non-SQLite file is a one-line ValueError, as for `logs`."""
+    return ExperimentLog(path, readonly=True)
 
 
 def _json(text):
