@@ -275,17 +275,18 @@ def check_prunable(cnn, exclude=(), source="the model"):
     there are none: no conv, or every conv excluded, blocked or feeding the output."""
     from experiments.config import InputError
     from pruning.allocation import prunable_groups
+    from pruning.plan import nothing_prunable
 
     try:
         groups = prunable_groups(cnn, exclude)  # also: every exclude name is a conv
     except ValueError as e:
         raise InputError(str(e)) from None
     if not groups:
-        why = "it has no convolution" if not cnn.conv_layers else (
-            "every convolution is excluded, feeds the output or is blocked (" + "; ".join(
-                f"{c.name}: {c.blocked_by or 'feeds the output'}" for c in cnn.conv_layers
-                if c.name not in exclude)[:300] + ")")
-        raise InputError(f"Nothing to prune in {source}: {why}.")
+        # No conv is prunable at all (the engine's reasons, opaque layers' hidden convs
+        # included), or the prunable ones are all excluded.
+        raise InputError(nothing_prunable(cnn) or (
+            f"Nothing to prune in {source}: every prunable convolution is excluded "
+            f"({', '.join(c.name for c in cnn.prunable_layers)})."))
     return groups
 
 

@@ -213,7 +213,7 @@ def test_cli_prune_of_a_model_with_nothing_prunable_fails_before_work(tmp_path):
     out = str(tmp_path / "p.keras")
     r = CliRunner().invoke(cli, ["prune", path, "--ranker", "l1", "--ratio", "0.3", "-o", out,
                                  "--db", str(tmp_path / "log.db")])
-    assert r.exit_code != 0 and "Nothing to prune in model" in r.output, r.output
+    assert r.exit_code == 2 and "Nothing to prune in model" in r.output, r.output
     assert "'ln' of class LayerNormalization" in r.output
     assert not (tmp_path / "p.keras").exists()
 

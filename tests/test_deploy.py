@@ -112,7 +112,7 @@ def test_int8_on_the_rice_sample_agrees_and_is_logged_under_the_model_run(traine
     assert len(convs) == 2 and all(details[i] == np.int8 for d in convs for i in d["inputs"][:2])  # full-integer
     # A logged file is never replaced without --force.
     r = export([path, "-o", out, "--quantize", "dynamic"], db)
-    assert r.exit_code == 1 and "--force" in r.output and f"run {run['id']}" in r.output
+    assert r.exit_code == 2 and "--force" in r.output and f"run {run['id']}" in r.output
     assert ExperimentLog(db).runs("export")[0]["status"] == "completed" and len(ExperimentLog(db).runs("export")) == 1
 
 
