@@ -177,12 +177,52 @@ def run_experiment(run_fn, cfg, db, resume=None):
             ensure_writable_dir(cfg.out_dir)
         except ValueError as e:
             fail(e)
+    if getattr(cfg, "strategy", None) == "multiworker":
+        return run_on_cluster(run_fn, cfg, db, resume)
     log = open_log(db)
     with interrupt_message():
         try:
             return run_fn(cfg, log, progress=progressbar, echo=click.echo, resume=resume)
         except ValueError as e:
             fail(e)
+
+
+def run_on_cluster(run_fn, cfg, db, resume=None):
+    """`run_experiment` on one worker of a TF_CONFIG cluster (docs/distributed.md):
+    every worker runs the same steps; only the chief (worker 0) writes the log and the
+    run folders, the others a scratch folder deleted at the end. A worker that finds
+    its own run interrupted (it was restarted, or the cluster lost a worker) resumes
+    it; when a worker is lost mid-run this one restarts itself and waits for it."""
+    from experiments import distribute
+
+    given, (cfg, db) = cfg, distribute.worker_setup(cfg, db)
+    try:
+        distribute.connect_cluster(cfg.worker_timeout)
+    except ValueError as e:
+        raise UsageFailure(str(e)) from e
+    log = open_log(db)
+    experiment = run_fn.__name__.removeprefix("run_")
+    if resume is None and experiment != "compress":
+        resume = distribute.interrupted_run(log, experiment, cfg)
+        if resume is not None:
+            click.echo(f"resuming interrupted run {resume} of this cluster", err=True)
+    with interrupt_message():
+        try:
+            summaries = run_fn(cfg, log, progress=progressbar, echo=click.echo, resume=resume)
+        except ValueError as e:
+            fail(e)
+        except distribute.WorkerLost:
+            log.close()
+            distribute.restart_process(echo=lambda m: click.echo(m, err=True))
+            raise
+    distribute.remove_worker_files(given)
+    return summaries
+
+
+def _is_chief():
+    from experiments.distribute import is_chief
+
+    return is_chief()
 
 
 @click.group(context_settings=CONTEXT)
@@ -213,6 +253,8 @@ def experiment_command(cls, run, results_help, argument=None):
             module, name = run.split(":")
             cfg = config_from_options(cls, options)
             summaries = run_experiment(getattr(importlib.import_module(module), name), cfg, db, resume)
+            if getattr(cfg, "strategy", None) == "multiworker" and not _is_chief():
+                results = None  # the chief writes the results
             try:
                 fn(cfg, summaries, results)
             except ValueError as e:  # an unwritable --results path

@@ -21,7 +21,12 @@ def set_seed(seed):
 
 
 def config_dict(cfg):
-    return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
+    d = json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
+    if d.get("strategy") == "multiworker":  # the cluster's size and addresses, with the run
+        from experiments.distribute import cluster_config
+
+        d["cluster"] = cluster_config()
+    return d
 
 
 # ------------------------------------------------------------------- files
@@ -107,7 +112,10 @@ def train_phase(run, phase, model, fit, extra=()):
     if os.path.exists(done):
         return keras.models.load_model(done)
     backup = keras.callbacks.BackupAndRestore(os.path.join(run.dir, "backup", phase), double_checkpoint=True)
-    fit(model, [run.callback(phase), *extra, backup])
+    from experiments.distribute import collectives
+
+    with collectives():  # a lost worker of a cluster interrupts the run (resumable) instead of failing it
+        fit(model, [run.callback(phase), *extra, backup])
     save_model(model, done)
     return model
 

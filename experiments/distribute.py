@@ -13,6 +13,10 @@ See docs/distributed.md for several GPUs, several machines (TF_CONFIG) and Colab
 
 import json
 import os
+import socket
+import sys
+import threading
+import time
 
 STRATEGIES = ("default", "mirrored", "multiworker", "tpu")
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
@@ -39,13 +43,7 @@ def get_strategy(name="default", devices=None, tpu=None):
     if name == "mirrored":
         return tf.distribute.MirroredStrategy(devices)
     if name == "multiworker":
-        if "TF_CONFIG" in os.environ:
-            try:
-                json.loads(os.environ["TF_CONFIG"])
-            except ValueError as e:
-                raise ValueError(f"TF_CONFIG is not valid JSON ({e}). Received: "
-                                 f"TF_CONFIG={os.environ['TF_CONFIG'][:200]!r}") from None
-        return tf.distribute.MultiWorkerMirroredStrategy()
+        return connect_cluster()
     try:
         resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu or "")
         tf.config.experimental_connect_to_cluster(resolver)
@@ -80,3 +78,237 @@ def set_mixed_precision(policy):
 def replicas(strategy):
     """Replicas the global batch is split over (1 for the default strategy)."""
     return int(strategy.num_replicas_in_sync)
+
+
+# ------------------------------------------------------------------ several machines
+# The cluster is joined once per process (TensorFlow configures its collectives once).
+_CLUSTER = {}
+
+
+def cluster_from_env(environ=None):
+    """(worker addresses, this worker's index) from TF_CONFIG, checked: a ValueError names
+    a missing or invalid TF_CONFIG, an empty worker list or an index outside the cluster.
+    Worker 0 is the chief (a "chief" task, if listed, comes first)."""
+    environ = os.environ if environ is None else environ
+    text = environ.get("TF_CONFIG")
+    if not text:
+        raise ValueError("--strategy multiworker needs the TF_CONFIG environment variable: "
+                         '{"cluster": {"worker": ["host1:port", "host2:port"]}, "task": {"type": "worker", '
+                         '"index": 0}} (see docs/distributed.md). Received: TF_CONFIG unset')
+    try:
+        spec = json.loads(text)
+        cluster, task = spec["cluster"], spec["task"]
+        workers = list(cluster.get("chief", [])) + list(cluster.get("worker", []))
+        kind, index = task["type"], task["index"]
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"Expected TF_CONFIG as JSON with cluster.worker (a list of host:port) and task.type / "
+                         f"task.index ({type(e).__name__}: {e}). Received: TF_CONFIG={text[:200]!r}") from None
+    if kind not in ("worker", "chief") or isinstance(index, bool) or not isinstance(index, int):
+        raise ValueError(f"Expected TF_CONFIG task type 'worker' (or 'chief') and an integer index. Received: "
+                         f"task={task!r}")
+    if kind == "worker" and "chief" in cluster:
+        index += len(cluster["chief"])
+    if not workers or not 0 <= index < len(workers):
+        raise ValueError(f"Expected TF_CONFIG task index in [0, {len(workers) - 1}]: the cluster lists "
+                         f"{len(workers)} worker(s) ({', '.join(map(str, workers))}). Received: index={task['index']}")
+    return workers, index
+
+
+def worker_index():
+    """This process's index in the TF_CONFIG cluster (0, the chief, without one)."""
+    return cluster_from_env()[1] if os.environ.get("TF_CONFIG") else 0
+
+
+def is_chief():
+    """Whether this process writes: the chief of a TF_CONFIG cluster, or any lone process."""
+    return worker_index() == 0
+
+
+def connect_cluster(timeout=300.0):
+    """The `MultiWorkerStrategy` of the TF_CONFIG cluster, once every worker has joined.
+
+    Waits at most `timeout` seconds for the other workers: then a ValueError names the
+    addresses that never answered (TensorFlow itself would wait for an hour). Later
+    calls return the same strategy."""
+    if "strategy" in _CLUSTER:
+        return _CLUSTER["strategy"]
+    workers, index = cluster_from_env()
+    result = {}
+
+    def join():
+        try:
+            result["strategy"] = __getattr__("MultiWorkerStrategy")()
+        except Exception as e:  # reported below, in the caller's thread
+            result["error"] = e
+
+    thread = threading.Thread(target=join, name="join-cluster", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout
+    while thread.is_alive() and time.monotonic() < deadline:
+        thread.join(0.5)
+    if thread.is_alive():
+        others = [w for i, w in enumerate(workers) if i != index]
+        silent = [w for w in others if not _answers(w)] or others
+        raise ValueError(f"The cluster did not form within {timeout:g} s: no answer from worker(s) "
+                         f"{', '.join(silent)} (this is worker {index} of {len(workers)}, TF_CONFIG). Start every "
+                         "worker with the same cluster, or raise --worker-timeout.")
+    if "error" in result:
+        e = result["error"]
+        raise ValueError(f"Cannot join the TF_CONFIG cluster {workers} as worker {index}: "
+                         f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+    _CLUSTER["strategy"] = result["strategy"]
+    return _CLUSTER["strategy"]
+
+
+def _answers(address, wait=1.0):
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=wait):
+            return True
+    except (OSError, ValueError):
+        return False
+
+
+def _multiworker_class():
+    import tensorflow as tf
+
+    class MultiWorkerStrategy(tf.distribute.MultiWorkerMirroredStrategy):
+        """MultiWorkerMirroredStrategy as Keras 3's TensorFlow trainer can use it.
+
+        Keras 3 (up to at least 3.15) calls `strategy.reduce` with a (x, y) batch
+        before fit / evaluate and with scalar metrics and `axis=0` after each step;
+        the collective reduce takes one tensor and no axis on a scalar, so `fit`
+        failed with "Attempt to convert a value (PerReplica...)"
+        (keras-team/keras#20585). Here each tensor of a structure is reduced on its
+        own, scalars over replicas only. Datasets Keras distributes are sharded by
+        data (each worker takes its part of every global batch) unless they say how.
+        """
+
+        def reduce(self, reduce_op, value, axis):
+            def one(v):
+                return super(MultiWorkerStrategy, self).reduce(
+                    reduce_op, v, axis if axis is None or v.shape.rank else None)
+            return tf.nest.map_structure(one, value)
+
+        def experimental_distribute_dataset(self, dataset, options=None):
+            policy = tf.data.experimental.AutoShardPolicy
+            if dataset.options().experimental_distribute.auto_shard_policy == policy.AUTO:
+                shard = tf.data.Options()
+                shard.experimental_distribute.auto_shard_policy = policy.DATA
+                dataset = dataset.with_options(shard)
+            return super().experimental_distribute_dataset(dataset, options)
+
+    return MultiWorkerStrategy
+
+
+def __getattr__(name):
+    if name == "MultiWorkerStrategy":  # defined on first use: this module imports TensorFlow lazily
+        globals()[name] = _multiworker_class()
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+class WorkerLost(KeyboardInterrupt):
+    """Another worker of the cluster stopped (its collectives failed): the run is
+    interrupted, not failed, and continues when the workers run again."""
+
+
+def lost_worker_errors():
+    """The TensorFlow errors a collective raises when a peer is gone."""
+    import tensorflow as tf
+
+    return (tf.errors.UnavailableError, tf.errors.AbortedError, tf.errors.CancelledError,
+            tf.errors.DeadlineExceededError)
+
+
+MAX_RESTARTS = 3
+RESTARTS_VAR = "PRUNING_WORKER_RESTARTS"
+
+
+def restart_process(echo=print):
+    """Runs this command again in this process (os.execv: same pid, argv, environment
+    and TF_CONFIG) so that it rejoins the cluster and resumes its interrupted run;
+    at most MAX_RESTARTS times. Returns False (nothing done) past that."""
+    done = int(os.environ.get(RESTARTS_VAR, "0"))
+    if done >= MAX_RESTARTS:
+        return False
+    os.environ[RESTARTS_VAR] = str(done + 1)
+    echo(f"a worker of the cluster was lost: restarting this worker ({done + 1}/{MAX_RESTARTS}) to continue "
+         "from the last finished epoch once every worker is back")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, [sys.executable, *sys.argv])
+
+
+WORKERS_DIR = ".workers"
+
+
+def worker_setup(cfg, db):
+    """(config, log path) this process runs with under --strategy multiworker: the
+    chief's own; another worker's point into `<out_dir>/.workers/<index>/` (its log,
+    run folders and --output), which only it uses and `remove_worker_files` deletes
+    once its command succeeded. The same folder is used again when this worker is
+    restarted, so that it resumes the run it was in."""
+    import dataclasses
+
+    index = worker_index()
+    if index == 0:
+        return cfg, db
+    scratch = worker_dir(cfg.out_dir, index)
+    changes = {"out_dir": os.path.join(scratch, "runs")}
+    if getattr(cfg, "output", None):
+        changes["output"] = os.path.join(scratch, "output", os.path.basename(cfg.output))
+    os.makedirs(scratch, exist_ok=True)
+    return dataclasses.replace(cfg, **changes), os.path.join(scratch, "log.db")
+
+
+def worker_dir(out_dir, index):
+    return os.path.join(out_dir, WORKERS_DIR, str(index))
+
+
+def remove_worker_files(cfg):
+    """Deletes this (non-chief) worker's scratch folder; nothing for the chief."""
+    import shutil
+
+    index = worker_index()
+    if index:
+        shutil.rmtree(worker_dir(cfg.out_dir, index), ignore_errors=True)
+        try:
+            os.rmdir(os.path.join(cfg.out_dir, WORKERS_DIR))  # only when no other worker's is left
+        except OSError:
+            pass
+
+
+def cluster_config():
+    """What the log records of the cluster in a run's config (`cluster`)."""
+    workers, index = cluster_from_env()
+    return {"workers": len(workers), "addresses": workers}
+
+
+def interrupted_run(log, experiment, cfg):
+    """The id of the last interrupted run of `experiment` in `log` started with the same
+    options as `cfg` (a worker restarted with the same command resumes it), or None."""
+    import dataclasses
+
+    mine = {k: v for k, v in json.loads(json.dumps(dataclasses.asdict(cfg), default=str)).items()}
+    for row in reversed(log.runs(experiment, status="interrupted")):
+        recorded = json.loads(row["config"] or "{}")
+        if all(recorded.get(k) == v for k, v in mine.items() if k != "seeds") and \
+                (row["seed"] in tuple(cfg.seeds) if hasattr(cfg, "seeds") else True):
+            return row["id"]
+    return None
+
+
+class collectives:
+    """Context manager around work that runs collectives (fit): in a joined cluster, a
+    peer's loss (UnavailableError and the like) becomes `WorkerLost`, so the run is
+    marked interrupted and resumable instead of failed."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, tb):
+        if error is not None and "strategy" in _CLUSTER and isinstance(error, lost_worker_errors()):
+            first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            raise WorkerLost(f"{type(error).__name__}: {first[:300]}") from error
+        return False
