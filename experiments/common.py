@@ -111,9 +111,10 @@ def train_phase(run, phase, model, fit, extra=()):
     done = phase_checkpoint(run, phase)
     if os.path.exists(done):
         return keras.models.load_model(done)
-    backup = keras.callbacks.BackupAndRestore(os.path.join(run.dir, "backup", phase), double_checkpoint=True)
-    from experiments.distribute import collectives
+    from experiments.distribute import backup_callback, chief_text, collectives
 
+    # In a cluster every worker restores from the chief's backup (chief_text: its run folder).
+    backup = backup_callback(os.path.join(chief_text(os.path.abspath(run.dir)), "backup", phase))
     with collectives():  # a lost worker of a cluster interrupts the run (resumable) instead of failing it
         fit(model, [run.callback(phase), *extra, backup])
     save_model(model, done)

@@ -15,8 +15,6 @@ import json
 import os
 import socket
 import sys
-import threading
-import time
 
 STRATEGIES = ("default", "mirrored", "multiworker", "tpu")
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
@@ -133,31 +131,43 @@ def connect_cluster(timeout=300.0):
     if "strategy" in _CLUSTER:
         return _CLUSTER["strategy"]
     workers, index = cluster_from_env()
-    result = {}
-
-    def join():
-        try:
-            result["strategy"] = __getattr__("MultiWorkerStrategy")()
-        except Exception as e:  # reported below, in the caller's thread
-            result["error"] = e
-
-    thread = threading.Thread(target=join, name="join-cluster", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + timeout
-    while thread.is_alive() and time.monotonic() < deadline:
-        thread.join(0.5)
-    if thread.is_alive():
-        others = [w for i, w in enumerate(workers) if i != index]
-        silent = [w for w in others if not _answers(w)] or others
-        raise ValueError(f"The cluster did not form within {timeout:g} s: no answer from worker(s) "
-                         f"{', '.join(silent)} (this is worker {index} of {len(workers)}, TF_CONFIG). Start every "
-                         "worker with the same cluster, or raise --worker-timeout.")
-    if "error" in result:
-        e = result["error"]
+    _register_timeout(timeout)
+    try:
+        strategy = __getattr__("MultiWorkerStrategy")()
+    except Exception as e:
+        text = str(e).strip()
+        if "DeadlineExceeded" in type(e).__name__ + text or "timed out" in text.lower() or "timeout" in text.lower():
+            others = [w for i, w in enumerate(workers) if i != index]
+            silent = [w for w in others if not _answers(w)] or others
+            raise ValueError(f"The cluster did not form within {timeout:g} s: no answer from worker(s) "
+                             f"{', '.join(silent)} (this is worker {index} of {len(workers)}, TF_CONFIG). Start "
+                             "every worker with the same cluster, or raise --worker-timeout.") from None
         raise ValueError(f"Cannot join the TF_CONFIG cluster {workers} as worker {index}: "
-                         f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+                         f"{type(e).__name__}: {text.splitlines()[0] if text else ''}") from None
+    result = {"strategy": strategy}
     _CLUSTER["strategy"] = result["strategy"]
     return _CLUSTER["strategy"]
+
+
+def _register_timeout(seconds):
+    """Configures TensorFlow's coordination service as MultiWorkerMirroredStrategy does,
+    plus a bounded wait for the workers to register (it has no public option; without it
+    the wait is an hour). Every worker registers with worker 0's service."""
+    import tensorflow as tf
+    from tensorflow.compiler.xla.tsl.protobuf import coordination_config_pb2
+    from tensorflow.python.distribute import multi_worker_util
+    from tensorflow.python.eager import context
+
+    if context.context().coordination_service is not None:
+        return
+    spec = tf.distribute.cluster_resolver.TFConfigClusterResolver().cluster_spec()
+    jobs = [coordination_config_pb2.CoordinatedJob(name=job, num_tasks=spec.num_tasks(job))
+            for job in ("chief", "worker") if job in spec.jobs]
+    context.context().configure_coordination_service(
+        service_type="standalone", service_leader=multi_worker_util.coordination_leader(spec),
+        coordinated_jobs=jobs, cluster_register_timeout_in_ms=int(seconds * 1000))
+    # Registration as a barrier: the leader (worker 0) also gives up after the timeout.
+    context.context().coordination_service.cluster_register_with_barrier = True
 
 
 def _answers(address, wait=1.0):
@@ -312,3 +322,41 @@ class collectives:
             first = str(error).strip().splitlines()[0] if str(error).strip() else ""
             raise WorkerLost(f"{type(error).__name__}: {first[:300]}") from error
         return False
+
+
+def chief_text(text):
+    """`text` as the chief (worker 0) has it, on every worker of the joined cluster (one
+    collective: every worker calls it at the same point); `text` itself otherwise."""
+    if "strategy" not in _CLUSTER:
+        return text
+    import numpy as np
+    import tensorflow as tf
+
+    strategy = _CLUSTER["strategy"]
+    data = np.zeros(4096, np.int32)
+    if is_chief():
+        raw = np.frombuffer(text.encode()[:4096], np.uint8)
+        data[:len(raw)] = raw
+    value = strategy.experimental_distribute_values_from_function(lambda ctx: tf.constant(data))
+    total = np.asarray(strategy.reduce("SUM", value, axis=None))
+    return bytes(total[total > 0].astype(np.uint8)).decode()
+
+
+def backup_callback(backup_dir):
+    """Keras BackupAndRestore in `backup_dir` (a folder all workers can read: the chief's
+    run folder). The chief saves after every epoch; the other workers only restore from
+    it, so that a restarted worker continues at the chief's last finished epoch."""
+    import keras
+
+    class RestoreOnly(keras.callbacks.BackupAndRestore):
+        def on_epoch_end(self, epoch, logs=None):
+            pass
+
+        def on_train_batch_end(self, batch, logs=None):
+            pass
+
+        def on_train_end(self, logs=None):
+            pass
+
+    cls = RestoreOnly if "strategy" in _CLUSTER and not is_chief() else keras.callbacks.BackupAndRestore
+    return cls(backup_dir, double_checkpoint=True)
