@@ -111,12 +111,13 @@ def train_phase(run, phase, model, fit, extra=()):
     done = phase_checkpoint(run, phase)
     if os.path.exists(done):
         return keras.models.load_model(done)
-    from experiments.distribute import backup_callback, chief_text, collectives
+    from experiments.distribute import backup_callbacks, chief_text, collectives
 
     # In a cluster every worker restores from the chief's backup (chief_text: its run folder).
-    backup = backup_callback(os.path.join(chief_text(os.path.abspath(run.dir)), "backup", phase))
+    own = os.path.abspath(run.dir)
+    backup = backup_callbacks(*(os.path.join(d, "backup", phase) for d in (own, chief_text(own))))
     with collectives():  # a lost worker of a cluster interrupts the run (resumable) instead of failing it
-        fit(model, [run.callback(phase), *extra, backup])
+        fit(model, [run.callback(phase), *extra, *backup])
     save_model(model, done)
     return model
 

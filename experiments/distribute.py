@@ -192,12 +192,19 @@ def _multiworker_class():
         (keras-team/keras#20585). Here each tensor of a structure is reduced on its
         own, scalars over replicas only. Datasets Keras distributes are sharded by
         data (each worker takes its part of every global batch) unless they say how.
+        A MEAN over replicas (axis=None) of a batch, which Keras takes before fit /
+        evaluate only for the shapes to build with, is this worker's part of it.
         """
 
         def reduce(self, reduce_op, value, axis):
             def one(v):
+                local = self.experimental_local_results(v)[0]
+                if axis is None and local.shape.rank and str(reduce_op).upper().endswith("MEAN"):
+                    # Keras' sample batch for building the model: this worker's part (the
+                    # workers' parts of a batch may differ in size; no collective needed).
+                    return local
                 return super(MultiWorkerStrategy, self).reduce(
-                    reduce_op, v, axis if axis is None or v.shape.rank else None)
+                    reduce_op, v, axis if axis is None or local.shape.rank else None)
             return tf.nest.map_structure(one, value)
 
         def experimental_distribute_dataset(self, dataset, options=None):
@@ -338,15 +345,20 @@ def chief_text(text):
         raw = np.frombuffer(text.encode()[:4096], np.uint8)
         data[:len(raw)] = raw
     value = strategy.experimental_distribute_values_from_function(lambda ctx: tf.constant(data))
-    total = np.asarray(strategy.reduce("SUM", value, axis=None))
+    total = np.asarray(tf.distribute.MultiWorkerMirroredStrategy.reduce(strategy, "SUM", value, axis=None))
     return bytes(total[total > 0].astype(np.uint8)).decode()
 
 
-def backup_callback(backup_dir):
-    """Keras BackupAndRestore in `backup_dir` (a folder all workers can read: the chief's
-    run folder). The chief saves after every epoch; the other workers only restore from
-    it, so that a restarted worker continues at the chief's last finished epoch."""
+def backup_callbacks(own_dir, chief_dir):
+    """Keras BackupAndRestore for one training phase: saved after every epoch in this
+    worker's `own_dir`; restored from `chief_dir`, the chief's (a folder every worker can
+    read), so that a restarted worker continues at the chief's last finished epoch.
+    Every worker saves (the saving reads sync-on-read variables, a collective), the
+    other workers in their scratch folders. One callback where both are the same."""
     import keras
+
+    if own_dir == chief_dir:
+        return [keras.callbacks.BackupAndRestore(own_dir, double_checkpoint=True)]
 
     class RestoreOnly(keras.callbacks.BackupAndRestore):
         def on_epoch_end(self, epoch, logs=None):
@@ -358,5 +370,8 @@ def backup_callback(backup_dir):
         def on_train_end(self, logs=None):
             pass
 
-    cls = RestoreOnly if "strategy" in _CLUSTER and not is_chief() else keras.callbacks.BackupAndRestore
-    return cls(backup_dir, double_checkpoint=True)
+    class SaveOnly(keras.callbacks.BackupAndRestore):
+        def on_train_begin(self, logs=None):
+            pass
+
+    return [RestoreOnly(chief_dir, double_checkpoint=True), SaveOnly(own_dir, double_checkpoint=True)]
