@@ -9,6 +9,11 @@
 Ranking and pruning run outside the scope (they read weights and rebuild a model on
 the host); build and compile the pruned model inside the scope again to fine-tune it.
 See docs/distributed.md for several GPUs, several machines (TF_CONFIG) and Colab TPUs.
+
+Several machines: `connect_cluster` joins the TF_CONFIG cluster (bounded wait) and
+returns a `MultiWorkerStrategy`; `worker_setup`, `interrupted_run`, `backup_callbacks`
+and `restart_process` are what the CLI's `--strategy multiworker` runs with (only the
+chief writes; a lost worker interrupts the run, which every worker then resumes).
 """
 
 import json
@@ -126,8 +131,7 @@ def connect_cluster(timeout=300.0):
     """The `MultiWorkerStrategy` of the TF_CONFIG cluster, once every worker has joined.
 
     Waits at most `timeout` seconds for the other workers: then a ValueError names the
-    addresses that never answered (TensorFlow itself would wait for an hour). Later
-    calls return the same strategy."""
+    addresses that never answered. Later calls return the same strategy."""
     if "strategy" in _CLUSTER:
         return _CLUSTER["strategy"]
     workers, index = cluster_from_env()
@@ -144,15 +148,14 @@ def connect_cluster(timeout=300.0):
                              "every worker with the same cluster, or raise --worker-timeout.") from None
         raise ValueError(f"Cannot join the TF_CONFIG cluster {workers} as worker {index}: "
                          f"{type(e).__name__}: {text.splitlines()[0] if text else ''}") from None
-    result = {"strategy": strategy}
-    _CLUSTER["strategy"] = result["strategy"]
-    return _CLUSTER["strategy"]
+    _CLUSTER["strategy"] = strategy
+    return strategy
 
 
 def _register_timeout(seconds):
     """Configures TensorFlow's coordination service as MultiWorkerMirroredStrategy does,
-    plus a bounded wait for the workers to register (it has no public option; without it
-    the wait is an hour). Every worker registers with worker 0's service."""
+    plus a bounded wait for the workers to register (no public option sets it). Every
+    worker registers with worker 0's service."""
     import tensorflow as tf
     from tensorflow.compiler.xla.tsl.protobuf import coordination_config_pb2
     from tensorflow.python.distribute import multi_worker_util

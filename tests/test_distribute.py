@@ -211,7 +211,8 @@ def cluster_args(tmp_path, extra=()):
 
 CIFAR_TINY = ["cifar", "--image-dir", CIFAR_DIR, "--width", "0.0625", "--train-limit", "64", "--test-limit", "32",
               "--batch-size", "32", "--warmup-epochs", "0", "--schedule", "oneshot", "--final-epochs", "1",
-              "--ranker", "l1", "--compress-rate", "0.5", "--latency-batch", "4"]
+              "--ranker", "hrank", "--rank-batches", "1", "--rank-batch-size", "16", "--compress-rate", "0.5",
+              "--latency-batch", "4"]
 RICE_TINY = ["rice", "--data-dir", SAMPLE_RICE, "--limit-per-class", "8", "--weights", "none", "--image-size", "32",
              "--batch-size", "8", "--head-epochs", "1", "--unfreeze", "0", "--retrain-epochs", "1", "--ratios", "0.5",
              "--latency-batch", "4"]
@@ -267,6 +268,10 @@ def test_two_workers_cifar_matches_one_process(tmp_path):
     kept1, top1_one = check_cluster_log(str(tmp_path / "one.db"), "cifar", 2, phases)
     assert kept == kept1 and len(kept[1]) == 13  # the same filters kept per conv
     print("cifar top-1 two workers / one process:", top1, top1_one)
+    # HRank ran on every worker through the cluster's predict (each gets all workers' rows):
+    # its scores are still mean ranks of 32x32 (and smaller) maps, at most 32.
+    ranks = list((tmp_path / "runs").glob("*-baseline/ranks/hrank/*.npy"))
+    assert len(ranks) == 13 and max(float(np.load(f).max()) for f in ranks) <= 32
     assert all(abs(a - b) <= 0.2 for a, b in zip(top1, top1_one)), (top1, top1_one)  # 32 test images
 
 
