@@ -305,15 +305,19 @@ def cluster_config():
     return {"workers": len(workers), "addresses": workers}
 
 
+# Options that may differ when a worker is started again (seeds: a cifar run records its own).
+RESUME_IGNORES = ("seeds", "worker_timeout", "verbose")
+
+
 def interrupted_run(log, experiment, cfg):
     """The id of the last interrupted run of `experiment` in `log` started with the same
     options as `cfg` (a worker restarted with the same command resumes it), or None."""
     import dataclasses
 
-    mine = {k: v for k, v in json.loads(json.dumps(dataclasses.asdict(cfg), default=str)).items()}
+    mine = json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
     for row in reversed(log.runs(experiment, status="interrupted")):
         recorded = json.loads(row["config"] or "{}")
-        if all(recorded.get(k) == v for k, v in mine.items() if k != "seeds") and \
+        if all(recorded.get(k) == v for k, v in mine.items() if k not in RESUME_IGNORES) and \
                 (row["seed"] in tuple(cfg.seeds) if hasattr(cfg, "seeds") else True):
             return row["id"]
     return None
