@@ -198,12 +198,10 @@ def run_experiment(run_fn, cfg, db, resume=None, check=None):
             ensure_writable_dir(cfg.out_dir)
         except ValueError as e:
             fail(e)
+    if getattr(cfg, "strategy", None) == "multiworker":
+        return run_on_cluster(run_fn, cfg, db, resume, check)
     log = open_log(db)
-    if check is not None:
-        try:
-            check(log)
-        except ValueError as e:
-            fail(e)
+    run_check(check, log)
     with interrupt_message(getattr(run_fn, "resumable", True)):
         try:
             return run_fn(cfg, log, progress=progressbar, echo=click.echo, resume=resume)
@@ -211,6 +209,56 @@ def run_experiment(run_fn, cfg, db, resume=None, check=None):
             raise UsageFailure(str(e)) from e
         except ValueError as e:
             fail(e)
+
+
+def run_check(check, log):
+    """`run_experiment`'s `check(log)`, if given: a ValueError is one line, exit 1."""
+    if check is not None:
+        try:
+            check(log)
+        except ValueError as e:
+            fail(e)
+
+
+def run_on_cluster(run_fn, cfg, db, resume=None, check=None):
+    """`run_experiment` on one worker of a TF_CONFIG cluster (docs/distributed.md):
+    every worker runs the same steps; only the chief (worker 0) writes the log and the
+    run folders, the others a scratch folder deleted at the end. A worker that finds
+    its own run interrupted (it was restarted, or the cluster lost a worker) resumes
+    it; when a worker is lost mid-run this one restarts itself and waits for it."""
+    from experiments import distribute
+
+    given, (cfg, db) = cfg, distribute.worker_setup(cfg, db)
+    try:
+        distribute.connect_cluster(cfg.worker_timeout)
+    except ValueError as e:
+        raise UsageFailure(str(e)) from e
+    log = open_log(db)
+    run_check(check, log)
+    experiment = run_fn.__name__.removeprefix("run_")
+    if resume is None and getattr(run_fn, "resumable", True):
+        resume = distribute.interrupted_run(log, experiment, cfg)
+        if resume is not None:
+            click.echo(f"resuming interrupted run {resume} of this cluster", err=True)
+    with interrupt_message(getattr(run_fn, "resumable", True)):
+        try:
+            summaries = run_fn(cfg, log, progress=progressbar, echo=click.echo, resume=resume)
+        except InputError as e:  # found by the experiment's own checks, before any run
+            raise UsageFailure(str(e)) from e
+        except ValueError as e:
+            fail(e)
+        except distribute.WorkerLost:
+            log.close()
+            distribute.restart_process(echo=lambda m: click.echo(m, err=True))
+            raise
+    distribute.remove_worker_files(given)
+    return summaries
+
+
+def _is_chief():
+    from experiments.distribute import is_chief
+
+    return is_chief()
 
 
 @click.group(context_settings=CONTEXT)
@@ -253,6 +301,8 @@ def experiment_command(cls, run, results_help, argument=None, results_files=lamb
                     check_output_owner(log, path, force or getattr(cfg, "force", False), "--results")
 
             summaries = run_experiment(getattr(importlib.import_module(module), name), cfg, db, resume, check)
+            if getattr(cfg, "strategy", None) == "multiworker" and not _is_chief():
+                results = None  # the chief writes the results
             try:
                 fn(cfg, summaries, results)
             except ValueError as e:  # an unwritable --results path

@@ -22,7 +22,12 @@ def set_seed(seed):
 
 
 def config_dict(cfg):
-    return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
+    d = json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
+    if d.get("strategy") == "multiworker":  # the cluster's size and addresses, with the run
+        from experiments.distribute import cluster_config
+
+        d["cluster"] = cluster_config()
+    return d
 
 
 # ------------------------------------------------------------------- files
@@ -189,8 +194,13 @@ def train_phase(run, phase, model, fit, extra=()):
     done = phase_checkpoint(run, phase)
     if os.path.exists(done):
         return keras.models.load_model(done)
-    backup = keras.callbacks.BackupAndRestore(os.path.join(run.dir, "backup", phase), double_checkpoint=True)
-    fit(model, [run.callback(phase), *extra, backup])
+    from experiments.distribute import backup_callbacks, chief_text, collectives
+
+    # In a cluster every worker restores from the chief's backup (chief_text: its run folder).
+    own = os.path.abspath(run.dir)
+    backup = backup_callbacks(*(os.path.join(d, "backup", phase) for d in (own, chief_text(own))))
+    with collectives():  # a lost worker of a cluster interrupts the run (resumable) instead of failing it
+        fit(model, [run.callback(phase), *extra, *backup])
     save_model(model, done)
     return model
 

@@ -84,6 +84,19 @@ def precision_field():
                   "CPUs).", choices=PRECISIONS)
 
 
+def worker_timeout_field():
+    return option(300.0, "--strategy multiworker: seconds to wait for every worker of $TF_CONFIG to join before "
+                  "an error naming the missing ones.", min=1.0)
+
+
+def check_strategy(cfg):
+    """The strategy's own inputs: with multiworker, a TF_CONFIG naming this worker."""
+    if cfg.strategy == "multiworker":
+        from experiments.distribute import cluster_from_env
+
+        cluster_from_env()
+
+
 def verbose_field():
     return option(2, "Keras fit verbosity (0-2).", flag="-v", min=0, max=2)
 
@@ -145,6 +158,7 @@ class CifarConfig:
     latency_runs: int = latency_runs_field()
     strategy: str = strategy_field()
     mixed_precision: str = precision_field()
+    worker_timeout: float = worker_timeout_field()
     verbose: int = verbose_field()
 
     @property
@@ -154,6 +168,7 @@ class CifarConfig:
         return float(rates[0]) if len(rates) == 1 else [float(r) for r in rates]
 
     def validate(self):
+        check_strategy(self)
         from experiments.models import VGG16_BLOCKS
         from pruning.rankers import get_ranker
 
@@ -253,9 +268,11 @@ class RiceConfig:
     latency_runs: int = latency_runs_field()
     strategy: str = strategy_field()
     mixed_precision: str = precision_field()
+    worker_timeout: float = worker_timeout_field()
     verbose: int = verbose_field()
 
     def validate(self):
+        check_strategy(self)
         from experiments.models import VGG16_BLOCKS
         from pruning.rankers import get_ranker
 
@@ -376,6 +393,7 @@ class CompressConfig:
     latency_runs: int = latency_runs_field()
     strategy: str = strategy_field()
     mixed_precision: str = precision_field()
+    worker_timeout: float = worker_timeout_field()
     verbose: int = verbose_field()
     export: Optional[str] = option(None, "Last step: export the compressed model (litert, saved_model, onnx) as "
                                    "the `export` command does, beside --output (else in the run's folder).",
@@ -411,6 +429,7 @@ class CompressConfig:
         return out
 
     def validate(self):
+        check_strategy(self)
         from pruning.distill import check_distill
         from pruning.rankers import make_ranker
 

@@ -196,7 +196,7 @@ class HRankRanker(DataRanker):
                 pending = pool.submit(add, maps)
                 if not self.overlap:
                     pending.result()
-                count += batch.shape[0]
+                count += maps[0].shape[0]  # a cluster's predict_on_batch returns every worker's rows
                 if progress:
                     progress(1)
             if pending is not None:
