@@ -78,6 +78,20 @@ def resolve_ratios(cnn, ratio, exclude=()):
     return ratios
 
 
+def atomic_write(path, write):
+    """Calls `write(tmp)` on a temporary file beside `path`, named `<stem>.partial-<pid><ext>`
+    (the name `save_sqlite.remove_partial_files` cleans up after a killed writer), which
+    then replaces `path`: a failed write leaves the previous file whole and no temporary."""
+    stem, ext = os.path.splitext(os.fspath(path))
+    tmp = f"{stem}.partial-{os.getpid()}{ext}"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def skipped_convs(cnn):
     """{conv name: reason} for every conv a uniform ratio leaves whole, the convs hidden
     inside layers the engine cannot see into (`CNNModel.opaque`) included."""
@@ -317,15 +331,13 @@ class PrunePlan:
     def save(self, path):
         """Writes the plan as JSON atomically: a temporary file beside `path` replaces it
         once complete, so a failed save leaves the previous file whole."""
-        stem, ext = os.path.splitext(str(path))
-        tmp = f"{stem}.partial-{os.getpid()}{ext}"
-        try:
+        text = self.to_json()
+
+        def write(tmp):
             with open(tmp, "w") as f:
-                f.write(self.to_json())
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+                f.write(text)
+
+        atomic_write(path, write)
 
     @classmethod
     def load(cls, path):

@@ -17,6 +17,7 @@ import numpy as np
 
 from pruning.graph import CNNModel
 from pruning.handlers import filter_kernel as _handler_filter_kernel
+from pruning.plan import atomic_write
 
 RANKERS = {}
 
@@ -326,10 +327,13 @@ def score_file(ranker, index):
 
 
 def save_scores(scores, cnn, folder, ranker="hrank"):
-    """Writes one `score_file(ranker, i)` per layer into `folder` (i: the conv's position)."""
+    """Writes one `score_file(ranker, i)` per layer into `folder` (i: the conv's position),
+    each atomically: a killed or failed save never leaves a truncated score file."""
     os.makedirs(folder, exist_ok=True)
     for name, s in scores.items():
-        np.save(os.path.join(folder, score_file(ranker, cnn.conv(name).index)), np.asarray(s))
+        s = np.asarray(s)
+        atomic_write(os.path.join(folder, score_file(ranker, cnn.conv(name).index)),
+                     lambda tmp: np.save(tmp, s))
 
 
 def load_scores(cnn, folder, layers=None, ranker="hrank"):

@@ -77,6 +77,24 @@ def test_scores_round_trip_as_npy(tmp_path):
     assert load_scores(cnn, str(tmp_path)) is None
 
 
+def test_a_failed_score_save_leaves_the_previous_files_whole(tmp_path, monkeypatch):
+    cnn = CNNModel(small_model())
+    scores = get_ranker("l1").rank_all(cnn)
+    save_scores(scores, cnn, str(tmp_path))
+    real_save = np.save
+
+    def save_then_fail(path, arr):
+        real_save(path, arr[:1])  # half written
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(np, "save", save_then_fail)
+    with pytest.raises(OSError, match="No space"):
+        save_scores({k: v + 1 for k, v in scores.items()}, cnn, str(tmp_path))
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rank_conv1.npy", "rank_conv2.npy"]
+    np.testing.assert_array_equal(load_scores(cnn, str(tmp_path))["c1"], scores["c1"])
+
+
 def test_score_files_are_named_by_what_they_hold(tmp_path):
     cnn = CNNModel(small_model())
     l1 = get_ranker("l1").rank_all(cnn)
