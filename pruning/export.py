@@ -120,17 +120,47 @@ def export_saved_model(model, path):
     return os.fspath(path)
 
 
-def export_litert(model, path):
+def export_litert(model, path, quantize="none", calibration_images=None):
     """Writes a LiteRT (.tflite) flatbuffer of `model`; run it with
-    `ai_edge_litert.interpreter.Interpreter`. Needs TensorFlow's converter."""
+    `ai_edge_litert.interpreter.Interpreter`. Needs TensorFlow's converter.
+
+    quantize: see `export_model`; a LiteRT op that cannot be quantized (dynamic, int8) is
+    a ValueError naming it."""
     path = os.fspath(path)
+    options = _litert_options(quantize, calibration_images)
     try:
-        model.export(path, format="litert", verbose=False)
-    except TypeError:  # Keras versions whose LiteRT export takes no `verbose`
-        model.export(path, format="litert")
+        try:
+            model.export(path, format="litert", verbose=False, **options)
+        except TypeError:  # Keras versions whose LiteRT export takes no `verbose`
+            model.export(path, format="litert", **options)
+    except Exception as e:  # the converter's errors (ConverterError and others) name the op in their text
+        if quantize in ("none", "float16"):
+            raise
+        raise ValueError(_quantize_error(e, quantize)) from None
     if not os.path.exists(path):
         raise ValueError(f"LiteRT export wrote nothing at {path!r}.")
     return path
+
+
+def _litert_options(quantize, calibration_images):
+    """The converter options of `model.export(format="litert")` for a quantization."""
+    if quantize == "none":
+        return {}
+    import tensorflow as tf
+
+    options = {"optimizations": [tf.lite.Optimize.DEFAULT]}
+    if quantize == "float16":
+        options["target_spec"] = {"supported_types": [tf.float16]}
+    if quantize == "int8":
+        images = np.asarray(calibration_images, np.float32)
+
+        def representative():
+            for i in range(len(images)):
+                yield [images[i:i + 1]]
+
+        options["representative_dataset"] = representative
+        options["target_spec"] = {"supported_ops": [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]}
+    return options
 
 
 # ------------------------------------------------------------------ serving files
@@ -190,35 +220,7 @@ def export_model(model, path, format="litert", quantize="none", calibration_imag
     if format == "onnx":
         model.export(path, format="onnx", verbose=False)
         return path
-    return _export_litert(model, path, quantize, calibration_images)
-
-
-def _export_litert(model, path, quantize, calibration_images):
-    import tensorflow as tf
-
-    options = {}
-    if quantize != "none":
-        options["optimizations"] = [tf.lite.Optimize.DEFAULT]
-    if quantize == "float16":
-        options["target_spec"] = {"supported_types": [tf.float16]}
-    if quantize == "int8":
-        images = np.asarray(calibration_images, np.float32)
-
-        def representative():
-            for i in range(len(images)):
-                yield [images[i:i + 1]]
-
-        options["representative_dataset"] = representative
-        options["target_spec"] = {"supported_ops": [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]}
-    try:
-        model.export(path, format="litert", verbose=False, **options)
-    except Exception as e:  # the converter's errors (ConverterError and others) name the op in their text
-        if quantize in ("none", "float16"):
-            raise
-        raise ValueError(_quantize_error(e, quantize)) from None
-    if not os.path.exists(path):
-        raise ValueError(f"LiteRT export wrote nothing at {path!r}.")
-    return path
+    return export_litert(model, path, quantize, calibration_images)
 
 
 def _quantize_error(error, quantize):
