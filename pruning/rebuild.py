@@ -91,11 +91,16 @@ def prune(model, plan, allow_inexact=False):
     return pruned
 
 
+def _plain(model):
+    """True for a model of Keras' own classes, which the rebuilt Functional model replaces whole."""
+    return type(model) in (keras.Model, keras.Sequential) or type(model).__name__ == "Functional"
+
+
 def _tensor_attributes(cnn):
     """[(attribute, its tensors' keys)] for the attributes of a subclassed model that hold
     tensors of its graph (keras-hub's `pyramid_outputs`), so the pruned model gets them too."""
     model = cnn.model
-    if type(model) in (keras.Model, keras.Sequential) or type(model).__name__ == "Functional":
+    if _plain(model):
         return []
     found = []
     for attr, value in vars(model).items():
@@ -116,13 +121,12 @@ def _tensor_attributes(cnn):
 
 def _carry_over(model, pruned, carried, values):
     """Sets the tensor attributes on `pruned`, and warns that the model's class is dropped."""
-    if type(model) in (keras.Model, keras.Sequential) or type(model).__name__ == "Functional":
+    if _plain(model):
         return
     it = iter(values)
-    kept = []
     for attr, keys in carried:
         setattr(pruned, attr, keras.tree.pack_sequence_as(keys, [next(it) for _ in keras.tree.flatten(keys)]))
-        kept.append(attr)
+    kept = [attr for attr, _ in carried]
     warnings.warn(
         f"Model '{model.name}' of class {type(model).__name__} is rebuilt as a plain Functional "
         "model with the same inputs, outputs and output structure; what its class adds (its own "
