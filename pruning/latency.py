@@ -18,7 +18,7 @@ interpreter or an ONNX Runtime session wrapped by `pruning.export.runner`).
 
 import numpy as np
 
-from pruning.stats import machine_description, time_calls
+from pruning.stats import input_shape_of, machine_description, time_calls  # noqa: F401 (public here too)
 
 
 def _as_callable(model):
@@ -27,20 +27,6 @@ def _as_callable(model):
     if callable(model):
         return model
     raise ValueError(f"Expected a keras.Model or a callable f(x). Received: {type(model).__name__}")
-
-
-def input_shape_of(model):
-    """The fixed input shape (without batch) of a Keras model or a runner; a ValueError
-    names the shape when a dimension is not fixed."""
-    shape = getattr(model, "input_shape_fixed", None)
-    if shape is None:
-        inputs = getattr(model, "inputs", None)
-        if not inputs:
-            raise ValueError(f"Cannot tell the input shape of {type(model).__name__}: pass input_shape.")
-        shape = tuple(inputs[0].shape[1:])
-    if any(d is None for d in shape):
-        raise ValueError(f"Latency needs a fixed input shape. Received: input_shape={tuple(shape)}")
-    return tuple(int(d) for d in shape)
 
 
 def interleaved_latency(models, batch_size=1, runs=5, rounds=5, warmup=2, input_shape=None, inputs=None,
@@ -72,7 +58,7 @@ def interleaved_latency(models, batch_size=1, runs=5, rounds=5, warmup=2, input_
     names = list(models)
     fns = [_as_callable(models[n]) for n in names]
     if inputs is None:
-        shape = tuple(input_shape) if input_shape else input_shape_of(models[names[0]])
+        shape = input_shape_of(models[names[0]], input_shape)
         inputs = (np.random.default_rng(0).random((batch_size, *shape), dtype=np.float32) * 255.0)
     before = machine_description()
     for fn in fns:

@@ -59,9 +59,7 @@ def measure_latency(model, batch_size=1, runs=20, warmup=3, input_shape=None, pr
     TensorFlow, jax.jit on JAX, eager on PyTorch), so tracing and compilation are
     excluded (they happen in the warm-up runs). Works on every Keras backend.
     """
-    shape = input_shape or tuple(model.inputs[0].shape[1:])
-    if any(d is None for d in shape):
-        raise ValueError(f"Latency needs a fixed input shape. Received: input_shape={shape}")
+    shape = input_shape_of(model, input_shape)
     x = np.random.default_rng(0).random((batch_size, *shape), dtype=np.float32)
     # predict_on_batch returns numpy arrays: the work has finished
     times = np.asarray(time_calls(model.predict_on_batch, x, runs, warmup, progress))
@@ -72,6 +70,20 @@ def measure_latency(model, batch_size=1, runs=20, warmup=3, input_shape=None, pr
         "ms_p90": float(np.percentile(times, 90)),
         "ms_per_image": float(np.median(times) / batch_size),
     }
+
+
+def input_shape_of(model, input_shape=None):
+    """`input_shape`, else the input shape (without batch) of a Keras model or of a runner
+    (`input_shape_fixed`); a ValueError names the shape when a dimension is not fixed."""
+    shape = input_shape or getattr(model, "input_shape_fixed", None)
+    if shape is None:
+        inputs = getattr(model, "inputs", None)
+        if not inputs:
+            raise ValueError(f"Cannot tell the input shape of {type(model).__name__}: pass input_shape.")
+        shape = tuple(inputs[0].shape[1:])
+    if any(d is None for d in shape):
+        raise ValueError(f"Latency needs a fixed input shape. Received: input_shape={tuple(shape)}")
+    return tuple(int(d) for d in shape)
 
 
 def time_calls(fn, x, runs, warmup=0, progress=None):

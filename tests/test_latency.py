@@ -52,6 +52,15 @@ def test_interleaved_latency_records_rounds_spread_and_load():
     assert calls == [(2, 32, 32, 3)] * 3
     with pytest.raises(ValueError, match="rounds >= 1"):
         interleaved_latency({"k": fast}, rounds=0)
+    # One shape check for both timers: a shape that is not fixed is one ValueError naming it.
+    from pruning import measure_latency
+
+    for timer in (lambda shape: interleaved_latency({"f": runner}, input_shape=shape),
+                  lambda shape: measure_latency(fast, input_shape=shape)):
+        with pytest.raises(ValueError, match=r"fixed input shape. Received: input_shape=\(None, 32, 3\)"):
+            timer((None, 32, 3))
+    with pytest.raises(ValueError, match="Cannot tell the input shape of function: pass input_shape"):
+        interleaved_latency({"f": runner})
 
 
 def test_compare_and_run_loop_speedup_of_a_copy_is_one_under_load(tmp_path):
