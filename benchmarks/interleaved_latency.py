@@ -30,17 +30,17 @@ def main(models, batch, runs, rounds, out):
 
     from experiments.common import write_text
     from pruning import interleaved_latency, model_stats
+    from pruning.latency import timing_caption
 
     loaded = [keras.models.load_model(p) for p in models]
-    timing = interleaved_latency({p: m for p, m in zip(models, loaded)}, batch_size=batch, runs=runs,
-                                 rounds=rounds, warmup=2)
-    lines = [f"Machine: {timing['machine_before']} before, {timing['machine_after']} after. Median over "
-             f"{rounds} interleaved rounds of the median of {runs} calls on a batch of {batch}.", "",
+    # Keyed by position: the same file given twice is timed twice, as two rows.
+    timing = interleaved_latency(dict(enumerate(loaded)), batch_size=batch, runs=runs, rounds=rounds, warmup=2)
+    lines = [timing_caption(timing), "",
              "| model | MACs | ms / batch | rounds (ms) | speed-up |", "|---|---|---|---|---|"]
-    for path, model in zip(models, loaded):
-        m = timing["models"][path]
+    for i, (path, model) in enumerate(zip(models, loaded)):
+        m = timing["models"][i]
         lines.append(f"| {path} | {model_stats(model)['macs']:,} | {m['ms_per_batch']:.1f} | "
-                     f"{', '.join(f'{v:.0f}' for v in m['rounds_ms'])} | {timing['speedup'][path]:.2f}x |")
+                     f"{', '.join(f'{v:.0f}' for v in m['rounds_ms'])} | {timing['speedup'][i]:.2f}x |")
     text = "\n".join(lines) + "\n"
     print(text)
     if out:

@@ -94,11 +94,16 @@ def latency_summary(timing, name):
             "machine_before": timing["machine_before"], "machine_after": timing["machine_after"]}
 
 
+def timing_caption(timing):
+    """The machine line above a table of an `interleaved_latency` result."""
+    return (f"Machine: {timing['machine_before']} before, {timing['machine_after']} after. Median over "
+            f"{timing['rounds']} interleaved rounds of the median of {timing['runs']} calls on a batch of "
+            f"{timing['batch_size']}.")
+
+
 def format_timing(timing, labels=None):
     """A Markdown table of an `interleaved_latency` result, with the machine line."""
-    lines = [f"Machine: {timing['machine_before']} before, {timing['machine_after']} after. Median over "
-             f"{timing['rounds']} interleaved rounds of the median of {timing['runs']} calls on a batch of "
-             f"{timing['batch_size']}.", "",
+    lines = [timing_caption(timing), "",
              "| model | ms / batch | rounds (ms) | spread | speed-up |", "|---|---|---|---|---|"]
     for name, m in timing["models"].items():
         lines.append(f"| {(labels or {}).get(name, name)} | {m['ms_per_batch']:.2f} | "
