@@ -177,9 +177,11 @@ class PrunePlan:
             raise ValueError(f"Expected round_mode in {ROUND_MODES}. Received: round_mode={round_mode!r}")
         cnn = _cnn(model, allow_inexact)
         ratios = resolve_ratios(cnn, ratio, exclude)
-        if not isinstance(ratio, (dict, list, tuple, np.ndarray)) and ratio > 0 and nothing_prunable(cnn):
+        nothing = (not isinstance(ratio, (dict, list, tuple, np.ndarray)) and ratio > 0
+                   and nothing_prunable(cnn))
+        if nothing:
             # The plan keeps everything: say so rather than let a x1.00 model pass for a pruned one.
-            warnings.warn(nothing_prunable(cnn), stacklevel=2)
+            warnings.warn(nothing, stacklevel=2)
         keep, filters = {}, {}
         for group in cnn.groups:
             members = [cnn.conv(n) for n in group]
