@@ -186,7 +186,8 @@ def run_experiment(run_fn, cfg, db, resume=None, check=None):
     """Opens the log, then runs an experiment. A ValueError in the config (before any
     run) is a usage error (exit 2); one found mid-run (bad data or weights, whose run
     is then already marked failed) exits 1; both print one line. `check(log)`, if
-    given, runs once the log is open, before any work (a ValueError: exit 1)."""
+    given, runs once the log is open, before any work (a ValueError: exit 1). Under
+    --strategy multiworker the same steps run on this worker of the cluster (`join_cluster`)."""
     if resume is None:
         try:
             cfg.validate()
@@ -198,61 +199,54 @@ def run_experiment(run_fn, cfg, db, resume=None, check=None):
             ensure_writable_dir(cfg.out_dir)
         except ValueError as e:
             fail(e)
-    if getattr(cfg, "strategy", None) == "multiworker":
-        return run_on_cluster(run_fn, cfg, db, resume, check)
+    cluster = getattr(cfg, "strategy", None) == "multiworker"
+    if cluster:
+        from experiments import distribute
+
+        given, (cfg, db) = cfg, join_cluster(cfg, db)
+    lost = distribute.WorkerLost if cluster else ()  # a cluster's lost worker: restart and resume
     log = open_log(db)
-    run_check(check, log)
-    with interrupt_message(getattr(run_fn, "resumable", True)):
-        try:
-            return run_fn(cfg, log, progress=progressbar, echo=click.echo, resume=resume)
-        except InputError as e:  # found by the experiment's own checks, before any run
-            raise UsageFailure(str(e)) from e
-        except ValueError as e:
-            fail(e)
-
-
-def run_check(check, log):
-    """`run_experiment`'s `check(log)`, if given: a ValueError is one line, exit 1."""
     if check is not None:
         try:
             check(log)
         except ValueError as e:
             fail(e)
-
-
-def run_on_cluster(run_fn, cfg, db, resume=None, check=None):
-    """`run_experiment` on one worker of a TF_CONFIG cluster (docs/distributed.md):
-    every worker runs the same steps; only the chief (worker 0) writes the log and the
-    run folders, the others a scratch folder deleted at the end. A worker that finds
-    its own run interrupted (it was restarted, or the cluster lost a worker) resumes
-    it; when a worker is lost mid-run this one restarts itself and waits for it."""
-    from experiments import distribute
-
-    given, (cfg, db) = cfg, distribute.worker_setup(cfg, db)
-    try:
-        distribute.connect_cluster(cfg.worker_timeout)
-    except ValueError as e:
-        raise UsageFailure(str(e)) from e
-    log = open_log(db)
-    run_check(check, log)
-    experiment = run_fn.__name__.removeprefix("run_")
-    if resume is None and getattr(run_fn, "resumable", True):
-        resume = distribute.interrupted_run(log, experiment, cfg)
+    resumable = getattr(run_fn, "resumable", True)
+    if cluster and resume is None and resumable:
+        resume = distribute.interrupted_run(log, run_fn.__name__.removeprefix("run_"), cfg)
         if resume is not None:
             click.echo(f"resuming interrupted run {resume} of this cluster", err=True)
-    with interrupt_message(getattr(run_fn, "resumable", True)):
+    with interrupt_message(resumable):
         try:
             summaries = run_fn(cfg, log, progress=progressbar, echo=click.echo, resume=resume)
         except InputError as e:  # found by the experiment's own checks, before any run
             raise UsageFailure(str(e)) from e
         except ValueError as e:
             fail(e)
-        except distribute.WorkerLost:
+        except lost:
             log.close()
             distribute.restart_process(echo=lambda m: click.echo(m, err=True))
             raise
-    distribute.remove_worker_files(given)
+    if cluster:
+        distribute.remove_worker_files(given)
     return summaries
+
+
+def join_cluster(cfg, db):
+    """Under --strategy multiworker (docs/distributed.md), (config, log path) of this
+    worker of the TF_CONFIG cluster, once the cluster has formed: every worker runs the
+    same steps; only the chief (worker 0) writes the log and the run folders, the others
+    a scratch folder deleted at the end. A worker that finds its own run interrupted (it
+    was restarted, or the cluster lost a worker) resumes it; when a worker is lost
+    mid-run this one restarts itself and waits for it."""
+    from experiments import distribute
+
+    try:  # a bad TF_CONFIG is checked by cfg.validate(), but not with --resume
+        cfg, db = distribute.worker_setup(cfg, db)
+        distribute.connect_cluster(cfg.worker_timeout)
+    except ValueError as e:
+        raise UsageFailure(str(e)) from e
+    return cfg, db
 
 
 def _is_chief():
@@ -291,20 +285,19 @@ def experiment_command(cls, run, results_help, argument=None, results_files=lamb
             if has_force:
                 options["force"] = force
             cfg = config_from_options(cls, options)
-            files = results_files(results) if results else []
-            opened = []
+            files, opened = [], []  # the --results files this process checks, writes and records; its log
 
-            def check(log):
+            def check(log):  # on a cluster, once it has formed: only the chief writes the results
                 opened.append(log)
+                if results and (getattr(cfg, "strategy", None) != "multiworker" or _is_chief()):
+                    files.extend(results_files(results))
                 for path in files:
                     check_writable_file(path, "--results")
-                    check_output_owner(log, path, force or getattr(cfg, "force", False), "--results")
+                    check_output_owner(log, path, force, "--results")
 
             summaries = run_experiment(getattr(importlib.import_module(module), name), cfg, db, resume, check)
-            if getattr(cfg, "strategy", None) == "multiworker" and not _is_chief():
-                results = None  # the chief writes the results
             try:
-                fn(cfg, summaries, results)
+                fn(cfg, summaries, results if files else None)
             except ValueError as e:  # an unwritable --results path
                 fail(e)
             if files:
