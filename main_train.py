@@ -843,12 +843,8 @@ def dashboard(port, host, db):
         raise UsageFailure(f"The dashboard needs {' and '.join(missing)}, from the dashboard extra: "
                            'pip install -e ".[dashboard]"')
     from experiments.dashboard import APP
-    from experiments.dashboard.data import open_read_only
 
-    try:
-        open_read_only(db).close()
-    except ValueError as e:
-        fail(e)
+    open_log(db, readonly=True).close()  # a missing or foreign log: the one line `logs` gives
     command = [sys.executable, "-m", "streamlit", "run", APP, "--server.port", str(port), "--server.address", host,
                "--server.headless", "true", "--browser.gatherUsageStats", "false",
                "--server.fileWatcherType", "none", "--client.toolbarMode", "viewer", "--", "--db", db]
