@@ -137,6 +137,9 @@ def fail(e):
     raise click.ClickException(str(e)) from e
 
 
+NOT_RESUMABLE = ("compress", "prune")  # experiments (and their commands) without --resume
+
+
 def open_log(db, readonly=False):
     """The experiment log, or a one-line error naming the path and the reason."""
     from save_sqlite import ExperimentLog
@@ -153,9 +156,6 @@ def open_log(db, readonly=False):
                else "it cannot be resumed: run its command again")
         click.echo(f"run {run_id} was left running by a process that is gone: marked interrupted ({how})", err=True)
     return log
-
-
-NOT_RESUMABLE = ("compress", "prune")  # experiments without --resume
 
 
 @contextlib.contextmanager
@@ -211,7 +211,7 @@ def run_experiment(run_fn, cfg, db, resume=None, check=None):
             check(log)
         except ValueError as e:
             fail(e)
-    resumable = getattr(run_fn, "resumable", True)
+    resumable = run_fn.__name__.removeprefix("run_") not in NOT_RESUMABLE
     if cluster and resume is None and resumable:
         resume = distribute.interrupted_run(log, run_fn.__name__.removeprefix("run_"), cfg)
         if resume is not None:
@@ -268,7 +268,8 @@ def cli():
 # ---------------------------------------------------------- cifar and rice
 def experiment_command(cls, run, results_help, argument=None, results_files=lambda results: [results]):
     """Decorator: a training command whose options are the fields of config `cls`,
-    plus --results, --resume, --db and (unless `cls` has a `force` field) --force
+    plus --results, --db, --resume (unless the command is NOT_RESUMABLE) and (unless
+    `cls` has a `force` field) --force
     (`argument`: a field given as the command's positional argument instead). `run`
     ("module:function") runs the experiment; the decorated function
     `fn(cfg, summaries, results)` reports its summaries into the files
@@ -276,7 +277,7 @@ def experiment_command(cls, run, results_help, argument=None, results_files=lamb
     def decorate(fn):
         has_force = "force" in {f.name for f in dataclasses.fields(cls)}
 
-        def command(db, results, resume, force=False, **options):
+        def command(db, results, resume=None, force=False, **options):
             import importlib
 
             from experiments.common import check_output_owner, check_writable_file
@@ -306,7 +307,10 @@ def experiment_command(cls, run, results_help, argument=None, results_files=lamb
         if not has_force:
             command = click.option("--force", is_flag=True,
                                    help="Replace --results even when it holds a finished run's file.")(command)
-        command = db_option(resume_option(click.option("--results", default=None, help=results_help)(command)))
+        command = click.option("--results", default=None, help=results_help)(command)
+        if fn.__name__ not in NOT_RESUMABLE:
+            command = resume_option(command)
+        command = db_option(command)
         command = cli.command(fn.__name__, context_settings=CONTEXT, help=fn.__doc__)(
             config_options(cls, skip=(argument,))(command))
         if argument:
@@ -406,8 +410,6 @@ def echo_skipped(plan):
     if skipped:
         click.echo(f"skipped {len(skipped)} convs: "
                    + "; ".join(f"{name} ({reason})" for name, reason in skipped.items()))
-
-
 
 
 @cli.command(context_settings=CONTEXT)
@@ -671,6 +673,7 @@ def compress(cfg, summary, results):
 def export(model_path, output, fmt, quantize, calibration_dir, calibration_images, preprocess, eval_dir,
            latency_batch, runs, seed, force, db):
     """Fold BatchNorm, export (LiteRT, SavedModel, ONNX; float, float16, dynamic, int8), check and time it."""
+    from experiments.common import check_output_owner
     from experiments.deploy import check_output, export_run, load_images, logged_preprocess, model_run
     from pruning.export import check_export, fixed_input_shape
 
@@ -682,8 +685,6 @@ def export(model_path, output, fmt, quantize, calibration_dir, calibration_image
     if quantize == "int8" and not calibration_dir:
         raise click.UsageError("--quantize int8 needs --calibration-dir IMAGES (a representative dataset "
                                "drawn from your images); or use --quantize dynamic.")
-    from experiments.common import check_output_owner
-
     log = open_log(db)
     try:
         check_output_owner(log, output, force, "-o")
