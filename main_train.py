@@ -249,12 +249,6 @@ def join_cluster(cfg, db):
     return cfg, db
 
 
-def _is_chief():
-    from experiments.distribute import is_chief
-
-    return is_chief()
-
-
 @click.group(context_settings=CONTEXT)
 @click.version_option(package_name="keras-pruning-toolkit")
 def cli():
@@ -281,6 +275,7 @@ def experiment_command(cls, run, results_help, argument=None, results_files=lamb
             import importlib
 
             from experiments.common import check_output_owner, check_writable_file
+            from experiments.distribute import is_chief
 
             module, name = run.split(":")
             if has_force:
@@ -290,7 +285,7 @@ def experiment_command(cls, run, results_help, argument=None, results_files=lamb
 
             def check(log):  # on a cluster, once it has formed: only the chief writes the results
                 opened.append(log)
-                if results and (getattr(cfg, "strategy", None) != "multiworker" or _is_chief()):
+                if results and (getattr(cfg, "strategy", None) != "multiworker" or is_chief()):
                     files.extend(results_files(results))
                 for path in files:
                     check_writable_file(path, "--results")
