@@ -137,6 +137,9 @@ def fail(e):
     raise click.ClickException(str(e)) from e
 
 
+NOT_RESUMABLE = ("compress", "prune")  # experiments (and their commands) without --resume
+
+
 def open_log(db, readonly=False):
     """The experiment log, or a one-line error naming the path and the reason."""
     from save_sqlite import ExperimentLog
@@ -153,9 +156,6 @@ def open_log(db, readonly=False):
                else "it cannot be resumed: run its command again")
         click.echo(f"run {run_id} was left running by a process that is gone: marked interrupted ({how})", err=True)
     return log
-
-
-NOT_RESUMABLE = ("compress", "prune")  # experiments without --resume
 
 
 @contextlib.contextmanager
@@ -186,7 +186,8 @@ def run_experiment(run_fn, cfg, db, resume=None, check=None):
     """Opens the log, then runs an experiment. A ValueError in the config (before any
     run) is a usage error (exit 2); one found mid-run (bad data or weights, whose run
     is then already marked failed) exits 1; both print one line. `check(log)`, if
-    given, runs once the log is open, before any work (a ValueError: exit 1)."""
+    given, runs once the log is open, before any work (a ValueError: exit 1). Under
+    --strategy multiworker the same steps run on this worker of the cluster (`join_cluster`)."""
     if resume is None:
         try:
             cfg.validate()
@@ -198,67 +199,54 @@ def run_experiment(run_fn, cfg, db, resume=None, check=None):
             ensure_writable_dir(cfg.out_dir)
         except ValueError as e:
             fail(e)
-    if getattr(cfg, "strategy", None) == "multiworker":
-        return run_on_cluster(run_fn, cfg, db, resume, check)
+    cluster = getattr(cfg, "strategy", None) == "multiworker"
+    if cluster:
+        from experiments import distribute
+
+        given, (cfg, db) = cfg, join_cluster(cfg, db)
+    lost = distribute.WorkerLost if cluster else ()  # a cluster's lost worker: restart and resume
     log = open_log(db)
-    run_check(check, log)
-    with interrupt_message(getattr(run_fn, "resumable", True)):
-        try:
-            return run_fn(cfg, log, progress=progressbar, echo=click.echo, resume=resume)
-        except InputError as e:  # found by the experiment's own checks, before any run
-            raise UsageFailure(str(e)) from e
-        except ValueError as e:
-            fail(e)
-
-
-def run_check(check, log):
-    """`run_experiment`'s `check(log)`, if given: a ValueError is one line, exit 1."""
     if check is not None:
         try:
             check(log)
         except ValueError as e:
             fail(e)
-
-
-def run_on_cluster(run_fn, cfg, db, resume=None, check=None):
-    """`run_experiment` on one worker of a TF_CONFIG cluster (docs/distributed.md):
-    every worker runs the same steps; only the chief (worker 0) writes the log and the
-    run folders, the others a scratch folder deleted at the end. A worker that finds
-    its own run interrupted (it was restarted, or the cluster lost a worker) resumes
-    it; when a worker is lost mid-run this one restarts itself and waits for it."""
-    from experiments import distribute
-
-    given, (cfg, db) = cfg, distribute.worker_setup(cfg, db)
-    try:
-        distribute.connect_cluster(cfg.worker_timeout)
-    except ValueError as e:
-        raise UsageFailure(str(e)) from e
-    log = open_log(db)
-    run_check(check, log)
-    experiment = run_fn.__name__.removeprefix("run_")
-    if resume is None and getattr(run_fn, "resumable", True):
-        resume = distribute.interrupted_run(log, experiment, cfg)
+    resumable = run_fn.__name__.removeprefix("run_") not in NOT_RESUMABLE
+    if cluster and resume is None and resumable:
+        resume = distribute.interrupted_run(log, run_fn.__name__.removeprefix("run_"), cfg)
         if resume is not None:
             click.echo(f"resuming interrupted run {resume} of this cluster", err=True)
-    with interrupt_message(getattr(run_fn, "resumable", True)):
+    with interrupt_message(resumable):
         try:
             summaries = run_fn(cfg, log, progress=progressbar, echo=click.echo, resume=resume)
         except InputError as e:  # found by the experiment's own checks, before any run
             raise UsageFailure(str(e)) from e
         except ValueError as e:
             fail(e)
-        except distribute.WorkerLost:
+        except lost:
             log.close()
             distribute.restart_process(echo=lambda m: click.echo(m, err=True))
             raise
-    distribute.remove_worker_files(given)
+    if cluster:
+        distribute.remove_worker_files(given)
     return summaries
 
 
-def _is_chief():
-    from experiments.distribute import is_chief
+def join_cluster(cfg, db):
+    """Under --strategy multiworker (docs/distributed.md), (config, log path) of this
+    worker of the TF_CONFIG cluster, once the cluster has formed: every worker runs the
+    same steps; only the chief (worker 0) writes the log and the run folders, the others
+    a scratch folder deleted at the end. A worker that finds its own run interrupted (it
+    was restarted, or the cluster lost a worker) resumes it; when a worker is lost
+    mid-run this one restarts itself and waits for it."""
+    from experiments import distribute
 
-    return is_chief()
+    try:  # a bad TF_CONFIG is checked by cfg.validate(), but not with --resume
+        cfg, db = distribute.worker_setup(cfg, db)
+        distribute.connect_cluster(cfg.worker_timeout)
+    except ValueError as e:
+        raise UsageFailure(str(e)) from e
+    return cfg, db
 
 
 @click.group(context_settings=CONTEXT)
@@ -274,7 +262,8 @@ def cli():
 # ---------------------------------------------------------- cifar and rice
 def experiment_command(cls, run, results_help, argument=None, results_files=lambda results: [results]):
     """Decorator: a training command whose options are the fields of config `cls`,
-    plus --results, --resume, --db and (unless `cls` has a `force` field) --force
+    plus --results, --db, --resume (unless the command is NOT_RESUMABLE) and (unless
+    `cls` has a `force` field) --force
     (`argument`: a field given as the command's positional argument instead). `run`
     ("module:function") runs the experiment; the decorated function
     `fn(cfg, summaries, results)` reports its summaries into the files
@@ -282,29 +271,29 @@ def experiment_command(cls, run, results_help, argument=None, results_files=lamb
     def decorate(fn):
         has_force = "force" in {f.name for f in dataclasses.fields(cls)}
 
-        def command(db, results, resume, force=False, **options):
+        def command(db, results, resume=None, force=False, **options):
             import importlib
 
             from experiments.common import check_output_owner, check_writable_file
+            from experiments.distribute import is_chief
 
             module, name = run.split(":")
             if has_force:
                 options["force"] = force
             cfg = config_from_options(cls, options)
-            files = results_files(results) if results else []
-            opened = []
+            files, opened = [], []  # the --results files this process checks, writes and records; its log
 
-            def check(log):
+            def check(log):  # on a cluster, once it has formed: only the chief writes the results
                 opened.append(log)
+                if results and (getattr(cfg, "strategy", None) != "multiworker" or is_chief()):
+                    files.extend(results_files(results))
                 for path in files:
                     check_writable_file(path, "--results")
-                    check_output_owner(log, path, force or getattr(cfg, "force", False), "--results")
+                    check_output_owner(log, path, force, "--results")
 
             summaries = run_experiment(getattr(importlib.import_module(module), name), cfg, db, resume, check)
-            if getattr(cfg, "strategy", None) == "multiworker" and not _is_chief():
-                results = None  # the chief writes the results
             try:
-                fn(cfg, summaries, results)
+                fn(cfg, summaries, results if files else None)
             except ValueError as e:  # an unwritable --results path
                 fail(e)
             if files:
@@ -313,7 +302,10 @@ def experiment_command(cls, run, results_help, argument=None, results_files=lamb
         if not has_force:
             command = click.option("--force", is_flag=True,
                                    help="Replace --results even when it holds a finished run's file.")(command)
-        command = db_option(resume_option(click.option("--results", default=None, help=results_help)(command)))
+        command = click.option("--results", default=None, help=results_help)(command)
+        if fn.__name__ not in NOT_RESUMABLE:
+            command = resume_option(command)
+        command = db_option(command)
         command = cli.command(fn.__name__, context_settings=CONTEXT, help=fn.__doc__)(
             config_options(cls, skip=(argument,))(command))
         if argument:
@@ -413,8 +405,6 @@ def echo_skipped(plan):
     if skipped:
         click.echo(f"skipped {len(skipped)} convs: "
                    + "; ".join(f"{name} ({reason})" for name, reason in skipped.items()))
-
-
 
 
 @cli.command(context_settings=CONTEXT)
@@ -678,6 +668,7 @@ def compress(cfg, summary, results):
 def export(model_path, output, fmt, quantize, calibration_dir, calibration_images, preprocess, eval_dir,
            latency_batch, runs, seed, force, db):
     """Fold BatchNorm, export (LiteRT, SavedModel, ONNX; float, float16, dynamic, int8), check and time it."""
+    from experiments.common import check_output_owner
     from experiments.deploy import check_output, export_run, load_images, logged_preprocess, model_run
     from pruning.export import check_export, fixed_input_shape
 
@@ -689,8 +680,6 @@ def export(model_path, output, fmt, quantize, calibration_dir, calibration_image
     if quantize == "int8" and not calibration_dir:
         raise click.UsageError("--quantize int8 needs --calibration-dir IMAGES (a representative dataset "
                                "drawn from your images); or use --quantize dynamic.")
-    from experiments.common import check_output_owner
-
     log = open_log(db)
     try:
         check_output_owner(log, output, force, "-o")
@@ -850,12 +839,8 @@ def dashboard(port, host, db):
         raise UsageFailure(f"The dashboard needs {' and '.join(missing)}, from the dashboard extra: "
                            'pip install -e ".[dashboard]"')
     from experiments.dashboard import APP
-    from experiments.dashboard.data import open_read_only
 
-    try:
-        open_read_only(db).close()
-    except ValueError as e:
-        fail(e)
+    open_log(db, readonly=True).close()  # a missing or foreign log: the one line `logs` gives
     command = [sys.executable, "-m", "streamlit", "run", APP, "--server.port", str(port), "--server.address", host,
                "--server.headless", "true", "--browser.gatherUsageStats", "false",
                "--server.fileWatcherType", "none", "--client.toolbarMode", "viewer", "--", "--db", db]

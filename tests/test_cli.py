@@ -196,6 +196,16 @@ def test_rice_failure_mid_run_is_logged_as_failed(tmp_path, monkeypatch):
     assert run["status"] == "failed" and "ImageNet" in run["error"]
 
 
+def test_cluster_resume_with_a_bad_tf_config_is_one_line(tmp_path, monkeypatch):
+    # --resume skips the config checks (TF_CONFIG among them): joining the cluster says it.
+    monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": {"worker": ["127.0.0.1:1111"]},
+                                                "task": {"type": "worker", "index": 5}}))
+    r = CliRunner().invoke(cli, ["cifar", "--strategy", "multiworker", "--resume", "1", "--db",
+                                 str(tmp_path / "l.db"), "--out-dir", str(tmp_path / "runs")])
+    assert r.exit_code == 2 and "Expected TF_CONFIG task index in [0, 0]" in r.output, r.output
+    assert "Traceback" not in r.output and not (tmp_path / "l.db").exists()
+
+
 def test_cifar_missing_image_dir_fails_before_any_run(tmp_path):
     db = str(tmp_path / "l.db")
     r = CliRunner().invoke(cli, ["cifar", "--image-dir", str(tmp_path / "nope"), "--db", db])

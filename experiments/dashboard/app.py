@@ -100,9 +100,10 @@ def runs_page(log, rows):
                 st.code(r.get("error") or "(no error recorded)", language=None)
     st.subheader("Tree")
     st.caption("Baseline → pruned runs, compress → its steps, a model → its exports. Click a run to open it.")
+    shown_ids = {r["id"] for r in shown}
     st.markdown("\n".join(f"{'    ' * r['depth']}- [{run_title(r)}](?page=Run&run={r['id']})"
                           + (f" · top-1 {r['test_top1']:.4f}" if r.get("test_top1") is not None else "")
-                          for r in shown if r["depth"] == 0 or r.get("parent_id") in {s["id"] for s in shown}))
+                          for r in shown if r["depth"] == 0 or r.get("parent_id") in shown_ids))
 
 
 def run_page(log, rows, colours):
@@ -184,8 +185,8 @@ def run_page(log, rows, colours):
             if s["per_class"]:
                 right.altair_chart(charts.recall(s["per_class"]), width="stretch")
 
-    lat_rows = data.latency_rows(rows, r)
     if lat:
+        lat_rows = data.latency_rows(rows, r)
         st.subheader("Latency")
         how = (f"median of {lat['rounds']} interleaved rounds with its baseline in one window"
                if lat.get("interleaved") else f"median of {lat.get('runs', '?')} timed calls")

@@ -13,7 +13,8 @@ PHASE = alt.Color("phase:N", title="phase")
 def _ranker(colours, rows):
     """Colour by ranker on the log-wide scale; the legend lists the rankers of `rows` only."""
     domain, range_ = colours
-    shown = [d for d in domain if d in {r["label"] for r in rows}]
+    labels = {r["label"] for r in rows}
+    shown = [d for d in domain if d in labels]
     return alt.Color("label:N", title="ranker", scale=alt.Scale(domain=domain, range=range_),
                      legend=alt.Legend(values=shown))
 
