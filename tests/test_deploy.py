@@ -200,6 +200,14 @@ def test_int8_converter_failure_names_the_op_and_suggests_dynamic(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["old.tflite"]
 
 
+def test_vgg16_preprocessing_leaves_its_input_as_it_was():
+    x = np.random.default_rng(0).uniform(0, 255, (2, 4, 4, 3)).astype(np.float32)
+    before = x.copy()
+    out = preprocessing("vgg16")(x)
+    np.testing.assert_array_equal(x, before)  # Keras' preprocess_input alone edits it in place
+    np.testing.assert_allclose(out, keras.applications.vgg16.preprocess_input(before.copy()))
+
+
 def test_export_choice_lists_match_the_library():
     from experiments.config import EXPORT_FORMATS, QUANTIZATIONS
     from pruning.export import FORMATS, QUANTIZATIONS as quantizations
