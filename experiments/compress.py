@@ -22,6 +22,7 @@ from experiments.data import (
     AUTOTUNE, check_readable, check_splits, folder_dataset, list_image_folder, load_cifar_folder, preprocessing,
     random_crop_flip, stratified_split,
 )
+from experiments.distribute import on_scratch
 from pruning import CNNModel, model_stats, prune
 from pruning.allocation import PlanCost, allocate, compose
 from pruning.plan import n_kept
@@ -290,7 +291,7 @@ def _run_compress(cfg, log, model, echo):
                  seed=cfg.seed, config=config) as parent:
         parent.make_dir(cfg.out_dir, common.slug(stem, f"{metric}{target:g}", ranker.name, f"seed{cfg.seed}"))
         output = os.path.join(parent.dir, f"{stem}-{metric}{target:g}.keras")
-        plan_path = os.path.splitext(output)[0] + ".plan.json"
+        plan_path = plan_path_of(output)
         base = evaluate(model, test_ds)
         base_sizes, base_latency = common.measure(model, cfg.latency_batch, cfg.latency_runs)
         echo(f"baseline: top-1 {base['test_top1']:.4f}, {base_sizes['params']:,} params, "
@@ -356,7 +357,8 @@ def _run_compress(cfg, log, model, echo):
              f"target {target:g}" + (" (latency does not fall in proportion to the filters removed on this machine; "
                                      "a smaller target prunes more)" if metric == "latency" else
                                      " (filter counts are whole numbers)") + ".")
-    echo(f"wrote {output} and {plan_path} (run {parent.id})")
+    if not on_scratch(cfg):
+        echo(f"wrote {output} and {plan_path} (run {parent.id})")
     if cfg.export:  # the last step: the same export as `export MODEL -o ...`, logged under this run
         from experiments.deploy import export_run
         from pruning.export import EXTENSIONS
