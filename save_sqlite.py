@@ -553,14 +553,14 @@ class ExperimentLog:
         """
         from pruning import __version__
 
-        row = {
+        started = now()
+        row = {  # a log opened for writing has every migration's column (heartbeat: m005)
             "experiment": experiment, "model": model, "dataset": dataset, "ranker": ranker,
             "pruning_ratio": pruning_ratio, "rates": _dumps(rates), "parent_id": parent_id,
             "seed": seed, "config": _dumps(config or {}), "status": "running",
-            "started_at": now(), "version": __version__, "host": platform.node(), "pid": os.getpid(),
+            "started_at": started, "heartbeat": started, "version": __version__, "host": platform.node(),
+            "pid": os.getpid(),
         }
-        if "heartbeat" in self.db["runs"].columns_dict:
-            row["heartbeat"] = row["started_at"]
         if self._depth == 0 or not self.pending:
             try:
                 return self._retry(lambda: self.db["runs"].insert(row).last_pk,
