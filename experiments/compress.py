@@ -10,6 +10,7 @@ with indices of the original model's filters).
 """
 
 import dataclasses
+import inspect
 import os
 
 import keras
@@ -207,6 +208,10 @@ def run_compress(cfg, log, model=None, progress=None, echo=print, resume=None):
         return _run_compress(cfg, log, model, echo)
 
 
+# How far above its target the allocation may land (`pruning.allocation.allocate`'s default).
+TOLERANCE = inspect.signature(allocate).parameters["tolerance"].default
+
+
 def precheck(cfg, log, model=None):
     """Every check `compress` can make before any run row or folder exists; each failure
     is an `InputError` (one line; the CLI exits 2). Returns (model, cfg with the image
@@ -238,7 +243,7 @@ def precheck(cfg, log, model=None):
                 for g in groups for name in g}
         counter = PlanCost(cnn)
         least = counter(keep)[metric] / counter({})[metric]
-        if least > target * 1.02:  # the allocation's tolerance
+        if least > target * (1 + TOLERANCE):
             raise InputError(f"Cannot reach target_{metric}={target:g}: removing {cfg.max_ratio:g} of the filters "
                              f"of every prunable conv keeps {least:.4f} of the {metric}. Raise --max-ratio, "
                              "exclude fewer layers, or give a larger target.")
@@ -352,7 +357,7 @@ def _run_compress(cfg, log, model, echo):
     echo(f"compressed: top-1 {final['test_top1']:.4f} (baseline {base['test_top1']:.4f}), {metric} "
          f"{summary['reached']:.3f} of the baseline (target {target}), {sizes['params']:,} params, "
          f"{sizes['macs']:,} MACs, {sizes['latency_ms']:.1f} ms/batch ({summary['speedup']:.2f}x)")
-    if summary["reached"] > target * 1.02:  # the allocation's tolerance
+    if summary["reached"] > target * (1 + TOLERANCE):
         echo(f"warning: the compressed model keeps {summary['reached']:.3f} of the baseline {metric}, above the "
              f"target {target:g}" + (" (latency does not fall in proportion to the filters removed on this machine; "
                                      "a smaller target prunes more)" if metric == "latency" else
