@@ -115,6 +115,7 @@ def check_output(path, format):
                          f"(e.g. {os.path.join(path, 'model' + ext)!r}).")
     if not path.endswith(ext):
         raise ValueError(f"Expected an output path ending in {ext} for format {format!r}. Received: {path!r}")
+    common.check_writable_file(path, "output")  # a file in its path, a read-only folder: before any run
 
 
 def write_export(model, path, format, quantize, calibration):

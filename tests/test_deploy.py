@@ -141,6 +141,7 @@ BAD = {
     "eval_classes": (["--eval-dir", "{good}"], 2, "has 2 classes"),
     "folder": (["-o", "{tmp}"], 2, "is a folder. Expected a file path ending in .tflite"),
     "extension": (["-o", "{tmp}/m.onnx"], 2, "ending in .tflite"),
+    "under_a_file": (["-o", "{model}/m.tflite"], 2, "is a file, not a folder"),
 }
 
 
@@ -149,7 +150,7 @@ def test_bad_input_is_one_line_and_writes_nothing(trained, tmp_path, case):
     path, _ = trained
     args, code, message = BAD[case]
     folders = {"empty": str(tmp_path / "empty"), "tmp": str(tmp_path), "broken": _images(tmp_path / "broken", broken=True),
-               "flat": _images(tmp_path / "flat", flat=True), "good": _images(tmp_path / "good")}
+               "flat": _images(tmp_path / "flat", flat=True), "good": _images(tmp_path / "good"), "model": path}
     os.makedirs(folders["empty"])
     args = [a.format(**folders) for a in args]
     if "-o" not in args:
