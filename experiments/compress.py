@@ -225,6 +225,15 @@ def precheck(cfg, log, model=None):
             raise InputError(str(e)) from None
     if cfg.output and not cfg.output.endswith((".keras", ".h5")):
         raise InputError(f"Expected --output to be a .keras (or .h5) file. Received: {cfg.output!r}")
+    if cfg.output and cfg.export:  # the exported file beside it (in a new run folder without --output)
+        from experiments.deploy import check_output
+
+        exported = export_path_of(cfg.output, cfg.export, cfg.quantize)
+        try:
+            check_output(exported, cfg.export)
+            common.check_output_owner(log, exported, cfg.force, "--output")
+        except ValueError as e:
+            raise InputError(str(e)) from None
     model = model if model is not None else common.load_model_file(cfg.model)
     model = common.fixed_input(model, cfg.image_size)
     if common.dynamic_input(model):
@@ -262,6 +271,13 @@ def precheck(cfg, log, model=None):
 def plan_path_of(model_path):
     """The plan JSON written beside a compressed model."""
     return os.path.splitext(model_path)[0] + ".plan.json"
+
+
+def export_path_of(model_path, format, quantize):
+    """The file --export writes beside a compressed model."""
+    from pruning.export import EXTENSIONS
+
+    return os.path.splitext(model_path)[0] + (f"-{quantize}" if quantize != "none" else "") + EXTENSIONS[format]
 
 
 run_compress.resumable = False  # the CLI's interrupt message does not offer --resume
@@ -366,13 +382,11 @@ def _run_compress(cfg, log, model, echo):
         echo(f"wrote {output} and {plan_path} (run {parent.id})")
     if cfg.export:  # the last step: the same export as `export MODEL -o ...`, logged under this run
         from experiments.deploy import export_run
-        from pruning.export import EXTENSIONS
 
-        stem = os.path.splitext(cfg.output or output)[0]
-        target = stem + (f"-{cfg.quantize}" if cfg.quantize != "none" else "") + EXTENSIONS[cfg.export]
+        source = cfg.output or output
         pick = np.random.default_rng(cfg.seed).permutation(len(x_tr))[:cfg.calibration_images]
         summary["export"] = export_run(
-            log, current, cfg.output or output, target, cfg.export, cfg.quantize, cfg.preprocess,
-            calibration=x_tr[pick].astype(np.float32), evaluation=(x_te.astype(np.float32), y_te),
+            log, current, source, export_path_of(source, cfg.export, cfg.quantize), cfg.export, cfg.quantize,
+            cfg.preprocess, calibration=x_tr[pick].astype(np.float32), evaluation=(x_te.astype(np.float32), y_te),
             latency_batch=cfg.latency_batch, latency_runs=cfg.latency_runs, parent_id=parent.id, echo=echo)
     return summary

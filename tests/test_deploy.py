@@ -1,6 +1,7 @@
 """Issue 21: `export` (LiteRT float/float16/dynamic/int8, SavedModel, ONNX), checked, timed, logged;
 each bad input one clear line with nothing written."""
 
+import dataclasses
 import json
 import os
 import sys
@@ -241,5 +242,15 @@ def test_compress_exports_int8_as_its_last_step(tmp_path):
     from experiments.deploy import model_run
 
     assert model_run(ExperimentLog(db), out)["id"] == s["run_id"]  # `export small.keras` finds the compress run
+    # A file a finished export run wrote is not replaced by a compress whose export lands there.
+    from experiments.config import InputError
+
+    log = ExperimentLog(db)
+    with log.run("export") as other:
+        other.finish(artifact=str(tmp_path / "new-int8.tflite"))
+    again = dataclasses.replace(cfg, output=str(tmp_path / "new.keras"))
+    with pytest.raises(InputError, match="new-int8.tflite' is the model of finished run"):
+        run_compress(again, log, echo=lines.append)
+    assert len(log.runs("compress")) == 2 and not os.path.exists(again.output)  # the parent and its one step
     with pytest.raises(ValueError, match="needs export='litert'"):
         CompressConfig(model=path, data_dir=data, target_macs=0.5, quantize="int8").validate()
