@@ -228,9 +228,10 @@ PARTIAL = ".partial-"
 
 
 def remove_partial_files(folder, pattern=f"*{PARTIAL}*", recursive=False):
-    """Deletes the temporary files of atomic saves in `folder` whose writing process
-    is gone; returns their paths."""
+    """Deletes the temporary files (and folders: a SavedModel) of atomic saves in `folder`
+    whose writing process is gone; returns their paths."""
     import glob
+    import shutil
 
     root = os.path.join(glob.escape(folder), "**") if recursive else glob.escape(folder)
     removed = []
@@ -238,7 +239,7 @@ def remove_partial_files(folder, pattern=f"*{PARTIAL}*", recursive=False):
         pid = os.path.basename(p).split(PARTIAL, 1)[1].split(".", 1)[0]
         if pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid)):
             with contextlib.suppress(OSError):
-                os.remove(p)
+                shutil.rmtree(p) if os.path.isdir(p) and not os.path.islink(p) else os.remove(p)
                 removed.append(p)
     return removed
 

@@ -22,6 +22,7 @@ from experiments.data import check_readable, list_image_folder, load_image, prep
 from pruning.export import EXTENSIONS, Runner, check_export, export_model, file_size, fixed_input_shape, \
     fold_batchnorm
 from pruning.latency import interleaved_latency
+from save_sqlite import PARTIAL, remove_partial_files
 
 
 class Preprocessing(keras.layers.Layer):
@@ -126,12 +127,15 @@ def write_export(model, path, format, quantize, calibration):
         return path
     folder = os.path.dirname(os.path.abspath(path))
     common.ensure_writable_dir(folder)
-    tmp, old = f"{path}.partial-{os.getpid()}", f"{path}.old-{os.getpid()}"
+    remove_partial_files(folder)  # left in this folder by killed writers
+    tmp, old = f"{path}{PARTIAL}{os.getpid()}", f"{path}.old-{os.getpid()}"
     try:
         export_model(model, tmp, format, quantize, calibration)
         if os.path.exists(path):
             os.replace(path, old)
         os.replace(tmp, path)
+    except OSError as e:  # as `common.atomic_path` says it
+        raise ValueError(f"Cannot write {path!r}: {common.os_reason(e)} ({e.strerror or e}).") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)
