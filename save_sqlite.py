@@ -731,9 +731,11 @@ class ExperimentLog:
         return [r for r in rows if status is None or r["status"] == status]
 
     def _live_status(self, row):
+        """`row` as read: a running row of a dead process of this host reads `interrupted`
+        (in `status`, and in `status_now` for a row of the runs_now view)."""
         if (self.readonly and row["status"] == "running" and row.get("pid") and row["host"] == platform.node()
                 and not process_alive(row["pid"])):
-            return {**row, "status": "interrupted"}
+            return {**row, "status": "interrupted", **({"status_now": "interrupted"} if "status_now" in row else {})}
         return row
 
     def get_run(self, run_id):
@@ -759,8 +761,7 @@ class ExperimentLog:
         columns = [c[0] for c in cursor.description]
         rows = [dict(zip(columns, r)) for r in cursor.fetchall()]
         if table in ("runs", "runs_now"):  # the status `list` and `show` give
-            rows = [{**live, "status_now": live["status"]} if "status_now" in r and live is not r else live
-                    for r in rows for live in [self._live_status(r)]]
+            rows = [self._live_status(r) for r in rows]
         return columns, rows
 
 
