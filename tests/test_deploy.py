@@ -43,11 +43,11 @@ def trained(tmp_path_factory):
     images, labels, _ = load_images(SAMPLE_RICE, small_cnn(), what="data")
     model = small_cnn(width=16)
     model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="sparse_categorical_crossentropy")
-    x = preprocessing("vgg16")(images.copy())
+    x = preprocessing("vgg16")(images)
     model.fit(x, labels, epochs=12, batch_size=32, verbose=0)
     model.optimizer.learning_rate.assign(1e-3)
     model.fit(x, labels, epochs=6, batch_size=32, verbose=0)
-    recalibrate_batchnorm(model, preprocessing("vgg16")(images.copy()))  # BN statistics of the final weights
+    recalibrate_batchnorm(model, preprocessing("vgg16")(images))  # BN statistics of the final weights
     path = str(tmp_path_factory.mktemp("model") / "rice_small.keras")
     model.save(path)
     return path, model
@@ -76,7 +76,7 @@ def test_every_float_format_matches_the_keras_model(trained, tmp_path, fmt, quan
     assert metrics["latency"]["batch4"]["rounds"] == 3 and metrics["latency"]["batch1"]["machine_before"]
     # The file itself, run outside this code, on raw pixels: the .keras model on preprocessed ones.
     x = load_images(SAMPLE_RICE, model, limit=10, what="data")[0]
-    ref = model.predict_on_batch(preprocessing("vgg16")(x.copy()))
+    ref = model.predict_on_batch(preprocessing("vgg16")(x))
     got = Runner(out, fmt, batch_size=10)(x)
     tol = 1e-4 if quantize == "none" else 2e-2
     np.testing.assert_allclose(got, ref, rtol=tol, atol=tol * np.abs(ref).max())
