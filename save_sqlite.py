@@ -228,9 +228,10 @@ PARTIAL = ".partial-"
 
 
 def remove_partial_files(folder, pattern=f"*{PARTIAL}*", recursive=False):
-    """Deletes the temporary files of atomic saves in `folder` whose writing process
-    is gone; returns their paths."""
+    """Deletes the temporary files (and folders: a SavedModel) of atomic saves in `folder`
+    whose writing process is gone; returns their paths."""
     import glob
+    import shutil
 
     root = os.path.join(glob.escape(folder), "**") if recursive else glob.escape(folder)
     removed = []
@@ -238,7 +239,7 @@ def remove_partial_files(folder, pattern=f"*{PARTIAL}*", recursive=False):
         pid = os.path.basename(p).split(PARTIAL, 1)[1].split(".", 1)[0]
         if pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid)):
             with contextlib.suppress(OSError):
-                os.remove(p)
+                shutil.rmtree(p) if os.path.isdir(p) and not os.path.islink(p) else os.remove(p)
                 removed.append(p)
     return removed
 
@@ -553,14 +554,14 @@ class ExperimentLog:
         """
         from pruning import __version__
 
-        row = {
+        started = now()
+        row = {  # a log opened for writing has every migration's column (heartbeat: m005)
             "experiment": experiment, "model": model, "dataset": dataset, "ranker": ranker,
             "pruning_ratio": pruning_ratio, "rates": _dumps(rates), "parent_id": parent_id,
             "seed": seed, "config": _dumps(config or {}), "status": "running",
-            "started_at": now(), "version": __version__, "host": platform.node(), "pid": os.getpid(),
+            "started_at": started, "heartbeat": started, "version": __version__, "host": platform.node(),
+            "pid": os.getpid(),
         }
-        if "heartbeat" in self.db["runs"].columns_dict:
-            row["heartbeat"] = row["started_at"]
         if self._depth == 0 or not self.pending:
             try:
                 return self._retry(lambda: self.db["runs"].insert(row).last_pk,
@@ -730,9 +731,11 @@ class ExperimentLog:
         return [r for r in rows if status is None or r["status"] == status]
 
     def _live_status(self, row):
+        """`row` as read: a running row of a dead process of this host reads `interrupted`
+        (in `status`, and in `status_now` for a row of the runs_now view)."""
         if (self.readonly and row["status"] == "running" and row.get("pid") and row["host"] == platform.node()
                 and not process_alive(row["pid"])):
-            return {**row, "status": "interrupted"}
+            return {**row, "status": "interrupted", **({"status_now": "interrupted"} if "status_now" in row else {})}
         return row
 
     def get_run(self, run_id):
@@ -758,8 +761,7 @@ class ExperimentLog:
         columns = [c[0] for c in cursor.description]
         rows = [dict(zip(columns, r)) for r in cursor.fetchall()]
         if table in ("runs", "runs_now"):  # the status `list` and `show` give
-            rows = [{**live, "status_now": live["status"]} if "status_now" in r and live is not r else live
-                    for r in rows for live in [self._live_status(r)]]
+            rows = [self._live_status(r) for r in rows]
         return columns, rows
 
 

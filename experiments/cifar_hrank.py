@@ -15,6 +15,7 @@ import numpy as np
 from experiments import common
 from experiments.config import CifarConfig, from_dict  # noqa: F401  (CifarConfig: the config block)
 from experiments.data import CIFAR_STATS, cifar_dataset, load_cifar_folder, load_cifar_tfds
+from experiments.distribute import on_scratch
 from experiments.models import VGG16_BLOCKS, vgg16_bn_cifar
 from pruning import CNNModel
 from pruning.plan import resolve_ratios
@@ -196,7 +197,8 @@ def run_seed(cfg, seed, log, progress=None, echo=print, resume=None):
             scores, cached = common.compute_scores(
                 model, ranker, data=rank_ds, ranks_dir=ranks_dir, seed=seed,
                 rank_batches=cfg.rank_batches, progress=progress)
-            echo(f"  {ranker}: scores {'reused from' if cached else 'saved to'} {ranks_dir}")
+            if not on_scratch(cfg):  # a worker's scratch folder is deleted at the end
+                echo(f"  {ranker}: scores {'reused from' if cached else 'saved to'} {ranks_dir}")
             pruned = prune_and_finetune(model, scores, cfg, ranker, train_ds, test_ds, run)
             compile_model(pruned, sgd(cfg, cfg.finetune_lr), cfg.label_smoothing)
             summary = common.finish_model_run(run, pruned, lambda m: evaluate(m, test_ds),

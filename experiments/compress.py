@@ -10,6 +10,7 @@ with indices of the original model's filters).
 """
 
 import dataclasses
+import inspect
 import os
 
 import keras
@@ -22,6 +23,7 @@ from experiments.data import (
     AUTOTUNE, check_readable, check_splits, folder_dataset, list_image_folder, load_cifar_folder, preprocessing,
     random_crop_flip, stratified_split,
 )
+from experiments.distribute import on_scratch
 from pruning import CNNModel, model_stats, prune
 from pruning.allocation import PlanCost, allocate, compose
 from pruning.plan import n_kept
@@ -206,6 +208,10 @@ def run_compress(cfg, log, model=None, progress=None, echo=print, resume=None):
         return _run_compress(cfg, log, model, echo)
 
 
+# How far above its target the allocation may land (`pruning.allocation.allocate`'s default).
+TOLERANCE = inspect.signature(allocate).parameters["tolerance"].default
+
+
 def precheck(cfg, log, model=None):
     """Every check `compress` can make before any run row or folder exists; each failure
     is an `InputError` (one line; the CLI exits 2). Returns (model, cfg with the image
@@ -219,6 +225,15 @@ def precheck(cfg, log, model=None):
             raise InputError(str(e)) from None
     if cfg.output and not cfg.output.endswith((".keras", ".h5")):
         raise InputError(f"Expected --output to be a .keras (or .h5) file. Received: {cfg.output!r}")
+    if cfg.output and cfg.export:  # the exported file beside it (in a new run folder without --output)
+        from experiments.deploy import check_output
+
+        exported = export_path_of(cfg.output, cfg.export, cfg.quantize)
+        try:
+            check_output(exported, cfg.export)
+            common.check_output_owner(log, exported, cfg.force, "--output")
+        except ValueError as e:
+            raise InputError(str(e)) from None
     model = model if model is not None else common.load_model_file(cfg.model)
     model = common.fixed_input(model, cfg.image_size)
     if common.dynamic_input(model):
@@ -237,7 +252,7 @@ def precheck(cfg, log, model=None):
                 for g in groups for name in g}
         counter = PlanCost(cnn)
         least = counter(keep)[metric] / counter({})[metric]
-        if least > target * 1.02:  # the allocation's tolerance
+        if least > target * (1 + TOLERANCE):
             raise InputError(f"Cannot reach target_{metric}={target:g}: removing {cfg.max_ratio:g} of the filters "
                              f"of every prunable conv keeps {least:.4f} of the {metric}. Raise --max-ratio, "
                              "exclude fewer layers, or give a larger target.")
@@ -256,6 +271,13 @@ def precheck(cfg, log, model=None):
 def plan_path_of(model_path):
     """The plan JSON written beside a compressed model."""
     return os.path.splitext(model_path)[0] + ".plan.json"
+
+
+def export_path_of(model_path, format, quantize):
+    """The file --export writes beside a compressed model."""
+    from pruning.export import EXTENSIONS
+
+    return os.path.splitext(model_path)[0] + (f"-{quantize}" if quantize != "none" else "") + EXTENSIONS[format]
 
 
 run_compress.resumable = False  # the CLI's interrupt message does not offer --resume
@@ -290,7 +312,7 @@ def _run_compress(cfg, log, model, echo):
                  seed=cfg.seed, config=config) as parent:
         parent.make_dir(cfg.out_dir, common.slug(stem, f"{metric}{target:g}", ranker.name, f"seed{cfg.seed}"))
         output = os.path.join(parent.dir, f"{stem}-{metric}{target:g}.keras")
-        plan_path = os.path.splitext(output)[0] + ".plan.json"
+        plan_path = plan_path_of(output)
         base = evaluate(model, test_ds)
         base_sizes, base_latency = common.measure(model, cfg.latency_batch, cfg.latency_runs)
         echo(f"baseline: top-1 {base['test_top1']:.4f}, {base_sizes['params']:,} params, "
@@ -351,21 +373,20 @@ def _run_compress(cfg, log, model, echo):
     echo(f"compressed: top-1 {final['test_top1']:.4f} (baseline {base['test_top1']:.4f}), {metric} "
          f"{summary['reached']:.3f} of the baseline (target {target}), {sizes['params']:,} params, "
          f"{sizes['macs']:,} MACs, {sizes['latency_ms']:.1f} ms/batch ({summary['speedup']:.2f}x)")
-    if summary["reached"] > target * 1.02:  # the allocation's tolerance
+    if summary["reached"] > target * (1 + TOLERANCE):
         echo(f"warning: the compressed model keeps {summary['reached']:.3f} of the baseline {metric}, above the "
              f"target {target:g}" + (" (latency does not fall in proportion to the filters removed on this machine; "
                                      "a smaller target prunes more)" if metric == "latency" else
                                      " (filter counts are whole numbers)") + ".")
-    echo(f"wrote {output} and {plan_path} (run {parent.id})")
+    if not on_scratch(cfg):
+        echo(f"wrote {output} and {plan_path} (run {parent.id})")
     if cfg.export:  # the last step: the same export as `export MODEL -o ...`, logged under this run
         from experiments.deploy import export_run
-        from pruning.export import EXTENSIONS
 
-        stem = os.path.splitext(cfg.output or output)[0]
-        target = stem + (f"-{cfg.quantize}" if cfg.quantize != "none" else "") + EXTENSIONS[cfg.export]
+        source = cfg.output or output
         pick = np.random.default_rng(cfg.seed).permutation(len(x_tr))[:cfg.calibration_images]
         summary["export"] = export_run(
-            log, current, cfg.output or output, target, cfg.export, cfg.quantize, cfg.preprocess,
-            calibration=x_tr[pick].astype(np.float32), evaluation=(x_te.astype(np.float32), y_te),
+            log, current, source, export_path_of(source, cfg.export, cfg.quantize), cfg.export, cfg.quantize,
+            cfg.preprocess, calibration=x_tr[pick].astype(np.float32), evaluation=(x_te.astype(np.float32), y_te),
             latency_batch=cfg.latency_batch, latency_runs=cfg.latency_runs, parent_id=parent.id, echo=echo)
     return summary

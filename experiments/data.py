@@ -164,11 +164,14 @@ def grey_world(x, threshold=GRAIN_THRESHOLD):
 def preprocessing(name):
     """The input transform a model was trained with, on RGB batches in [0, 255]:
     vgg16 (BGR minus the ImageNet mean, as the rice models), cifar10 / cifar100 (per-
-    channel mean and std, as the CIFAR models), unit ([0, 1]) or none."""
+    channel mean and std, as the CIFAR models), unit ([0, 1]) or none. The input is never
+    changed."""
     if name == "vgg16":
         import keras
 
-        return keras.applications.vgg16.preprocess_input
+        def vgg16(x):  # Keras edits a float NumPy array in place: the caller's array is left as it was
+            return keras.applications.vgg16.preprocess_input(np.array(x) if isinstance(x, np.ndarray) else x)
+        return vgg16
     if name in CIFAR_STATS:
         mean, std = (tf.constant(v, tf.float32) * 255.0 for v in CIFAR_STATS[name])
         return lambda x: (x - mean) / std

@@ -22,6 +22,7 @@ from experiments.data import check_readable, list_image_folder, load_image, prep
 from pruning.export import EXTENSIONS, Runner, check_export, export_model, file_size, fixed_input_shape, \
     fold_batchnorm
 from pruning.latency import interleaved_latency
+from save_sqlite import PARTIAL, remove_partial_files
 
 
 class Preprocessing(keras.layers.Layer):
@@ -115,6 +116,7 @@ def check_output(path, format):
                          f"(e.g. {os.path.join(path, 'model' + ext)!r}).")
     if not path.endswith(ext):
         raise ValueError(f"Expected an output path ending in {ext} for format {format!r}. Received: {path!r}")
+    common.check_writable_file(path, "output")  # a file in its path, a read-only folder: before any run
 
 
 def write_export(model, path, format, quantize, calibration):
@@ -125,12 +127,15 @@ def write_export(model, path, format, quantize, calibration):
         return path
     folder = os.path.dirname(os.path.abspath(path))
     common.ensure_writable_dir(folder)
-    tmp, old = f"{path}.partial-{os.getpid()}", f"{path}.old-{os.getpid()}"
+    remove_partial_files(folder)  # left in this folder by killed writers
+    tmp, old = f"{path}{PARTIAL}{os.getpid()}", f"{path}.old-{os.getpid()}"
     try:
         export_model(model, tmp, format, quantize, calibration)
         if os.path.exists(path):
             os.replace(path, old)
         os.replace(tmp, path)
+    except OSError as e:  # as `common.atomic_path` says it
+        raise ValueError(f"Cannot write {path!r}: {common.os_reason(e)} ({e.strerror or e}).") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)
@@ -145,8 +150,8 @@ def check_against_keras(model, runner, images, preprocess, labels=None):
     """Outputs of the exported file (on raw `images`) against the `.keras` model (on the
     preprocessed images): max abs difference, relative difference, top-1 agreement and, with
     `labels`, the accuracy of both."""
-    fn = preprocessing(preprocess) or (lambda x: x)  # on a copy: vgg16's preprocess_input edits numpy arrays
-    ref = np.concatenate([keras.ops.convert_to_numpy(model(fn(images[i:i + 64].copy()), training=False))
+    fn = preprocessing(preprocess) or (lambda x: x)
+    ref = np.concatenate([keras.ops.convert_to_numpy(model(fn(images[i:i + 64]), training=False))
                           for i in range(0, len(images), 64)])
     out = runner.predict(images).reshape(ref.shape)
     diff = float(np.max(np.abs(out - ref)))

@@ -282,6 +282,13 @@ def worker_setup(cfg, db):
     return dataclasses.replace(cfg, **changes), os.path.join(scratch, "log.db")
 
 
+def on_scratch(cfg):
+    """Whether this process is a non-chief worker of a --strategy multiworker run: what it
+    writes goes to its scratch folder (`worker_setup`), deleted at the end, so its output
+    names no file (the chief's names the files that stay)."""
+    return getattr(cfg, "strategy", None) == "multiworker" and not is_chief()
+
+
 def worker_dir(out_dir, index):
     return os.path.join(out_dir, WORKERS_DIR, str(index))
 

@@ -1,6 +1,7 @@
 """Issue 21: `export` (LiteRT float/float16/dynamic/int8, SavedModel, ONNX), checked, timed, logged;
 each bad input one clear line with nothing written."""
 
+import dataclasses
 import json
 import os
 import sys
@@ -42,11 +43,11 @@ def trained(tmp_path_factory):
     images, labels, _ = load_images(SAMPLE_RICE, small_cnn(), what="data")
     model = small_cnn(width=16)
     model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="sparse_categorical_crossentropy")
-    x = preprocessing("vgg16")(images.copy())
+    x = preprocessing("vgg16")(images)
     model.fit(x, labels, epochs=12, batch_size=32, verbose=0)
     model.optimizer.learning_rate.assign(1e-3)
     model.fit(x, labels, epochs=6, batch_size=32, verbose=0)
-    recalibrate_batchnorm(model, preprocessing("vgg16")(images.copy()))  # BN statistics of the final weights
+    recalibrate_batchnorm(model, preprocessing("vgg16")(images))  # BN statistics of the final weights
     path = str(tmp_path_factory.mktemp("model") / "rice_small.keras")
     model.save(path)
     return path, model
@@ -75,7 +76,7 @@ def test_every_float_format_matches_the_keras_model(trained, tmp_path, fmt, quan
     assert metrics["latency"]["batch4"]["rounds"] == 3 and metrics["latency"]["batch1"]["machine_before"]
     # The file itself, run outside this code, on raw pixels: the .keras model on preprocessed ones.
     x = load_images(SAMPLE_RICE, model, limit=10, what="data")[0]
-    ref = model.predict_on_batch(preprocessing("vgg16")(x.copy()))
+    ref = model.predict_on_batch(preprocessing("vgg16")(x))
     got = Runner(out, fmt, batch_size=10)(x)
     tol = 1e-4 if quantize == "none" else 2e-2
     np.testing.assert_allclose(got, ref, rtol=tol, atol=tol * np.abs(ref).max())
@@ -141,6 +142,7 @@ BAD = {
     "eval_classes": (["--eval-dir", "{good}"], 2, "has 2 classes"),
     "folder": (["-o", "{tmp}"], 2, "is a folder. Expected a file path ending in .tflite"),
     "extension": (["-o", "{tmp}/m.onnx"], 2, "ending in .tflite"),
+    "under_a_file": (["-o", "{model}/m.tflite"], 2, "is a file, not a folder"),
 }
 
 
@@ -149,7 +151,7 @@ def test_bad_input_is_one_line_and_writes_nothing(trained, tmp_path, case):
     path, _ = trained
     args, code, message = BAD[case]
     folders = {"empty": str(tmp_path / "empty"), "tmp": str(tmp_path), "broken": _images(tmp_path / "broken", broken=True),
-               "flat": _images(tmp_path / "flat", flat=True), "good": _images(tmp_path / "good")}
+               "flat": _images(tmp_path / "flat", flat=True), "good": _images(tmp_path / "good"), "model": path}
     os.makedirs(folders["empty"])
     args = [a.format(**folders) for a in args]
     if "-o" not in args:
@@ -200,6 +202,14 @@ def test_int8_converter_failure_names_the_op_and_suggests_dynamic(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["old.tflite"]
 
 
+def test_vgg16_preprocessing_leaves_its_input_as_it_was():
+    x = np.random.default_rng(0).uniform(0, 255, (2, 4, 4, 3)).astype(np.float32)
+    before = x.copy()
+    out = preprocessing("vgg16")(x)
+    np.testing.assert_array_equal(x, before)  # Keras' preprocess_input alone edits it in place
+    np.testing.assert_allclose(out, keras.applications.vgg16.preprocess_input(before.copy()))
+
+
 def test_export_choice_lists_match_the_library():
     from experiments.config import EXPORT_FORMATS, QUANTIZATIONS
     from pruning.export import FORMATS, QUANTIZATIONS as quantizations
@@ -232,5 +242,15 @@ def test_compress_exports_int8_as_its_last_step(tmp_path):
     from experiments.deploy import model_run
 
     assert model_run(ExperimentLog(db), out)["id"] == s["run_id"]  # `export small.keras` finds the compress run
+    # A file a finished export run wrote is not replaced by a compress whose export lands there.
+    from experiments.config import InputError
+
+    log = ExperimentLog(db)
+    with log.run("export") as other:
+        other.finish(artifact=str(tmp_path / "new-int8.tflite"))
+    again = dataclasses.replace(cfg, output=str(tmp_path / "new.keras"))
+    with pytest.raises(InputError, match="new-int8.tflite' is the model of finished run"):
+        run_compress(again, log, echo=lines.append)
+    assert len(log.runs("compress")) == 2 and not os.path.exists(again.output)  # the parent and its one step
     with pytest.raises(ValueError, match="needs export='litert'"):
         CompressConfig(model=path, data_dir=data, target_macs=0.5, quantize="int8").validate()

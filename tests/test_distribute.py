@@ -125,6 +125,20 @@ def test_strategy_and_precision_errors():
     assert get_strategy("default").num_replicas_in_sync == 1
 
 
+def test_only_a_non_chief_cluster_worker_is_on_scratch(monkeypatch):
+    """A non-chief worker names no file (its scratch folder is deleted at the end)."""
+    from types import SimpleNamespace
+
+    from experiments.distribute import on_scratch
+
+    cluster = {"cluster": {"worker": ["127.0.0.1:2222", "127.0.0.1:2223"]}}
+    for index, strategy, scratch in [(1, "multiworker", True), (0, "multiworker", False), (1, "default", False)]:
+        monkeypatch.setenv("TF_CONFIG", json.dumps({**cluster, "task": {"type": "worker", "index": index}}))
+        assert on_scratch(SimpleNamespace(strategy=strategy)) is scratch
+    monkeypatch.delenv("TF_CONFIG")
+    assert not on_scratch(SimpleNamespace(strategy="default"))
+
+
 def test_experiment_configs_run_inside_their_strategy_and_policy():
     import dataclasses
 

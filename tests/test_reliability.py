@@ -152,6 +152,9 @@ def test_dead_process_row_and_its_partial_file(tmp_path):
     run_dir.mkdir(parents=True)
     partial = run_dir / f"baseline.partial-{dead.pid}.keras"
     partial.write_bytes(b"")
+    saved_model = run_dir / f"deploy.partial-{dead.pid}"  # a killed SavedModel export: a folder
+    (saved_model / "variables").mkdir(parents=True)
+    (saved_model / "saved_model.pb").write_bytes(b"")
     db = str(tmp_path / "l.db")
     log = ExperimentLog(db)
     run_id = log.start_run("cifar")
@@ -165,7 +168,7 @@ def test_dead_process_row_and_its_partial_file(tmp_path):
     # A writer marks it and removes the temporary file its killed save left.
     log = ExperimentLog(db)
     assert log.get_run(run_id)["status"] == "interrupted" and log.get_run(live)["status"] == "running"
-    assert not partial.exists()
+    assert not partial.exists() and not saved_model.exists()
 
 
 # ------------------------------------------------------------------ saving
