@@ -280,7 +280,6 @@ def export_path_of(model_path, format, quantize):
     return os.path.splitext(model_path)[0] + (f"-{quantize}" if quantize != "none" else "") + EXTENSIONS[format]
 
 
-run_compress.resumable = False  # the CLI's interrupt message does not offer --resume
 
 
 def _run_compress(cfg, log, model, echo):
