@@ -30,6 +30,68 @@ def _md_table(runs):
     return "\n".join(lines)
 
 
+# Config keys that differ between the seeds of one setting (they do not split a group).
+SEED_KEYS = ("seed", "seeds")
+
+
+def seed_groups(runs):
+    """Completed runs grouped by setting: the same experiment, dataset, ranker, ratio or
+    rates and config except the seed. Returns [(runs of one setting, in id order)], in
+    order of the group's first run."""
+    groups = {}
+    for r in sorted(runs, key=lambda r: r["id"]):
+        config = {k: v for k, v in json.loads(r["config"] or "{}").items() if k not in SEED_KEYS}
+        key = (r["experiment"], r["dataset"], r["ranker"], r["pruning_ratio"], r["rates"],
+               json.dumps(config, sort_keys=True))
+        groups.setdefault(key, []).append(r)
+    return list(groups.values())
+
+
+def mean_std(values):
+    """(mean, sample standard deviation) of the values that are not None; (None, None) if none."""
+    values = [float(v) for v in values if v is not None]
+    if not values:
+        return None, None
+    mean = sum(values) / len(values)
+    std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
+    return mean, std
+
+
+def _metric(run, *path):
+    value = json.loads(run["metrics"] or "{}")
+    for key in path:
+        value = value.get(key) if isinstance(value, dict) else None
+    return value
+
+
+def _pm(values, spec=".4f"):
+    """'mean ± std'; one value when every seed gave the same (e.g. a pruned size)."""
+    mean, std = mean_std(values)
+    if mean is None:
+        return ""
+    return f"{mean:{spec}}" if len(set(values)) == 1 else f"{mean:{spec}} ± {std:{spec}}"
+
+
+def seeds_table(runs):
+    """A Markdown table of every setting run with two or more seeds: test (and held-out
+    batch) top-1 and speed-up as mean ± sample std over the seeds; None when there is none."""
+    groups = [g for g in seed_groups(runs) if len({r["seed"] for r in g}) > 1]
+    if not groups:
+        return None
+    lines = ["| runs | dataset | ranker | ratio | seeds | top-1 | held-out top-1 | params | MACs | speed-up |",
+             "|---" * 10 + "|"]
+    for g in groups:
+        r = g[0]
+        ratio = r["pruning_ratio"] if r["pruning_ratio"] is not None else ("per-layer" if r["rates"] else "")
+        speedups = [_metric(x, "speedup") for x in g] if r["parent_id"] is not None else []
+        lines.append(
+            f"| {', '.join(str(x['id']) for x in g)} | {r['dataset'] or ''} | {_label(r)} | {ratio} | "
+            f"{len(g)} | {_pm([x['test_top1'] for x in g])} | {_pm([_metric(x, 'heldout', 'top1') for x in g])} | "
+            f"{_pm([x['params'] for x in g], ',.0f')} | {_pm([x['macs'] for x in g], ',.0f')} | "
+            f"{_pm(speedups, '.2f')} |")
+    return "\n".join(lines)
+
+
 def _v(value, spec=""):
     return "" if value is None else format(value, spec)
 
@@ -138,6 +200,10 @@ def write_report(log, out_dir, force=False):
     for experiment in experiments:
         exp_runs = [r for r in runs if r["experiment"] == experiment]
         sections.append(f"## {experiment}\n\n{_md_table(exp_runs)}\n")
+        over_seeds = seeds_table(exp_runs)
+        if over_seeds:
+            sections.append(f"### {experiment}: mean ± std over seeds\n\nOne row per setting (same config but "
+                            f"the seed); std is the sample standard deviation.\n\n{over_seeds}\n")
         scored = [r for r in exp_runs if r["test_top1"] is not None]
         if scored:
             png = accuracy_plot(scored, f"{experiment}: accuracy against size and speed",
