@@ -185,6 +185,8 @@ def export_run(log, model, model_path, output, format="litert", quantize="none",
     `evaluation`, for the check. evaluation: (raw images, labels) for agreement and accuracy.
     Returns the run's record (also its metrics); prints one summary line."""
     check_export(format, quantize, calibration if quantize == "int8" else None)
+    if format == "saved_model":  # "serve/" names the folder "serve", not a file inside it
+        output = os.path.normpath(output)
     shape = fixed_input_shape(model)
     check_output(output, format)
     if quantize == "int8" and calibration is None:

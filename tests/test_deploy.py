@@ -59,18 +59,18 @@ def export(args, db):
 
 @pytest.mark.parametrize("fmt,quantize,name", [
     ("litert", "none", "m.tflite"), ("litert", "float16", "m16.tflite"), ("litert", "dynamic", "md.tflite"),
-    ("saved_model", "none", "m_saved"), ("onnx", "none", "m.onnx")])
+    ("saved_model", "none", "m_saved/"), ("onnx", "none", "m.onnx")])
 def test_every_float_format_matches_the_keras_model(trained, tmp_path, fmt, quantize, name):
     if fmt == "onnx":
         pytest.importorskip("tf2onnx", reason="the [onnx] extra is not installed")
     path, model = trained
-    out, db = str(tmp_path / name), str(tmp_path / "log.db")
+    out, db = os.path.join(str(tmp_path), name), str(tmp_path / "log.db")  # keeps "m_saved/" a folder path
     r = export([path, "-o", out, "--format", fmt, "--quantize", quantize, "--eval-dir", SAMPLE_RICE], db)
     assert r.exit_code == 0, r.output
-    assert f"{name}: " in r.output and "ms at batch 1" in r.output
+    assert f"{name.rstrip('/')}: " in r.output and "ms at batch 1" in r.output
     (run,) = ExperimentLog(db).runs("export")
     metrics = json.loads(run["metrics"])
-    assert run["status"] == "completed" and run["artifact"] == out
+    assert run["status"] == "completed" and run["artifact"] == os.path.normpath(out)
     assert metrics["format"] == fmt and metrics["quantize"] == quantize and metrics["file_bytes"] > 0
     assert set(metrics["latency"]) == {"batch1", "batch4"}
     assert metrics["latency"]["batch4"]["rounds"] == 3 and metrics["latency"]["batch1"]["machine_before"]
