@@ -287,10 +287,3 @@ def test_prune_lists_the_convs_a_uniform_ratio_skips(tmp_path):
     assert "Pruned inexactly through ln: the outputs changed by" in r.output
     m = keras.models.load_model(inexact)
     assert m.get_layer("a").filters == 4 and m.get_layer("ln").get_weights()[0].shape == (4,)
-
-
-def test_config_choice_lists_match_the_library():
-    from experiments.config import ALLOCATIONS, TARGET_METRICS
-    from pruning.allocation import ALLOCATIONS as allocations, METRICS
-
-    assert (ALLOCATIONS, TARGET_METRICS) == (allocations, METRICS)
