@@ -283,7 +283,7 @@ class CifarConfig:
         (strategy), the file system and the ranker registry."""
         check_fields(self)
         check_strategy(self)
-        from pruning.rankers import get_ranker
+        from pruning import get_ranker
 
         if self.image_dir is not None and not os.path.isdir(self.image_dir):
             raise ValueError(f"Data folder not found: {self.image_dir!r}. Expected a folder of "
@@ -379,7 +379,7 @@ class RiceConfig:
         (strategy), the file system or the ranker registry."""
         check_fields(self)
         check_strategy(self)
-        from pruning.rankers import get_ranker
+        from pruning import get_ranker
 
         if not os.path.isdir(self.data_dir):
             raise ValueError(f"Data folder not found: {self.data_dir!r}. Expected a folder of "
@@ -516,7 +516,7 @@ class CompressConfig:
         ranker and its options; export and quantize), the environment or the file system."""
         check_fields(self)
         check_strategy(self)
-        from pruning.rankers import make_ranker
+        from pruning import make_ranker
 
         self.target  # exactly one of the three
         check_model_file(self.model, "model")
@@ -539,7 +539,7 @@ def check_ranker_options(ranker, options):
     import inspect
     import typing
 
-    from pruning.rankers import RANKERS
+    from pruning import RANKERS
 
     if ranker not in RANKERS:
         return  # make_ranker names the known rankers (and rejects unknown options)

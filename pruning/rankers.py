@@ -355,6 +355,3 @@ def load_scores(cnn, folder, layers=None, ranker="hrank"):
                              f"{conv.filters} filters.")
         out[conv.name] = s
     return out
-
-
-import pruning.criteria  # noqa: E402,F401  (registers fpgm, apoz, taylor, bn_scale with the registry above)
