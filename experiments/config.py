@@ -85,10 +85,13 @@ def field_kind(field, hint=None):
     kind = typing.get_origin(kind) or kind  # tuple[float, ...] -> tuple
     item = None
     if kind is tuple:
-        meta, default = field.metadata, field.default
-        item = PARSED_KINDS.get(meta.get("parse")) or (
-            type(default[0]) if isinstance(default, tuple) and default and
-            len({type(v) for v in default}) == 1 else (str if meta.get("multiple") else None))
+        default = field.default if isinstance(field.default, tuple) else ()
+        if field.metadata.get("parse"):
+            item = PARSED_KINDS[field.metadata["parse"]]
+        elif len({type(v) for v in default}) == 1:  # (0,) -> int
+            item = type(default[0])
+        elif field.metadata.get("multiple"):
+            item = str
     return kind, optional, item
 
 
@@ -452,9 +455,11 @@ class CompressConfig:
     rank_batches: int = option(4, "Training batches for data-driven rankers (taylor, hrank, apoz).", min=1)
     target_macs: Optional[float] = option(None, "Fraction of the model's MACs to keep, e.g. 0.5 (give exactly "
                                           "one target).", min=0.0, max=1.0, min_open=True)
-    target_params: Optional[float] = option(None, "Fraction of the parameters to keep.", min=0.0, max=1.0, min_open=True)
+    target_params: Optional[float] = option(None, "Fraction of the parameters to keep.", min=0.0, max=1.0,
+                                            min_open=True)
     target_latency: Optional[float] = option(None, "Fraction of the measured latency to keep (batch "
-                                             "--latency-batch; noisy on a busy machine).", min=0.0, max=1.0, min_open=True)
+                                             "--latency-batch; noisy on a busy machine).", min=0.0, max=1.0,
+                                             min_open=True)
     allocation: str = option("uniform", "How the budget is spread over layers: one ratio (uniform), one "
                              "threshold over normalised scores (global), or by each layer's measured accuracy "
                              "drop (sensitivity).", choices=ALLOCATIONS)
