@@ -9,7 +9,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import typing
 import warnings
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -17,7 +16,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import click  # noqa: E402
 
 from experiments.config import (EXPORT_FORMATS, PREPROCESSING, QUANTIZATIONS, ROUND_MODES, CifarConfig,  # noqa: E402
-                                CompressConfig, InputError, RiceConfig, cli_fields)
+                                CompressConfig, InputError, RiceConfig, check_field, cli_fields, field_kind)
 from save_sqlite import DEFAULT_DB, ENV_VAR, STATUSES, TABLES  # noqa: E402
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -75,29 +74,43 @@ PARSERS = {"floats": float_list, "ints": int_list, "names": comma_list}
 
 
 def config_option(field):
-    """The click option of a config field, from its type, default and metadata."""
+    """The click option of a config field, from its type, default and metadata: the choices and
+    range (`click.Choice`, `click.IntRange` / `click.FloatRange` with open bounds) of a value or of
+    each value of a repeated option; a comma-separated option is parsed, then checked by the same
+    `check_field` as the config's `validate()`."""
     meta = field.metadata
     flag = meta.get("flag") or "--" + field.name.replace("_", "-")
     decls = [flag, field.name] if flag != "--" + field.name.replace("_", "-") else [flag]
     if flag.startswith("-") and not flag.startswith("--"):
         decls = [flag, "--" + field.name.replace("_", "-")]
-    kind = field.type
-    if typing.get_origin(kind) is typing.Union:  # Optional[x]
-        kind = next(a for a in typing.get_args(kind) if a is not type(None))
+    kind, _, item = field_kind(field)
     kwargs = {"default": field.default, "help": meta["help"], "show_default": field.default is not None}
     if kind is bool:
         name = field.name.replace("_", "-")
         return click.option(f"--{name}/--no-{name}", field.name, **kwargs)
     if meta.get("parse"):
-        kwargs.update(callback=PARSERS[meta["parse"]], type=str,
+        parse = PARSERS[meta["parse"]]
+
+        def parse_and_check(ctx, param, value):
+            value = parse(ctx, param, value)
+            try:
+                check_field(field, value)
+            except ValueError as e:
+                raise click.BadParameter(str(e)) from e
+            return value
+        kwargs.update(callback=parse_and_check, type=str,
                       default=",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in field.default))
         kwargs["show_default"] = True
-    elif meta.get("multiple"):
-        kwargs.update(multiple=True, type=type(field.default[0]) if field.default else str, default=list(field.default))
-    elif meta.get("choices"):
+        return click.option(*decls, **kwargs)
+    if meta.get("multiple"):
+        kwargs.update(multiple=True, default=list(field.default))
+        kind = item
+    if meta.get("choices"):
         kwargs["type"] = click.Choice(meta["choices"])
     elif kind in (int, float) and (meta.get("min") is not None or meta.get("max") is not None):
-        kwargs["type"] = (click.IntRange if kind is int else click.FloatRange)(meta.get("min"), meta.get("max"))
+        kwargs["type"] = (click.IntRange if kind is int else click.FloatRange)(
+            meta.get("min"), meta.get("max"), min_open=meta.get("min_open", False),
+            max_open=meta.get("max_open", False))
     elif kind in (int, float, str):
         kwargs["type"] = kind
     return click.option(*decls, **kwargs)

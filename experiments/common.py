@@ -440,7 +440,7 @@ def compute_scores(model, ranker, data=None, ranks_dir=None, seed=0, rank_batche
     `progress(label, total)`, if given, returns a context manager yielding an
     `update(n)` callable (click.progressbar fits).
     """
-    from pruning.rankers import make_ranker, save_scores
+    from pruning import make_ranker, save_scores
 
     ranker = make_ranker(ranker, options, seed=seed, num_batches=rank_batches)
     cnn = CNNModel(model)

@@ -12,29 +12,22 @@ which is recorded as `macs` of the pruned run against its parent.
 """
 
 import dataclasses
+import numbers
 import os
+import types
+import typing
 from typing import Optional
 
-# Choice lists, each defined once.
+from experiments.choices import (FLIPS, POOLINGS, PRECISIONS, PREPROCESSING, STRATEGIES,  # noqa: F401
+                                 VGG16_BLOCKS, WEIGHTS_CHOICES)
+from pruning.choices import ALLOCATIONS, EXPORT_FORMATS, QUANTIZATIONS, ROUND_MODES, TARGET_METRICS  # noqa: F401
+
+# The configs' own choice lists (the other names are imported above from the modules that own them).
 CIFAR_DATASETS = ("cifar100", "cifar10")
 SCHEDULES = ("blockwise", "oneshot")
 RETRAIN_CHOICES = ("head", "top", "all")
-FLIPS = ("none", "horizontal", "both")
-POOLINGS = ("avg", "flatten")
-WEIGHTS_CHOICES = ("auto", "imagenet", "hed", "none")
 SPLIT_BY = ("random", "batch")
 EARLY_STOP = ("loss", "balanced")
-ROUND_MODES = ("nearest", "down")
-# experiments.distribute's names (kept here: this module imports no TensorFlow).
-STRATEGIES = ("default", "mirrored", "multiworker", "tpu")
-PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
-# pruning.allocation's names (kept here: this module imports no TensorFlow; a test checks they match).
-ALLOCATIONS = ("uniform", "global", "sensitivity")
-TARGET_METRICS = ("macs", "params", "latency")  # pruning.plan.ROUND_MODES (kept here: this module imports no TensorFlow)
-PREPROCESSING = ("vgg16", "cifar10", "cifar100", "unit", "none")
-# pruning.export's names (kept here: this module imports no TensorFlow; a test checks they match).
-EXPORT_FORMATS = ("litert", "saved_model", "onnx")
-QUANTIZATIONS = ("none", "float16", "dynamic", "int8")
 # Augmentation ranges: hue in fractions of the colour circle, saturation and brightness as factors
 # 1 +- v, zoom as a factor up to 1 + v, rotation in degrees.
 JITTER_MAX = {"hue": 0.5, "saturation": 1.0, "brightness": 1.0}
@@ -43,7 +36,7 @@ ZOOM_MAX, ROTATE_MAX = 3.0, 180.0
 
 def check_augmentation(colour_jitter=(0.0, 0.0, 0.0), zoom=0.0, rotate=0.0):
     """Raises ValueError naming the first value outside its range (the ranges above): the one
-    check of `RiceConfig` and of experiments.data's augmentations."""
+    check of experiments.data's augmentations (and, through the fields' metadata, of `RiceConfig`)."""
     for (name, hi), v in zip(JITTER_MAX.items(), colour_jitter):
         if not 0 <= v <= hi:
             raise ValueError(f"Expected {name} jitter in [0, {hi}]. Received: {name}={v}")
@@ -54,22 +47,130 @@ def check_augmentation(colour_jitter=(0.0, 0.0, 0.0), zoom=0.0, rotate=0.0):
 
 
 def option(default, help, *, min=None, max=None, choices=None, flag=None, multiple=False, parse=None,
-           cli=True):
-    """A config field with what its command-line option needs.
+           cli=True, min_open=False, max_open=False, item_name=None, check=None):
+    """A config field with what its command-line option needs, and all that `check_fields` checks.
 
     Args:
         default: the field's (and the option's) default.
         help: help text, with units.
-        min, max: accepted range of an int or float.
-        choices: the tuple of accepted values.
+        min, max: accepted range of an int or float (of each element of a tuple field).
+        choices: the tuple of accepted values (of each element of a tuple field).
         flag: the option's name when not `--field-name` (e.g. "--ranker" for rankers).
         multiple: the option may be repeated (the field is a tuple).
         parse: "floats" ("0.1,0.2" -> (0.1, 0.2)), "ints" ("1,5" -> (1, 5)) or "names" ("a,b" -> ("a", "b")).
+            Floats and ints need at least one number.
         cli: False for a field with no option.
+        min_open, max_open: the bound itself is refused (`min=0, min_open=True`: > 0).
+        item_name: how an error names an element of a tuple field (default `field[i]`).
+        check: a function of the whole value raising a one-line ValueError, for what a range cannot
+            say (the count or the order of a tuple's elements).
     """
     return dataclasses.field(default=default, metadata={
         "help": help, "min": min, "max": max, "choices": choices, "flag": flag, "multiple": multiple,
-        "parse": parse, "cli": cli})
+        "parse": parse, "cli": cli, "min_open": min_open, "max_open": max_open, "item_name": item_name,
+        "check": check})
+
+
+PARSED_KINDS = {"floats": float, "ints": int, "names": str}
+KIND_NAMES = {int: "an integer", float: "a number", str: "a string"}
+
+
+def field_kind(field, hint=None):
+    """(kind, optional, item kind) of a config field: kind is bool, int, float, str, tuple or
+    another type; `optional` when None is accepted; the item kind of a tuple field (None: any)."""
+    kind, optional = field.type if hint is None else hint, False
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):  # Optional[x], x | None
+        args = [a for a in typing.get_args(kind) if a is not type(None)]
+        optional, kind = len(args) < len(typing.get_args(kind)), args[0] if len(args) == 1 else object
+    kind = typing.get_origin(kind) or kind  # tuple[float, ...] -> tuple
+    item = None
+    if kind is tuple:
+        default = field.default if isinstance(field.default, tuple) else ()
+        if field.metadata.get("parse"):
+            item = PARSED_KINDS[field.metadata["parse"]]
+        elif len({type(v) for v in default}) == 1:  # (0,) -> int
+            item = type(default[0])
+        elif field.metadata.get("multiple"):
+            item = str
+    return kind, optional, item
+
+
+def range_text(meta):
+    """'in [0, 1)', '>= 32', '> 0', '<= 2' or '' for a field's min/max metadata."""
+    def num(v):
+        return f"{v:g}" if isinstance(v, float) else str(v)
+
+    lo, hi = meta.get("min"), meta.get("max")
+    if lo is not None and hi is not None:
+        return f"in {'(' if meta.get('min_open') else '['}{num(lo)}, {num(hi)}{')' if meta.get('max_open') else ']'}"
+    if lo is not None:
+        return f"{'>' if meta.get('min_open') else '>='} {num(lo)}"
+    if hi is not None:
+        return f"{'<' if meta.get('max_open') else '<='} {num(hi)}"
+    return ""
+
+
+def _shown(value):
+    return str(value) if isinstance(value, numbers.Number) and not isinstance(value, bool) else repr(value)
+
+
+def _check_value(name, value, kind, meta):
+    """One value (a scalar field, or one element of a tuple field) against its kind and metadata."""
+    choices, bounds = meta.get("choices"), range_text(meta)
+    received = f"Received: {name}={_shown(value)}"
+    if choices is not None:
+        if value not in choices:
+            raise ValueError(f"Expected {name} in {tuple(choices)}. {received}")
+        return
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"Expected {name} True or False. {received}")
+        return
+    numeric = {int: numbers.Integral, float: numbers.Real}.get(kind)
+    if numeric is not None and (isinstance(value, bool) or not isinstance(value, numeric)):
+        raise ValueError(f"Expected {name} {KIND_NAMES[kind]}{' ' + bounds if bounds else ''}. {received}")
+    if kind is str and not isinstance(value, (str, os.PathLike)):
+        raise ValueError(f"Expected {name} a string. {received}")
+    if bounds and isinstance(value, numbers.Real):
+        lo, hi = meta.get("min"), meta.get("max")
+        if lo is not None and not (value > lo if meta.get("min_open") else value >= lo) or \
+                hi is not None and not (value < hi if meta.get("max_open") else value <= hi):
+            raise ValueError(f"Expected {name} {bounds}. {received}")
+
+
+def check_field(field, value, hint=None):
+    """A one-line ValueError (Keras style: `Expected pooling in ('avg', 'flatten'). Received:
+    pooling='max'`) when `value` is not what `field`'s type and metadata accept: None only for an
+    Optional field; the kind (int, float, bool, str, tuple); the choices; the range (min, max,
+    min_open, max_open); each element of a tuple field, named `item_name` or `field[i]`; then the
+    field's own `check`. The CLI runs the same function on parsed tuple options (`main_train`)."""
+    meta, name = field.metadata, field.name
+    kind, optional, item = field_kind(field, hint)
+    if value is None:
+        if optional:
+            return
+        raise ValueError(f"Expected {name} a value, not None. Received: {name}=None")
+    if kind is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"Expected {name} a list or tuple. Received: {name}={_shown(value)}")
+        if not value and meta.get("parse") in ("floats", "ints"):
+            what = meta.get("item_name") or f"value in {name}"
+            raise ValueError(f"Expected at least one {what}. Received: {name}=()")
+        for i, v in enumerate(value):
+            label = meta.get("item_name") or (f"{name}[{i}]" if len(value) > 1 else name)
+            _check_value(label, v, item, meta)
+    else:
+        _check_value(name, value, kind, meta)
+    if meta.get("check") is not None:
+        meta["check"](value)
+
+
+def check_fields(cfg):
+    """Every field of config `cfg` against its type and metadata (`check_field`): the one check of
+    each field alone, the first step of every config's `validate()`."""
+    hints = typing.get_type_hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        check_field(f, getattr(cfg, f.name), hints.get(f.name))
 
 
 # Fields every experiment config has, defined once.
@@ -105,14 +206,26 @@ def latency_runs_field():
     return option(10, "Timed inference calls per latency measurement.", min=1, cli=False)
 
 
-def check_ratios(values, name, indexed=False):
-    """Each value in [0, 1), at least one; `indexed` names a bad one `name[i]`."""
-    from pruning import check_ratio
+RATIO = {"min": 0.0, "max": 1.0, "max_open": True}  # a ratio's range, [0, 1) (as pruning.check_ratio)
 
-    if not values:
-        raise ValueError(f"Expected at least one {name}. Received: {name}=()")
-    for i, r in enumerate(values):
-        check_ratio(r, f"{name}[{i}]" if indexed and len(values) > 1 else name)
+
+# The checks of one field that a range cannot say (each field's `check`).
+def check_rate_count(rates):
+    if len(rates) not in (1, sum(VGG16_BLOCKS)):
+        raise ValueError(f"Expected one compress rate or {sum(VGG16_BLOCKS)}. Received: {len(rates)} rates")
+
+
+def check_holdout_range(indices):
+    if len(indices) != 2 or indices[0] > indices[1]:
+        raise ValueError(f"Expected holdout_range FIRST,LAST with 0 <= FIRST <= LAST. "
+                         f"Received: holdout_range={tuple(indices)}")
+
+
+def check_colour_jitter(values):
+    if len(values) != 3:
+        raise ValueError("Expected colour_jitter HUE,SATURATION,BRIGHTNESS (3 numbers). "
+                         f"Received: colour_jitter={tuple(values)}")
+    check_augmentation(colour_jitter=values)
 
 
 @dataclasses.dataclass
@@ -122,7 +235,7 @@ class CifarConfig:
     image_dir: Optional[str] = option(
         None, "Instead of tfds: a folder of {train,test}/<class>/*.jpg, e.g. ../shared/data/cifar10.")
     width: float = option(1.0, "Width multiplier of every conv and the hidden Dense (e.g. 0.25 for CPU runs).",
-                          min=0.0, max=4.0)
+                          min=0.0, max=4.0, min_open=True)
     train_limit: Optional[int] = option(None, "Use at most this many training images.", min=1)
     test_limit: Optional[int] = option(None, "Use at most this many test images.", min=1)
     epochs: int = option(120, "Pretraining epochs (0: none).", min=0)
@@ -138,7 +251,8 @@ class CifarConfig:
     rankers: tuple = option(("hrank",), "Filter ranker (hrank, l1, l2, random, ...); repeat to compare several.",
                             flag="--ranker", multiple=True)
     compress_rate: tuple = option((0.5,), "Fraction of filters removed per conv: one number for all 13 convs, "
-                                  "or 13 comma-separated.", parse="floats")
+                                  "or 13 comma-separated.", parse="floats", **RATIO,
+                                  check=check_rate_count)
     round_to: int = option(1, "Round kept filter counts to a multiple of this (1: exactly int(ratio * filters) "
                            "removed, as HRank; 8 or 16 run fast).", min=1)
     round_mode: str = option("nearest", "How --round-to rounds: nearest (61 of 64 -> 64 at --round-to 16: "
@@ -168,27 +282,17 @@ class CifarConfig:
         return float(rates[0]) if len(rates) == 1 else [float(r) for r in rates]
 
     def validate(self):
+        """Each field alone (`check_fields`), then what its metadata cannot say: the environment
+        (strategy), the file system and the ranker registry."""
+        check_fields(self)
         check_strategy(self)
-        from experiments.models import VGG16_BLOCKS
-        from pruning.rankers import get_ranker
+        from pruning import get_ranker
 
-        if self.image_dir is None and self.dataset not in CIFAR_DATASETS:
-            raise ValueError(f"Expected dataset in {CIFAR_DATASETS}. Received: dataset={self.dataset!r}")
         if self.image_dir is not None and not os.path.isdir(self.image_dir):
             raise ValueError(f"Data folder not found: {self.image_dir!r}. Expected a folder of "
                              "{train,test}/<class>/<image>.jpg")
-        if not 0 < self.width <= 4:
-            raise ValueError(f"Expected width in (0, 4]. Received: width={self.width}")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"Expected schedule in {SCHEDULES}. Received: schedule={self.schedule!r}")
-        rates = self.compress_rate if isinstance(self.compress_rate, (list, tuple)) else (self.compress_rate,)
-        if len(rates) not in (1, sum(VGG16_BLOCKS)):
-            raise ValueError(f"Expected one compress rate or {sum(VGG16_BLOCKS)}. Received: {len(rates)} rates")
-        check_ratios(rates, "compress_rate", indexed=True)
         for name in self.rankers:
             get_ranker(name)
-        _check_counts(self, ("batch_size", "rank_batches", "rank_batch_size", "latency_batch", "latency_runs"),
-                      ("epochs", "warmup_epochs", "block_epochs", "final_epochs"), ("train_limit", "test_limit"))
         if self.pretrained:
             check_model_file(self.pretrained, "pretrained")
 
@@ -204,7 +308,7 @@ class RiceConfig:
                            "index N ('<variety> (N).jpg') is in --holdout-range, a photographic batch never "
                            "trained on.", choices=SPLIT_BY)
     holdout_range: tuple = option((12001, 15000), "File indices FIRST,LAST (inclusive) held out by --split-by "
-                                  "batch.", parse="ints")
+                                  "batch.", parse="ints", min=0, check=check_holdout_range)
     eval_dir: Optional[str] = option(None, "Another <variety>/*.jpg folder: every model is also evaluated on "
                                      "it (its own metrics in the log).")
     seed: int = option(0, "Seed of the split and the training.")
@@ -247,12 +351,14 @@ class RiceConfig:
     grey: bool = option(False, "The convs see the image in grey (inside the model; colour is left to "
                         "--grain-shape).")
     colour_jitter: tuple = option((0.0, 0.0, 0.0), "Max hue shift (fraction of the colour circle), saturation "
-                                  "and brightness change: HUE,SATURATION,BRIGHTNESS.", parse="floats")
+                                  "and brightness change: HUE,SATURATION,BRIGHTNESS.", parse="floats",
+                                  check=check_colour_jitter)
     views: int = option(0, "Jittered copies of the training images run once through the frozen part "
                         "(cached path).", min=0)
     ranker: str = option("l1", "Filter ranker (l1, l2, random, hrank, ...).")
     ratios: tuple = option((0.05, 0.1, 0.2), "Fractions of filters removed per conv, comma-separated; one "
-                           "pruned model each.", parse="floats")
+                           "pruned model each.", parse="floats", **RATIO,
+                           item_name="ratio")
     exclude: tuple = option(("block5_conv3",), "Comma-separated conv layers left unpruned ('' for none).",
                             parse="names")
     round_to: int = option(16, "Round kept filter counts to a multiple of this (1: exactly int(ratio * "
@@ -272,39 +378,21 @@ class RiceConfig:
     verbose: int = verbose_field()
 
     def validate(self):
+        """Each field alone (`check_fields`), then what involves several fields, the environment
+        (strategy), the file system or the ranker registry."""
+        check_fields(self)
         check_strategy(self)
-        from experiments.models import VGG16_BLOCKS
-        from pruning.rankers import get_ranker
+        from pruning import get_ranker
 
         if not os.path.isdir(self.data_dir):
             raise ValueError(f"Data folder not found: {self.data_dir!r}. Expected a folder of "
                              "<variety>/<image>.jpg such as Rice_Image_Dataset")
-        if self.retrain not in RETRAIN_CHOICES:
-            raise ValueError(f"Expected retrain in {RETRAIN_CHOICES}. Received: retrain={self.retrain!r}")
-        if self.pooling not in POOLINGS:
-            raise ValueError(f"Expected pooling in {POOLINGS}. Received: pooling={self.pooling!r}")
-        if self.image_size < 32:
-            raise ValueError(f"Expected image_size >= 32 (VGG16 pools 5 times). Received: {self.image_size}")
-        check_ratios(self.ratios, "ratio")
-        if self.split_by not in SPLIT_BY:
-            raise ValueError(f"Expected split_by in {SPLIT_BY}. Received: split_by={self.split_by!r}")
-        if self.early_stop not in EARLY_STOP:
-            raise ValueError(f"Expected early_stop in {EARLY_STOP}. Received: early_stop={self.early_stop!r}")
-        if len(self.holdout_range) != 2 or not 0 <= self.holdout_range[0] <= self.holdout_range[1]:
-            raise ValueError(f"Expected holdout_range FIRST,LAST with 0 <= FIRST <= LAST. "
-                             f"Received: holdout_range={tuple(self.holdout_range)}")
         if self.eval_dir is not None and not os.path.isdir(self.eval_dir):
             raise ValueError(f"Evaluation folder not found: {self.eval_dir!r}. Expected a folder of "
                              "<variety>/<image>.jpg with the same varieties as the data folder")
-        if len(self.colour_jitter) != 3:
-            raise ValueError("Expected colour_jitter HUE,SATURATION,BRIGHTNESS (3 numbers). "
-                             f"Received: colour_jitter={tuple(self.colour_jitter)}")
-        if self.flips not in FLIPS:
-            raise ValueError(f"Expected flips in {FLIPS}. Received: flips={self.flips!r}")
         if self.upright and self.grain_crop:
             raise ValueError("Expected at most one of --upright and --grain-crop (both set the grain's size). "
                              "Received: upright=True, grain_crop=True")
-        check_augmentation(self.colour_jitter, self.zoom, self.rotate)
         # Augmentation applies to --views copies or to --augment training; without either it would do nothing.
         for name, value, used, copies in (
                 ("colour_jitter", tuple(self.colour_jitter), any(self.colour_jitter), "jittered"),
@@ -315,8 +403,6 @@ class RiceConfig:
         if self.retrain == "top" and self.unfreeze == 0:
             raise ValueError("retrain='top' retrains the --unfreeze top convs; it needs unfreeze >= 1. "
                              "Received: unfreeze=0")
-        _check_counts(self, ("batch_size", "latency_batch", "latency_runs", "patience"),
-                      ("head_epochs", "finetune_epochs", "retrain_epochs", "unfreeze"), ("limit_per_class",))
         if self.weights not in WEIGHTS_CHOICES:
             if self.weights.endswith(".keras"):
                 raise ValueError(f"Expected weights in {WEIGHTS_CHOICES} or a weights file (.weights.h5 or .h5). "
@@ -368,10 +454,12 @@ class CompressConfig:
                                    "num_batches=8.", flag="--ranker-option", multiple=True)
     rank_batches: int = option(4, "Training batches for data-driven rankers (taylor, hrank, apoz).", min=1)
     target_macs: Optional[float] = option(None, "Fraction of the model's MACs to keep, e.g. 0.5 (give exactly "
-                                          "one target).", min=0.0, max=1.0)
-    target_params: Optional[float] = option(None, "Fraction of the parameters to keep.", min=0.0, max=1.0)
+                                          "one target).", min=0.0, max=1.0, min_open=True)
+    target_params: Optional[float] = option(None, "Fraction of the parameters to keep.", min=0.0, max=1.0,
+                                            min_open=True)
     target_latency: Optional[float] = option(None, "Fraction of the measured latency to keep (batch "
-                                             "--latency-batch; noisy on a busy machine).", min=0.0, max=1.0)
+                                             "--latency-batch; noisy on a busy machine).", min=0.0, max=1.0,
+                                             min_open=True)
     allocation: str = option("uniform", "How the budget is spread over layers: one ratio (uniform), one "
                              "threshold over normalised scores (global), or by each layer's measured accuracy "
                              "drop (sensitivity).", choices=ALLOCATIONS)
@@ -386,7 +474,7 @@ class CompressConfig:
                              "model has frozen).")
     augment: bool = option(False, "Random shifts and flips while fine-tuning (the teacher then runs on the fly).")
     distill: bool = option(True, "Distil from the unpruned model while fine-tuning.")
-    temperature: float = option(4.0, "Distillation temperature.", min=1e-6)
+    temperature: float = option(4.0, "Distillation temperature.", min=0.0, min_open=True)
     alpha: float = option(0.5, "Weight of the distillation term (1 - alpha: the labels).", min=0.0, max=1.0)
     sensitivity_images: int = option(128, "Validation images for --allocation sensitivity.", min=1)
     latency_batch: int = option(16, "Batch size for latency (images).", min=1)
@@ -429,29 +517,17 @@ class CompressConfig:
         return out
 
     def validate(self):
+        """Each field alone (`check_fields`), then what involves several fields (one target; the
+        ranker and its options; export and quantize), the environment or the file system."""
+        check_fields(self)
         check_strategy(self)
-        from pruning.distill import check_distill
-        from pruning.rankers import make_ranker
+        from pruning import make_ranker
 
-        metric, value = self.target
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
-            raise ValueError(f"Expected target_{metric} in (0, 1]. Received: target_{metric}={value!r}")
+        self.target  # exactly one of the three
         check_model_file(self.model, "model")
         if not os.path.isdir(self.data_dir):
             raise ValueError(f"Data folder not found: {self.data_dir!r}. Expected <class>/*.jpg or "
                              "{train,test}/<class>/*.jpg")
-        if self.allocation not in ALLOCATIONS:
-            raise ValueError(f"Expected allocation in {ALLOCATIONS}. Received: allocation={self.allocation!r}")
-        if self.preprocess not in PREPROCESSING:
-            raise ValueError(f"Expected preprocess in {PREPROCESSING}. Received: preprocess={self.preprocess!r}")
-        for name, lo in (("steps", 1), ("epochs", 0), ("batch_size", 1), ("rank_batches", 1), ("round_to", 1)):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-                raise ValueError(f"Expected {name} an integer >= {lo}. Received: {name}={v!r}")
-        if self.steps > MAX_STEPS:
-            raise ValueError(f"Expected steps in [1, {MAX_STEPS}]. Received: steps={self.steps}")
-        if self.distill:
-            check_distill(self.temperature, self.alpha)
         check_ranker_options(self.ranker, self.ranker_kwargs)
         make_ranker(self.ranker, self.ranker_kwargs, seed=self.seed)
         if self.export is not None or self.quantize != "none":
@@ -468,7 +544,7 @@ def check_ranker_options(ranker, options):
     import inspect
     import typing
 
-    from pruning.rankers import RANKERS
+    from pruning import RANKERS
 
     if ranker not in RANKERS:
         return  # make_ranker names the known rankers (and rejects unknown options)
@@ -488,18 +564,6 @@ def check_ranker_options(ranker, options):
         if not ok:
             raise ValueError(f"Expected ranker option {key} to be {' or '.join(k.__name__ for k in kinds)}. "
                              f"Received: {key}={value!r}")
-
-
-def _check_counts(cfg, positive, non_negative, optional_positive):
-    for name in positive:
-        if getattr(cfg, name) < 1:
-            raise ValueError(f"Expected {name} >= 1. Received: {name}={getattr(cfg, name)}")
-    for name in non_negative:
-        if getattr(cfg, name) < 0:
-            raise ValueError(f"Expected {name} >= 0. Received: {name}={getattr(cfg, name)}")
-    for name in optional_positive:
-        if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
-            raise ValueError(f"Expected {name} >= 1 or None (all). Received: {name}={getattr(cfg, name)}")
 
 
 class InputError(ValueError):

@@ -7,7 +7,8 @@ import warnings
 import numpy as np
 import tensorflow as tf
 
-from experiments.config import PREPROCESSING, check_augmentation
+from experiments.choices import FLIPS, PREPROCESSING
+from experiments.config import check_augmentation
 from experiments.grain import GRAIN_THRESHOLD, grain_mask
 from experiments.splits import (  # noqa: F401  (re-exported)
     IMAGE_EXTENSIONS, batch_split, file_index, list_image_folder, stratified_split)
@@ -108,8 +109,8 @@ def random_affine(zoom=0.0, rotate=0.0, seed=0):
 def random_flips(mode, seed=0):
     """A batch augmentation: random horizontal flips (`mode="horizontal"`), or horizontal
     and vertical ones (`"both"`), one draw per image and axis; None for `"none"`."""
-    if mode not in ("none", "horizontal", "both"):
-        raise ValueError(f"Expected flips in ('none', 'horizontal', 'both'). Received: flips={mode!r}")
+    if mode not in FLIPS:
+        raise ValueError(f"Expected flips in {FLIPS}. Received: flips={mode!r}")
     if mode == "none":
         return None
     axes = (2,) if mode == "horizontal" else (2, 1)

@@ -21,8 +21,7 @@ import os
 import socket
 import sys
 
-STRATEGIES = ("default", "mirrored", "multiworker", "tpu")
-PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
+from experiments.choices import PRECISIONS, STRATEGIES  # noqa: F401  (public here too)
 
 
 def get_strategy(name="default", devices=None, tpu=None):

@@ -4,12 +4,12 @@ import os
 
 import keras
 
-from experiments.config import POOLINGS, WEIGHTS_CHOICES
+from experiments.choices import POOLINGS, VGG16_BLOCKS, WEIGHTS_CHOICES
 
-# HRank's VGG16 for CIFAR: numbers are conv widths, "M" a 2x2 max pooling.
-VGG16_CFG = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512)
-# Convs per block, for the block-wise pruning schedule.
-VGG16_BLOCKS = (2, 2, 3, 3, 3)
+# HRank's VGG16 for CIFAR: numbers are conv widths, "M" a 2x2 max pooling between the blocks.
+VGG16_WIDTHS = (64, 128, 256, 512, 512)  # of the convs of each block of VGG16_BLOCKS
+VGG16_CFG = tuple(v for b, (n, width) in enumerate(zip(VGG16_BLOCKS, VGG16_WIDTHS))
+                  for v in ("M",) * (b > 0) + (width,) * n)
 
 
 def vgg16_bn_cifar(num_classes=100, width=1.0, input_shape=(32, 32, 3), seed=None):

@@ -11,21 +11,36 @@ Each layer kind is one handler in a table (`pruning.handlers`); teach the engine
 custom layer with `register_layer_handler(MyLayer, handler)`.
 """
 
-from pruning.callbacks import TimeHistory
-from pruning.graph import ChannelGroup, CNNModel, ConvLayer
-from pruning.handlers import LayerHandler, get_layer_handler, register_layer_handler
-from pruning.plan import PrunePlan, check_ratio, skipped_convs
-from pruning.rankers import RANKERS, Ranker, get_ranker, load_scores, register_ranker, save_scores
-import pruning.criteria  # noqa: E402,F401  (registers fpgm, apoz, taylor, bn_scale)
-from pruning.rebuild import inline, output_change, prune
-from pruning.latency import interleaved_latency
-from pruning.stats import layer_stats, measure_latency, model_stats
-
 __version__ = "0.1.0"
 
-__all__ = [
-    "ChannelGroup", "CNNModel", "ConvLayer", "LayerHandler", "PrunePlan", "Ranker", "RANKERS",
-    "TimeHistory", "check_ratio", "get_layer_handler", "get_ranker", "inline", "interleaved_latency", "layer_stats",
-    "load_scores", "measure_latency", "model_stats", "output_change", "prune",
-    "register_layer_handler", "register_ranker", "save_scores", "skipped_convs",
-]
+# Public names and their modules, imported on first use (PEP 562): `import pruning.choices` (and the
+# command line's --help) stays free of Keras. The first use also imports pruning.criteria, which
+# registers fpgm, apoz, taylor and bn_scale: the registry reached from here (`get_ranker`, `make_ranker`,
+# `RANKERS`) holds every built-in ranker.
+_EXPORTS = {
+    "TimeHistory": "callbacks",
+    "ChannelGroup": "graph", "CNNModel": "graph", "ConvLayer": "graph",
+    "LayerHandler": "handlers", "get_layer_handler": "handlers", "register_layer_handler": "handlers",
+    "PrunePlan": "plan", "check_ratio": "plan", "skipped_convs": "plan",
+    "RANKERS": "rankers", "Ranker": "rankers", "get_ranker": "rankers", "load_scores": "rankers",
+    "make_ranker": "rankers", "register_ranker": "rankers", "save_scores": "rankers",
+    "inline": "rebuild", "output_change": "rebuild", "prune": "rebuild",
+    "interleaved_latency": "latency",
+    "layer_stats": "stats", "measure_latency": "stats", "model_stats": "stats",
+}
+__all__ = sorted(_EXPORTS, key=str.lower)
+
+
+def __getattr__(name):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'pruning' has no attribute {name!r}")
+    import importlib
+
+    importlib.import_module("pruning.criteria")  # registers its rankers
+    value = getattr(importlib.import_module(f"pruning.{_EXPORTS[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

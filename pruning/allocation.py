@@ -31,8 +31,7 @@ from pruning.plan import PrunePlan, check_ratio
 from pruning.rebuild import prune
 from pruning.stats import layer_macs
 
-ALLOCATIONS = ("uniform", "global", "sensitivity")
-METRICS = ("macs", "params", "latency")
+from pruning.choices import ALLOCATIONS, TARGET_METRICS as METRICS  # noqa: E402  (importable without Keras)
 SENSITIVITY_RATIOS = (0.25, 0.5, 0.75)
 
 

@@ -164,8 +164,7 @@ def _litert_options(quantize, calibration_images):
 
 
 # ------------------------------------------------------------------ serving files
-FORMATS = ("litert", "saved_model", "onnx")
-QUANTIZATIONS = ("none", "float16", "dynamic", "int8")
+from pruning.choices import EXPORT_FORMATS as FORMATS, QUANTIZATIONS  # noqa: E402  (importable without Keras)
 EXTENSIONS = {"litert": ".tflite", "saved_model": "", "onnx": ".onnx"}  # a SavedModel is a folder
 
 

@@ -22,7 +22,7 @@ def check_ratio(ratio, name="ratio"):
     return float(ratio)
 
 
-ROUND_MODES = ("nearest", "down")
+from pruning.choices import ROUND_MODES  # noqa: E402  (the names, importable without Keras)
 
 
 def n_kept(filters, ratio, round_to=1, round_mode="nearest"):

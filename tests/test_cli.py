@@ -229,11 +229,17 @@ def test_every_option_default_is_its_config_field_default(command, cls, args):
     for name in fields:
         value = ctx.params[name]
         assert (tuple(value) if isinstance(value, list) else value) == getattr(defaults, name), name
-    # Choice lists come from the config's tuples.
+    # Choice lists and ranges (open bounds too) come from the config's metadata.
     by_name = {p.name: p for p in cli.commands[command].params}
+    ranges = 0
     for f in dataclasses.fields(cls):
         if f.metadata.get("choices"):
             assert tuple(by_name[f.name].type.choices) == f.metadata["choices"]
+        elif f.name in by_name and not f.metadata["parse"] and (f.metadata["min"], f.metadata["max"]) != (None, None):
+            t, m = by_name[f.name].type, f.metadata
+            assert (t.min, t.max, t.min_open, t.max_open) == (m["min"], m["max"], m["min_open"], m["max_open"]), f.name
+            ranges += 1
+    assert ranges >= 8
 
 
 def test_float_list_returns_one_type():
@@ -287,10 +293,3 @@ def test_prune_lists_the_convs_a_uniform_ratio_skips(tmp_path):
     assert "Pruned inexactly through ln: the outputs changed by" in r.output
     m = keras.models.load_model(inexact)
     assert m.get_layer("a").filters == 4 and m.get_layer("ln").get_weights()[0].shape == (4,)
-
-
-def test_config_choice_lists_match_the_library():
-    from experiments.config import ALLOCATIONS, TARGET_METRICS
-    from pruning.allocation import ALLOCATIONS as allocations, METRICS
-
-    assert (ALLOCATIONS, TARGET_METRICS) == (allocations, METRICS)

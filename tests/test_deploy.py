@@ -210,13 +210,6 @@ def test_vgg16_preprocessing_leaves_its_input_as_it_was():
     np.testing.assert_allclose(out, keras.applications.vgg16.preprocess_input(before.copy()))
 
 
-def test_export_choice_lists_match_the_library():
-    from experiments.config import EXPORT_FORMATS, QUANTIZATIONS
-    from pruning.export import FORMATS, QUANTIZATIONS as quantizations
-
-    assert (EXPORT_FORMATS, QUANTIZATIONS) == (FORMATS, quantizations)
-
-
 def test_compress_exports_int8_as_its_last_step(tmp_path):
     from experiments.compress import run_compress
     from experiments.config import CompressConfig

@@ -155,10 +155,3 @@ def test_from_scores_rounds_down_when_asked():
     assert len(down.keep["conv5"]) == 28 and down.meta["round_mode"] == "down"
     with pytest.raises(ValueError, match="Expected round_mode in .*Received: round_mode='up'"):
         PrunePlan.from_scores(cnn, scores, 0.5, round_mode="up")
-
-
-def test_round_modes_are_defined_once():
-    from experiments.config import ROUND_MODES
-    from pruning.plan import ROUND_MODES as plan_modes
-
-    assert ROUND_MODES == plan_modes
