@@ -10,11 +10,11 @@ import contextlib
 import http.server
 import json
 import os
-import threading
-import urllib.parse
 import re
 import sqlite3
 import sys
+import threading
+import urllib.parse
 
 import pytest
 
@@ -54,7 +54,8 @@ def execute(nb, tmp_path, folder=os.path.dirname(NOTEBOOK)):
 
     kernels = tmp_path / "kernels"
     kernelspec.write_kernel_spec(str(kernels / "this-python"))  # argv: sys.executable -m ipykernel_launcher
-    km = AsyncKernelManager(kernel_name="this-python", kernel_spec_manager=KernelSpecManager(kernel_dirs=[str(kernels)]))
+    specs = KernelSpecManager(kernel_dirs=[str(kernels)])
+    km = AsyncKernelManager(kernel_name="this-python", kernel_spec_manager=specs)
     client = nbclient.NotebookClient(nb, km=km, timeout=300,
                                      resources={"metadata": {"path": str(folder)}})
     return client.execute()
