@@ -135,6 +135,14 @@ class CNNModel:
         self.output_keys = [self._key(t) for t in fm.outputs]
         self._analyse()
 
+    @classmethod
+    def of(cls, model, allow_inexact=False):
+        """`model` itself when it is a CNNModel allowing at least `allow_inexact`, else a
+        CNNModel of it: what every function taking "a keras.Model or CNNModel" calls."""
+        if isinstance(model, CNNModel) and model.allow_inexact >= bool(allow_inexact):
+            return model
+        return cls(model, allow_inexact=allow_inexact)
+
     # ------------------------------------------------------------------ trace
     def _key(self, tensor):
         k = id(tensor)

@@ -72,7 +72,7 @@ class Ranker:
 
     def rank_all(self, model, layers=None, data=None, progress=None):
         """{layer name: scores} for `layers` (default: every conv of the model)."""
-        cnn = _cnn(model)
+        cnn = CNNModel.of(model)
         layers = [cnn.conv(l) for l in (layers or cnn.conv_layers)]
         out = {}
         for conv in layers:
@@ -99,11 +99,7 @@ class DataRanker(Ranker):
         self.num_batches = num_batches
 
     def rank(self, model, layer, data=None):
-        return self.rank_all(model, [layer], data)[_cnn(model).conv(layer).name]
-
-
-def _cnn(model):
-    return model if isinstance(model, CNNModel) else CNNModel(model)
+        return self.rank_all(model, [layer], data)[CNNModel.of(model).conv(layer).name]
 
 
 def filter_kernel(layer):
@@ -120,7 +116,7 @@ class L1Ranker(Ranker):
     name = "l1"
 
     def rank(self, model, layer, data=None):
-        k = filter_kernel(_cnn(model).conv(layer).layer)
+        k = filter_kernel(CNNModel.of(model).conv(layer).layer)
         return np.abs(k).reshape(-1, k.shape[-1]).sum(axis=0)
 
 
@@ -131,7 +127,7 @@ class L2Ranker(Ranker):
     name = "l2"
 
     def rank(self, model, layer, data=None):
-        k = filter_kernel(_cnn(model).conv(layer).layer)
+        k = filter_kernel(CNNModel.of(model).conv(layer).layer)
         return np.sqrt(np.square(k).reshape(-1, k.shape[-1]).sum(axis=0))
 
 
@@ -145,7 +141,7 @@ class RandomRanker(Ranker):
         self.seed = seed
 
     def rank(self, model, layer, data=None):
-        conv = _cnn(model).conv(layer)
+        conv = CNNModel.of(model).conv(layer)
         # One stream per layer, so a layer's scores do not depend on which others are ranked.
         rng = np.random.default_rng([self.seed, conv.index])
         return rng.random(conv.filters)
@@ -175,7 +171,7 @@ class HRankRanker(DataRanker):
     def rank_all(self, model, layers=None, data=None, progress=None):
         if data is None:
             raise ValueError("The 'hrank' ranker needs data: batches of training images.")
-        cnn = _cnn(model)
+        cnn = CNNModel.of(model)
         layers = [cnn.conv(l) for l in (layers or cnn.conv_layers)]
         probe = feature_probe(cnn, [cnn.feature_key(c) for c in layers])
         totals = [0.0] * len(layers)
