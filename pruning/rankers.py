@@ -22,9 +22,26 @@ from pruning.plan import atomic_write
 RANKERS = {}
 
 
-def register_ranker(cls):
-    """Class decorator that makes a ranker available by `cls.name`."""
-    RANKERS[cls.name] = cls
+def register_ranker(cls=None, *, replace=False):
+    """Class decorator that makes a ranker available by `cls.name`.
+
+    A name is registered once: registering another class under a taken name raises,
+    unless `@register_ranker(replace=True)` asks to replace the registered one.
+    """
+    if cls is None:
+        return lambda c: register_ranker(c, replace=replace)
+    if not (isinstance(cls, type) and issubclass(cls, Ranker)):
+        raise ValueError(f"Expected a subclass of pruning.Ranker. Received: {cls!r}")
+    name = cls.name
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"Expected ranker class {cls.__qualname__} to set `name` to a non-empty string. "
+                         f"Received: name={name!r}")
+    taken = RANKERS.get(name)
+    if taken is not None and taken is not cls and not replace:
+        raise ValueError(f"A ranker named '{name}' is already registered ({taken.__module__}.{taken.__qualname__}). "
+                         f"Use @register_ranker(replace=True) to replace it, or another name. "
+                         f"Received: {cls.__module__}.{cls.__qualname__}")
+    RANKERS[name] = cls
     return cls
 
 
