@@ -84,7 +84,7 @@ def resolve_ratios(cnn, ratio, exclude=()):
 
 def atomic_write(path, write):
     """Calls `write(tmp)` on a temporary file beside `path`, named `<stem>.partial-<pid><ext>`
-    (the name `save_sqlite.remove_partial_files` cleans up after a killed writer), which
+    (the name `experiments.files.remove_partial_files` cleans up after a killed writer), which
     then replaces `path`: a failed write leaves the previous file whole and no temporary."""
     stem, ext = os.path.splitext(os.fspath(path))
     tmp = f"{stem}.partial-{os.getpid()}{ext}"
