@@ -5,8 +5,8 @@
 
 A target is the fraction of the unpruned model's MACs, parameters or measured
 latency that the pruned model keeps. An allocation turns one number, the knob,
-into a pruning ratio per tied group of convolutions; the knob is bisected until the
-plan's cost is within `tolerance` (relative) of the target:
+into a pruning ratio or a kept filter count per tied group of convolutions; the knob
+is bisected until the plan's cost is within `tolerance` (relative) of the target:
 
 * uniform: the knob is the ratio of every prunable conv.
 * global: the knob is one threshold over scores normalised per group (divided by
@@ -156,7 +156,7 @@ def allocate(model, scores, target, metric="macs", allocation="uniform", round_t
         knob_range, kept_at = _global(cnn, scores, groups, max_ratio)
 
         def plan_at(knob):
-            return counts_plan(cnn, scores, kept_at(knob), round_to)
+            return _counts_plan(cnn, scores, kept_at(knob), round_to)
     else:
         if sensitivity is None:
             if evaluate is None:
@@ -240,7 +240,7 @@ def _refine(cnn, scores, plan, cost, target, groups, max_ratio, round_to, max_mo
     least = {g: max(1, filters[g] - int(np.floor(max_ratio * filters[g]))) for g in groups}
 
     def make(counts):
-        return counts_plan(cnn, scores, counts, round_to)
+        return _counts_plan(cnn, scores, counts, round_to)
 
     reached = cost(plan)
     for _ in range(max_moves):
@@ -260,7 +260,7 @@ def _refine(cnn, scores, plan, cost, target, groups, max_ratio, round_to, max_mo
     return plan, reached
 
 
-def counts_plan(cnn, scores, kept, round_to=1):
+def _counts_plan(cnn, scores, kept, round_to=1):
     """The plan keeping `kept[group]` filters of each tied group (a tuple of conv
     names), each count rounded to a multiple of `round_to` (see
     `pruning.plan.round_count`) and, for a group feeding a grouped convolution, to

@@ -244,9 +244,10 @@ class PrunePlan:
                     raise ValueError(f"Layer '{name}' cannot be pruned: {cnn.conv(name).blocked_by}.")
             channels = cnn.channel_group(group[0])
             n_seg = 1 if channels.segments is None else int(channels.segments.max()) + 1
-            if channels.n_classes != cnn.conv(group[0]).filters:
-                raise ValueError(f"Layer '{group[0]}' has filters tied to each other, so no count of its "
-                                 f"filters can be kept exactly; give it a ratio (`from_scores`). Received: {k}")
+            if any(cnn.conv(n).filters != channels.n_classes for n in group):
+                raise ValueError(f"Layers {', '.join(group)} tie filters in other than one-to-one pairs (a conv "
+                                 "tied to its own channels or to a concatenation), so a count cannot be kept "
+                                 f"exactly in each; give them a ratio (`PrunePlan.from_scores`). Received: {k}")
             if k % n_seg:
                 raise ValueError(
                     f"Layers {', '.join(group)} feed or form a grouped convolution of {n_seg} groups: "
