@@ -39,6 +39,8 @@ from typing import Callable, NamedTuple, Tuple
 
 import sqlite_utils
 
+from experiments.files import process_alive, remove_partial_files
+
 ENV_VAR = "PRUNING_DB"
 DEFAULT_DB = os.path.join("logs", "experiments.db")
 STATUSES = ("running", "completed", "failed", "interrupted")
@@ -204,44 +206,6 @@ def migrate(db, migrations=None):
         conn.execute("ROLLBACK")
         raise
     return applied
-
-
-# ------------------------------------------------------------- process checks
-def process_alive(pid):
-    """Whether process `pid` exists on this host (a zombie counts as gone)."""
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    try:
-        with open(f"/proc/{int(pid)}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return True  # no /proc: trust os.kill
-
-
-# Temporary files of atomic saves are named `<stem>.partial-<pid><ext>` (see
-# experiments.common.atomic_path): a SIGKILL during a save leaves one behind.
-PARTIAL = ".partial-"
-
-
-def remove_partial_files(folder, pattern=f"*{PARTIAL}*", recursive=False):
-    """Deletes the temporary files (and folders: a SavedModel) of atomic saves in `folder`
-    whose writing process is gone; returns their paths."""
-    import glob
-    import shutil
-
-    root = os.path.join(glob.escape(folder), "**") if recursive else glob.escape(folder)
-    removed = []
-    for p in glob.glob(os.path.join(root, pattern), recursive=recursive):
-        pid = os.path.basename(p).split(PARTIAL, 1)[1].split(".", 1)[0]
-        if pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid)):
-            with contextlib.suppress(OSError):
-                shutil.rmtree(p) if os.path.isdir(p) and not os.path.islink(p) else os.remove(p)
-                removed.append(p)
-    return removed
 
 
 # ------------------------------------------------------------- failing writes
@@ -602,21 +566,26 @@ class ExperimentLog:
             "lr": lr if lr is not None else logs.get("learning_rate"), "logs": json.dumps(logs),
             "created_at": now(),
         }
-        self._write(self._transaction(
-            lambda: self.db.conn.execute("DELETE FROM epochs WHERE run_id = ? AND phase = ? AND epoch = ?",
-                                         [self._id(run_id), phase, int(epoch)]),
-            lambda: self.db["epochs"].insert({**row, "run_id": self._id(run_id)})))
+        self._replace_rows(run_id, "epochs", "phase = ? AND epoch = ?", [phase, int(epoch)], [row])
 
     def log_layer_prunes(self, run_id, plan, ranker=None):
         """One row per conv the plan touches: filters before and after. A run prunes each
         conv once, so a conv pruned again after a resume replaces its row."""
         names = list(plan.keep)
-        rows = [{"run_id": run_id, "layer": name, "filters_before": plan.filters.get(name, len(keep)),
+        rows = [{"layer": name, "filters_before": plan.filters.get(name, len(keep)),
                  "filters_after": len(keep), "ranker": ranker} for name, keep in plan.keep.items()]
-        self._write(self._transaction(
-            lambda: self.db.execute(f"DELETE FROM layer_prunes WHERE run_id = ? AND layer IN "
-                                    f"({', '.join('?' * len(names))})", [self._id(run_id), *names]),
-            lambda: self.db["layer_prunes"].insert_all([{**r, "run_id": self._id(run_id)} for r in rows])))
+        self._replace_rows(run_id, "layer_prunes", f"layer IN ({', '.join('?' * len(names))})", names, rows)
+
+    def _replace_rows(self, run_id, table, where, params, rows):
+        """Deletes run `run_id`'s rows of `table` matching `where` and inserts `rows`
+        for it, in one transaction: a failure at any point leaves the old rows."""
+        def delete():
+            self.db.conn.execute(f"DELETE FROM {table} WHERE run_id = ? AND {where}", [self._id(run_id), *params])
+
+        def insert():
+            self.db[table].insert_all([{**r, "run_id": self._id(run_id)} for r in rows])
+
+        self._write(self._transaction(delete, insert))
 
     def add_outputs(self, run_id, files):
         """Records files {path: kind ("model", "plan", "results", ...)} that run `run_id`

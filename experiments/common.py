@@ -13,7 +13,7 @@ import numpy as np
 
 from pruning import CNNModel, PrunePlan, load_scores, measure_latency, model_stats, prune
 from pruning.callbacks import TimeHistory
-from save_sqlite import PARTIAL, remove_partial_files
+from experiments.files import PARTIAL, remove_partial_files
 
 
 def set_seed(seed):

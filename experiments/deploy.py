@@ -22,7 +22,7 @@ from experiments.data import check_readable, list_image_folder, load_image, prep
 from pruning.export import EXTENSIONS, Runner, check_export, export_model, file_size, fixed_input_shape, \
     fold_batchnorm
 from pruning.latency import interleaved_latency
-from save_sqlite import PARTIAL, remove_partial_files
+from experiments.files import PARTIAL, remove_partial_files
 
 
 class Preprocessing(keras.layers.Layer):

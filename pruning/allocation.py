@@ -5,8 +5,8 @@
 
 A target is the fraction of the unpruned model's MACs, parameters or measured
 latency that the pruned model keeps. An allocation turns one number, the knob,
-into a pruning ratio per tied group of convolutions; the knob is bisected until the
-plan's cost is within `tolerance` (relative) of the target:
+into a pruning ratio or a kept filter count per tied group of convolutions; the knob
+is bisected until the plan's cost is within `tolerance` (relative) of the target:
 
 * uniform: the knob is the ratio of every prunable conv.
 * global: the knob is one threshold over scores normalised per group (divided by
@@ -27,7 +27,7 @@ import keras
 import numpy as np
 
 from pruning.graph import CNNModel
-from pruning.plan import PrunePlan, check_ratio
+from pruning.plan import PrunePlan, check_ratio, round_count
 from pruning.rebuild import prune
 from pruning.stats import layer_macs
 
@@ -43,7 +43,7 @@ class PlanCost:
     """
 
     def __init__(self, model):
-        self.cnn = model if isinstance(model, CNNModel) else CNNModel(model)
+        self.cnn = CNNModel.of(model)
         self._filters = np.array([c.filters for c in self.cnn.conv_layers], np.float64)
         self._mix = {}  # tensor key -> (channels from no conv, channels per conv index)
         for key in self.cnn.origins:
@@ -131,7 +131,7 @@ def allocate(model, scores, target, metric="macs", allocation="uniform", round_t
     value (`reached`, a fraction), `within_tolerance`, the knob and every conv's ratio.
     Raises ValueError when the target cannot be reached within `max_ratio`.
     """
-    cnn = model if isinstance(model, CNNModel) else CNNModel(model)
+    cnn = CNNModel.of(model)
     if metric not in METRICS:
         raise ValueError(f"Expected metric in {METRICS}. Received: metric={metric!r}")
     if allocation not in ALLOCATIONS:
@@ -143,10 +143,19 @@ def allocate(model, scores, target, metric="macs", allocation="uniform", round_t
     if not groups:
         raise ValueError("No convolution can be pruned: every conv is blocked, excluded or feeds the output.")
 
+    def by_ratios(ratios_at):
+        def plan_at(knob):
+            ratios = {name: r for g, r in ratios_at(knob).items() for name in g}
+            return PrunePlan.from_scores(cnn, scores, ratios, exclude=exclude, round_to=round_to)
+        return plan_at
+
     if allocation == "uniform":
-        knob_range, ratios_at = (0.0, max_ratio), lambda t: {g: t for g in groups}
+        knob_range, plan_at = (0.0, max_ratio), by_ratios(lambda t: {g: t for g in groups})
     elif allocation == "global":
-        knob_range, ratios_at = _global(cnn, scores, groups, max_ratio)
+        knob_range, kept_at = _global(cnn, scores, groups, max_ratio)
+
+        def plan_at(knob):
+            return _counts_plan(cnn, scores, kept_at(knob), round_to)
     else:
         if sensitivity is None:
             if evaluate is None:
@@ -155,10 +164,7 @@ def allocate(model, scores, target, metric="macs", allocation="uniform", round_t
             sensitivity = layer_sensitivity(cnn, scores, evaluate, max_ratio=max_ratio, round_to=round_to,
                                             groups=groups)
         knob_range, ratios_at = _sensitivity(sensitivity, groups, max_ratio)
-
-    def plan_at(knob):
-        ratios = {name: r for g, r in ratios_at(knob).items() for name in g}
-        return PrunePlan.from_scores(cnn, scores, ratios, exclude=exclude, round_to=round_to)
+        plan_at = by_ratios(ratios_at)
 
     if metric == "latency":
         from pruning.stats import measure_latency
@@ -181,7 +187,7 @@ def allocate(model, scores, target, metric="macs", allocation="uniform", round_t
 
     knob, plan, reached = _bisect(plan_at, cost, target, knob_range, tolerance, iterations)
     if abs(reached - target) > tolerance * target and metric != "latency":
-        plan, reached = _refine(cnn, scores, plan, cost, target, groups, max_ratio, round_to, exclude)
+        plan, reached = _refine(cnn, scores, plan, cost, target, groups, max_ratio, round_to)
     within = abs(reached - target) <= tolerance * target
     if not within:
         warnings.warn(f"The {allocation} allocation reached {metric} {reached:.4f} of the unpruned model "
@@ -189,7 +195,7 @@ def allocate(model, scores, target, metric="macs", allocation="uniform", round_t
                       f"are whole numbers{' rounded to ' + str(round_to) if round_to > 1 else ''}).")
     plan.meta.update({"allocation": allocation, "metric": metric, "target": float(target),
                       "reached": float(reached), "within_tolerance": bool(within), "knob": float(knob),
-                      "max_ratio": max_ratio, **(meta or {})})
+                      "max_ratio": max_ratio, "exclude": list(exclude), **(meta or {})})
     if sensitivity is not None:
         plan.meta["sensitivity"] = {g[0]: pts for g, pts in sensitivity.items()}
     return plan
@@ -223,7 +229,7 @@ def _bisect(plan_at, cost, target, knob_range, tolerance, iterations):
     return knob, plan, reached
 
 
-def _refine(cnn, scores, plan, cost, target, groups, max_ratio, round_to, exclude, max_moves=64):
+def _refine(cnn, scores, plan, cost, target, groups, max_ratio, round_to, max_moves=64):
     """Moves single groups by one step of `round_to` filters, each time the move that
     brings the cost closest to `target`, while that helps. A step function of the knob
     (whole filter counts) can jump over the target; this closes the gap."""
@@ -233,9 +239,7 @@ def _refine(cnn, scores, plan, cost, target, groups, max_ratio, round_to, exclud
     least = {g: max(1, filters[g] - int(np.floor(max_ratio * filters[g]))) for g in groups}
 
     def make(counts):
-        ratios = {n: ((filters[g] - k + 0.5) / filters[g] if k < filters[g] else 0.0)
-                  for g, k in counts.items() for n in g}
-        return PrunePlan.from_scores(cnn, scores, ratios, exclude=exclude, round_to=round_to)
+        return _counts_plan(cnn, scores, counts, round_to)
 
     reached = cost(plan)
     for _ in range(max_moves):
@@ -253,6 +257,21 @@ def _refine(cnn, scores, plan, cost, target, groups, max_ratio, round_to, exclud
         g, k, reached, plan = best
         kept[g] = k
     return plan, reached
+
+
+def _counts_plan(cnn, scores, kept, round_to=1):
+    """The plan keeping `kept[group]` filters of each tied group (a tuple of conv
+    names), each count rounded to a multiple of `round_to` (see
+    `pruning.plan.round_count`) and, for a group feeding a grouped convolution, to
+    an equal count per convolution group."""
+    counts = {}
+    for g, k in kept.items():
+        filters = cnn.conv(g[0]).filters
+        segments = cnn.channel_group(g[0]).segments
+        n_seg = 1 if segments is None else int(segments.max()) + 1
+        per = round_count(max(1, int(round(k / n_seg))), filters // n_seg, round_to)
+        counts[g[0]] = per * n_seg
+    return PrunePlan.from_counts(cnn, scores, counts, meta={"round_to": round_to})
 
 
 def prunable_groups(cnn, exclude=()):
@@ -280,23 +299,21 @@ def _group_scores(cnn, scores, group):
 
 
 def _global(cnn, scores, groups, max_ratio):
-    """Knob: one threshold over per-group mean-normalised scores."""
+    """Knob: one threshold over per-group mean-normalised scores; the function returns
+    the filters each group keeps at a threshold."""
     norm = {}
     for g in groups:
         s = _group_scores(cnn, scores, g)
         norm[g] = np.sort(s / (np.abs(s).mean() + 1e-12))
     caps = {g: int(np.floor(max_ratio * len(norm[g]))) for g in groups}
 
-    def ratios_at(t):
-        out = {}
-        for g, s in norm.items():
-            k = min(int(np.searchsorted(s, t, side="left")), caps[g])  # scores below t go
-            out[g] = (k + 0.5) / len(s) if k else 0.0  # + 0.5: int(ratio * filters) == k exactly
-        return out
+    def kept_at(t):
+        # Scores below t go, at most the cap.
+        return {g: len(s) - min(int(np.searchsorted(s, t, side="left")), caps[g]) for g, s in norm.items()}
 
     top = max(float(s[-1]) for s in norm.values())
     low = min(float(s[0]) for s in norm.values())
-    return (low, top + 1e-9 * max(1.0, abs(top))), ratios_at
+    return (low, top + 1e-9 * max(1.0, abs(top))), kept_at
 
 
 def _sensitivity(sensitivity, groups, max_ratio):
@@ -329,7 +346,7 @@ def layer_sensitivity(model, scores, evaluate, ratios=SENSITIVITY_RATIOS, max_ra
                       groups=None, exclude=()):
     """{group: [(ratio, accuracy drop)]}: each tied group pruned alone at each ratio
     (capped at `max_ratio`), the model rebuilt and evaluated with `evaluate(model)`."""
-    cnn = model if isinstance(model, CNNModel) else CNNModel(model)
+    cnn = CNNModel.of(model)
     groups = groups if groups is not None else prunable_groups(cnn, exclude)
     base = float(evaluate(cnn.model))
     # The cap itself is measured too, so the search can reach it.

@@ -13,7 +13,8 @@ the Keras backend (`value_and_grads`), so it runs under TensorFlow, JAX and torc
 import keras
 import numpy as np
 
-from pruning.rankers import DataRanker, Ranker, _cnn, filter_kernel, register_ranker
+from pruning.graph import CNNModel
+from pruning.rankers import DataRanker, Ranker, filter_kernel, register_ranker
 
 
 @register_ranker
@@ -29,7 +30,7 @@ class FPGMRanker(Ranker):
     name = "fpgm"
 
     def rank(self, model, layer, data=None):
-        k = filter_kernel(_cnn(model).conv(layer).layer)
+        k = filter_kernel(CNNModel.of(model).conv(layer).layer)
         w = k.reshape(-1, k.shape[-1]).T.astype(np.float64)  # (filters, fan_in)
         dist = np.sqrt(np.maximum(
             (w * w).sum(1)[:, None] + (w * w).sum(1)[None, :] - 2.0 * w @ w.T, 0.0))
@@ -44,7 +45,7 @@ class BNScaleRanker(Ranker):
     name = "bn_scale"
 
     def rank(self, model, layer, data=None):
-        cnn = _cnn(model)
+        cnn = CNNModel.of(model)
         conv = cnn.conv(layer)
         bn = following_batchnorm(cnn, conv)
         if bn is None or not bn.scale:
@@ -79,7 +80,7 @@ class APoZRanker(DataRanker):
     name = "apoz"
 
     def rank_all(self, model, layers=None, data=None, progress=None):
-        cnn = _cnn(model)
+        cnn = CNNModel.of(model)
         layers = [cnn.conv(l) for l in (layers or cnn.conv_layers)]
         keys = [cnn.feature_key(c) for c in layers]
 
@@ -109,7 +110,7 @@ class TaylorRanker(DataRanker):
     name = "taylor"
 
     def rank_all(self, model, layers=None, data=None, progress=None):
-        cnn = _cnn(model)
+        cnn = CNNModel.of(model)
         layers = [cnn.conv(l) for l in (layers or cnn.conv_layers)]
         keys = [cnn.feature_key(c) for c in layers]
         probabilities = outputs_probabilities(cnn.model)

@@ -1,8 +1,8 @@
 """Knowledge distillation while fine-tuning a pruned model (Hinton et al., 2015).
 
-    student = Distiller(pruned, teacher=unpruned, temperature=4.0, alpha=0.5)
-    student.compile(optimizer="adam", metrics=["accuracy"])
-    student.fit(train_ds, epochs=3)       # trains `pruned` in place
+    trainer = Distiller(pruned, teacher=unpruned, temperature=4.0, alpha=0.5)
+    trainer.compile(optimizer="adam", metrics=["accuracy"])
+    trainer.fit(train_ds, epochs=3)       # trains `pruned` in place; save `pruned`
 
 The loss of a batch is
 
@@ -11,16 +11,36 @@ The loss of a batch is
 with s and t the student's and the teacher's logits and T the temperature (the T**2
 keeps the soft term's gradients on the scale of the hard one).
 
-Logits or probabilities: many Keras classifiers (the rice models among them) end
-in a softmax. For those, log(p) stands in for the logits: it differs from them by a
-constant per example, and softmax(log(p) / T) == softmax(z / T) for any T, so both
-kinds of model give the same loss (up to the clipping of p at 1e-7).
+Keras' own `keras.distillation` does the work where it can:
 
-The teacher runs on the fly inside each training step (needed when the data is
-augmented), or its logits come cached with the labels: batches of
-(images, (labels, teacher_logits)), see `teacher_logits`. The teacher is never
-trained and its weights are not tracked by the Distiller.
+* with a teacher, `Distiller` returns a `keras.distillation.Distiller` (its training
+  step, the frozen teacher: it sets `teacher.trainable = False`, and its weighting,
+  `student_loss_weight = 1 - alpha`);
+* the soft term is `keras.distillation.LogitsDistillation` with
+  `keras.losses.KLDivergence`, in both modes;
+* the hard term is the loss given to `compile`, by default
+  `keras.losses.CategoricalCrossentropy` on one-hot labels (pass
+  `loss="sparse_categorical_crossentropy"` for integer labels).
+
+Our own pieces, each for something `keras.distillation` lacks:
+
+* `SoftTargets` (a `LogitsDistillation`): Keras divides the outputs by T as if they
+  were logits, but many Keras classifiers (the rice models among them) end in a
+  softmax. For those, log(p) stands in for the logits: it differs from them by a
+  constant per example, and softmax(log(p) / T) == softmax(z / T) for any T, so both
+  kinds of model give the same loss (up to the clipping of p at 1e-7).
+* `CachedDistiller` and `teacher_logits`: Keras' Distiller runs the teacher in every
+  training step. Without augmentation the teacher sees the same images every epoch,
+  so `compress` runs it once over the data (`teacher_logits`) and the batches carry
+  its logits: (images, (labels, teacher_logits)). Keras has no such mode.
+* `TeacherDistiller` only gives Keras' Distiller its defaults (the loss above, our
+  `alpha` and `temperature`) so both modes compile alike.
+
+Either way only the student is trained, and the student is an ordinary Keras model:
+it saves as a plain `.keras` file that loads without this module.
 """
+
+import numbers
 
 import keras
 import numpy as np
@@ -37,75 +57,105 @@ def as_logits(outputs, probabilities):
     return outputs
 
 
-def distillation_loss(labels, student_logits, teacher_logits, temperature=4.0, alpha=0.5):
-    """Per-example loss (see the module docstring); labels one-hot or integer."""
-    check_distill(temperature, alpha)
-    s = keras.ops.convert_to_tensor(student_logits, "float32")
-    t = keras.ops.convert_to_tensor(teacher_logits, "float32")
-    labels = keras.ops.convert_to_tensor(labels)
-    if len(labels.shape) == len(s.shape):
-        hard = keras.losses.categorical_crossentropy(keras.ops.cast(labels, "float32"), s, from_logits=True)
-    else:
-        hard = keras.losses.sparse_categorical_crossentropy(labels, s, from_logits=True)
-    log_ps = keras.ops.log_softmax(s / temperature, axis=-1)
-    log_pt = keras.ops.log_softmax(t / temperature, axis=-1)
-    soft = keras.ops.sum(keras.ops.exp(log_pt) * (log_pt - log_ps), axis=-1)
-    return (1.0 - alpha) * hard + alpha * temperature ** 2 * soft
-
-
 def check_distill(temperature, alpha):
-    if not temperature > 0:
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not temperature > 0:
         raise ValueError(f"Expected temperature > 0. Received: temperature={temperature!r}")
-    if not 0 <= alpha <= 1:
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not 0 <= alpha <= 1:
         raise ValueError(f"Expected distillation weight alpha in [0, 1]. Received: alpha={alpha!r}")
 
 
-class _Frozen:
-    """Holds the teacher outside Keras' tracking, so its weights are neither trained
-    nor saved with the student."""
-
-    def __init__(self, model):
-        self.model = model
-
-
-class Distiller(keras.Model):
-    """Wraps `student` for `fit`: its outputs, a distillation loss, metrics on the labels.
+class SoftTargets(keras.distillation.LogitsDistillation):
+    """`LogitsDistillation` (KL divergence, scaled by T**2) that first turns the
+    outputs of a model ending in a softmax into log-probabilities (see module doc).
 
     Args:
-        student: the model to train (trained in place; save `student`, not the Distiller).
-        teacher: the unpruned model, run on the fly; None when batches carry cached
-            teacher logits as (images, (labels, teacher_logits)).
-        temperature, alpha: see `distillation_loss`.
+        temperature: T, > 0.
+        teacher_probabilities, student_probabilities: whether each side's outputs are
+            probabilities (cached teacher logits are logits already).
     """
 
-    def __init__(self, student, teacher=None, temperature=4.0, alpha=0.5, **kwargs):
+    def __init__(self, temperature=4.0, teacher_probabilities=False, student_probabilities=False):
+        super().__init__(temperature=float(temperature), loss=keras.losses.KLDivergence())
+        self.teacher_probabilities = bool(teacher_probabilities)
+        self.student_probabilities = bool(student_probabilities)
+
+    def compute_loss(self, teacher_outputs, student_outputs, **kwargs):
+        return super().compute_loss(as_logits(teacher_outputs, self.teacher_probabilities),
+                                    as_logits(student_outputs, self.student_probabilities), **kwargs)
+
+    def get_config(self):
+        return {"temperature": self.temperature, "teacher_probabilities": self.teacher_probabilities,
+                "student_probabilities": self.student_probabilities}
+
+
+def default_loss(student):
+    """The hard term: cross-entropy on one-hot labels, from the student's logits or
+    probabilities."""
+    return keras.losses.CategoricalCrossentropy(from_logits=not outputs_probabilities(student))
+
+
+def Distiller(student, teacher=None, temperature=4.0, alpha=0.5):
+    """The model to `compile` and `fit` in place of `student` (trained in place).
+
+    Args:
+        student: the model to train; save it, not the trainer.
+        teacher: the unpruned model, run on the fly (a `TeacherDistiller`, Keras'
+            Distiller); None when batches carry cached teacher logits as
+            (images, (labels, teacher_logits)), see `teacher_logits` (a `CachedDistiller`).
+        temperature: T, > 0.
+        alpha: weight of the soft term in [0, 1]; the labels weigh 1 - alpha.
+    """
+    if teacher is None:
+        return CachedDistiller(student, temperature, alpha)
+    return TeacherDistiller(student, teacher, temperature, alpha)
+
+
+class TeacherDistiller(keras.distillation.Distiller):
+    """`keras.distillation.Distiller` with a `SoftTargets` term and `default_loss` as
+    the `compile` default. The teacher is frozen (`trainable = False`), as Keras does."""
+
+    def __init__(self, student, teacher, temperature=4.0, alpha=0.5, **kwargs):
+        check_distill(temperature, alpha)
+        soft = SoftTargets(temperature, outputs_probabilities(teacher), outputs_probabilities(student))
+        super().__init__(teacher=teacher, student=student, distillation_losses=soft,
+                         student_loss_weight=1.0 - float(alpha), **kwargs)
+
+    def compile(self, optimizer="adam", loss=None, metrics=None, **kwargs):
+        super().compile(optimizer=optimizer, loss=loss if loss is not None else default_loss(self.student),
+                        metrics=metrics, **kwargs)
+
+
+class CachedDistiller(keras.Model):
+    """Trains `student` on batches (images, (labels, teacher_logits)) with the loss of
+    the module docstring; batches of (images, labels) alone (validation data) get the
+    hard term only, so the validation loss stays the cross-entropy.
+
+    Args:
+        student: the model to train (in place; save `student`, not this model).
+        temperature, alpha: see `Distiller`.
+    """
+
+    def __init__(self, student, temperature=4.0, alpha=0.5, **kwargs):
         super().__init__(**kwargs)
         check_distill(temperature, alpha)
         self.student = student
-        self._teacher = _Frozen(teacher) if teacher is not None else None
         self.temperature = float(temperature)
         self.alpha = float(alpha)
-        self._student_probs = outputs_probabilities(student)
-        self._teacher_probs = outputs_probabilities(teacher) if teacher is not None else False
+        self.soft = SoftTargets(temperature, False, outputs_probabilities(student))
+
+    def compile(self, optimizer="adam", loss=None, metrics=None, **kwargs):
+        self.hard = keras.losses.get(loss) if loss is not None else default_loss(self.student)
+        super().compile(optimizer=optimizer, metrics=metrics, **kwargs)
 
     def call(self, x, training=False):
         return self.student(x, training=training)
 
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
         labels, cached = _split(y)
-        student = as_logits(y_pred, self._student_probs)
-        if cached is None and self._teacher is not None:
-            t = self._teacher.model(x, training=False)
-            cached = keras.ops.stop_gradient(as_logits(t, self._teacher_probs))
+        hard = keras.ops.mean(self.hard(labels, y_pred))  # sample weights unused, as in Keras' Distiller
         if cached is None:
-            # Batches without teacher logits and no teacher (validation data in cached
-            # mode): the hard term alone, so the validation loss stays the cross-entropy.
-            loss = distillation_loss(labels, student, student, self.temperature, 0.0)
-        else:
-            loss = distillation_loss(labels, student, cached, self.temperature, self.alpha)
-        if sample_weight is not None:
-            loss = loss * keras.ops.cast(sample_weight, loss.dtype)
-        return keras.ops.mean(loss)
+            return hard
+        return (1.0 - self.alpha) * hard + self.alpha * self.soft.compute_loss(cached, y_pred)
 
     def compute_metrics(self, x, y, y_pred, sample_weight=None):
         return super().compute_metrics(x, _split(y)[0], y_pred, sample_weight)

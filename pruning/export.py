@@ -31,7 +31,7 @@ def fold_batchnorm(model, fuse_activations=True):
     activation of its own, normalises the last axis, and that output has no other
     reader. Returns a model that loads with `keras.models.load_model` unaided.
     """
-    cnn = CNNModel(model)
+    cnn = CNNModel.of(model)
     readers = {}
     for call in cnn.calls:
         for k in call.inputs:

@@ -135,6 +135,14 @@ class CNNModel:
         self.output_keys = [self._key(t) for t in fm.outputs]
         self._analyse()
 
+    @classmethod
+    def of(cls, model, allow_inexact=False):
+        """`model` itself when it is a CNNModel allowing at least `allow_inexact`, else a
+        CNNModel of it: what every function taking "a keras.Model or CNNModel" calls."""
+        if isinstance(model, CNNModel) and model.allow_inexact >= bool(allow_inexact):
+            return model
+        return cls(model, allow_inexact=allow_inexact)
+
     # ------------------------------------------------------------------ trace
     def _key(self, tensor):
         k = id(tensor)
@@ -233,72 +241,23 @@ class CNNModel:
         self._finish(t, at_output)
 
     def _finish(self, t, at_output):
-        convs, blocked = t.convs, t.blocked
-        n = len(convs)
-        roots = [np.array([t.find(i * _STRIDE + f) for f in range(t.filters[i])], np.int64)
-                 for i in range(n)]
-        # Convs are in one group when any of their channels are tied.
-        group_of = list(range(n))
+        """Turns the trace into convs, their tied groups and the filter classes of each."""
+        roots = [np.array([t.ties.find(i * _STRIDE + f) for f in range(t.filters[i])], np.int64)
+                 for i in range(len(t.convs))]
+        group_of, members = _conv_groups(roots)
+        classes = {g: _filter_classes(roots, ms) for g, ms in members.items()}
+        segments = _segments(t, group_of, members, classes)
+        _block_whole_groups(t, members)
+        self._make_convs(t, at_output, group_of, members, classes, segments)
 
-        def gfind(i):
-            while group_of[i] != i:
-                group_of[i] = group_of[group_of[i]]
-                i = group_of[i]
-            return i
-
-        first_conv = {}
-        for i in range(n):
-            for r in roots[i].tolist():
-                j = first_conv.setdefault(r, i)
-                if gfind(j) != gfind(i):
-                    group_of[gfind(i)] = gfind(j)
-        members = {}
-        for i in range(n):
-            members.setdefault(gfind(i), []).append(i)
-        class_of, n_classes, segments = {}, {}, {}
-        for g, ms in members.items():
-            index = {}
-            for i in ms:
-                class_of[i] = np.array([index.setdefault(r, len(index)) for r in roots[i].tolist()])
-            n_classes[g] = len(index)
-            # Grouped convolutions: label each class with its group (segment).
-            for ids, count, what in t.segments:
-                tracked = ids >= 0
-                if not tracked.any():
-                    continue
-                fed = _sources(ids)
-                if gfind(next(iter(fed))) != g:
-                    continue
-                reason = None
-                if not tracked.all() or len({gfind(i) for i in fed}) > 1:
-                    reason = f"{what} mixes channels of several groups of convs"
-                else:
-                    cls = np.array([index[t.find(int(c))] for c in ids])
-                    if len(set(cls.tolist())) != len(ids) or len(ids) != len(index) or \
-                            len(ids) % count:
-                        reason = f"{what} reads channels that cannot be split into {count} equal groups"
-                    else:
-                        labels = np.empty(len(index), np.int64)
-                        labels[cls] = np.arange(len(ids)) // (len(ids) // count)
-                        if g in segments and not np.array_equal(segments[g], labels):
-                            reason = f"{what} groups channels differently from another grouped conv"
-                        segments[g] = labels
-                if reason:
-                    t.block(fed, reason)
-        # A blocked member blocks its whole group: the indices must stay aligned.
-        for ms in members.values():
-            culprit = next((i for i in ms if i in blocked), None)
-            if culprit is not None:
-                for i in ms:
-                    blocked.setdefault(i, f"it is tied to '{convs[culprit].layer.name}', "
-                                          f"which cannot be pruned: {blocked[culprit]}")
-
+    def _make_convs(self, t, at_output, group_of, members, classes, segments):
+        """Sets `conv_layers` and the `ChannelGroup` of every conv."""
         self.conv_layers = []
         self._channel_groups = {}
-        conv_names = _distinct([call.layer.name for call in convs])
-        for i, call in enumerate(convs):
+        conv_names = _distinct([call.layer.name for call in t.convs])
+        for i, call in enumerate(t.convs):
             layer = call.layer
-            ms = members[gfind(i)]
+            ms = members[group_of[i]]
             self.conv_layers.append(ConvLayer(
                 name=conv_names[i],
                 layer=layer,
@@ -307,13 +266,13 @@ class CNNModel:
                 kernel_size=tuple(getattr(layer, "kernel_size", ())),
                 consumers=sorted(t.consumers.get(i, ())),
                 group=tuple(conv_names[j] for j in ms),
-                blocked_by=blocked.get(i, ""),
+                blocked_by=t.blocked.get(i, ""),
                 feeds_output=bool(at_output & set(ms)),
             ))
         for g, ms in members.items():
+            class_of, index = classes[g]
             names = tuple(conv_names[j] for j in ms)
-            info = ChannelGroup(names, {conv_names[j]: class_of[j] for j in ms},
-                                n_classes[g], segments.get(g))
+            info = ChannelGroup(names, {conv_names[j]: class_of[j] for j in ms}, len(index), segments.get(g))
             for name in names:
                 self._channel_groups[name] = info
         self._conv_by_name = {c.name: c for c in self.conv_layers}
@@ -484,6 +443,95 @@ def _sources(origin):
     return set((o // _STRIDE).tolist())
 
 
+def _conv_groups(roots):
+    """({conv index: its group}, {group: conv indices in order}): convs are in one
+    group when any of their filters are tied (`roots[i]`: the tie root of each filter
+    of conv i)."""
+    convs = _UnionFind()
+    first_conv = {}
+    for i, r in enumerate(roots):
+        for root in r.tolist():
+            convs.union(first_conv.setdefault(root, i), i)
+    group_of = {i: convs.find(i) for i in range(len(roots))}
+    members = {}
+    for i, g in group_of.items():
+        members.setdefault(g, []).append(i)
+    return group_of, members
+
+
+def _filter_classes(roots, ms):
+    """({conv index: class of each filter}, {tie root: class}) for the convs `ms` of one
+    group: tied filters share a class, numbered in order of first appearance."""
+    index, class_of = {}, {}
+    for i in ms:
+        class_of[i] = np.array([index.setdefault(r, len(index)) for r in roots[i].tolist()])
+    return class_of, index
+
+
+def _segments(t, group_of, members, classes):
+    """{group: segment of each class} for the groups read by grouped convolutions (each
+    segment must keep an equal count); a grouped conv whose channels cannot be split so
+    blocks the convs it reads."""
+    segments = {}
+    for g in members:
+        index = classes[g][1]
+        for ids, count, what in t.segments:
+            tracked = ids >= 0
+            if not tracked.any():
+                continue
+            fed = _sources(ids)
+            if group_of[next(iter(fed))] != g:
+                continue
+            reason = None
+            if not tracked.all() or len({group_of[i] for i in fed}) > 1:
+                reason = f"{what} mixes channels of several groups of convs"
+            else:
+                cls = np.array([index[t.ties.find(int(c))] for c in ids])
+                if len(set(cls.tolist())) != len(ids) or len(ids) != len(index) or len(ids) % count:
+                    reason = f"{what} reads channels that cannot be split into {count} equal groups"
+                else:
+                    labels = np.empty(len(index), np.int64)
+                    labels[cls] = np.arange(len(ids)) // (len(ids) // count)
+                    if g in segments and not np.array_equal(segments[g], labels):
+                        reason = f"{what} groups channels differently from another grouped conv"
+                    segments[g] = labels
+            if reason:
+                t.block(fed, reason)
+    return segments
+
+
+def _block_whole_groups(t, members):
+    """A blocked member blocks its whole group: the indices must stay aligned."""
+    for ms in members.values():
+        culprit = next((i for i in ms if i in t.blocked), None)
+        if culprit is not None:
+            for i in ms:
+                t.blocked.setdefault(i, f"it is tied to '{t.convs[culprit].layer.name}', "
+                                        f"which cannot be pruned: {t.blocked[culprit]}")
+
+
+class _UnionFind:
+    """Disjoint sets of hashable items; an item not yet joined is a set of its own."""
+
+    def __init__(self):
+        self.parent = {}
+
+    def find(self, x):
+        parent = self.parent
+        root = x
+        while parent.get(root, root) != root:
+            root = parent[root]
+        while parent.get(x, x) != root:
+            parent[x], x = root, parent[x]
+        return root
+
+    def union(self, a, b):
+        """Joins the sets of `a` and `b` (the root of `a`'s stays the root)."""
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            self.parent[rb] = ra
+
+
 class _Tracer:
     """Runs every call's handler over channel labels, collecting convs, ties,
     grouped-conv constraints and the reasons convs cannot be pruned."""
@@ -491,19 +539,10 @@ class _Tracer:
     def __init__(self, cnn):
         self.cnn = cnn
         self.convs, self.filters = [], []
-        self.parent = {}  # union-find over channel labels
+        self.ties = _UnionFind()  # channel labels that must be kept or removed together
         self.blocked = {}  # conv index -> reason
         self.consumers = {}  # conv index -> set of layer names
         self.segments = []  # (labels, groups, what)
-
-    def find(self, c):
-        parent = self.parent
-        root = c
-        while parent.get(root, root) != root:
-            root = parent[root]
-        while parent.get(c, c) != root:
-            parent[c], c = root, parent[c]
-        return root
 
     def block(self, conv_ids, reason):
         for i in conv_ids:
@@ -572,9 +611,7 @@ class _Context:
                                   f"{self._name} mixes its channels elementwise with channels "
                                   "that do not come from a prunable convolution")
                 elif a >= 0:
-                    ra, rb = self._t.find(a), self._t.find(b)
-                    if ra != rb:
-                        self._t.parent[rb] = ra
+                    self._t.ties.union(a, b)
 
     def segment(self, labels, groups, what):
         """These channels split into `groups` equal runs that must keep equal counts."""

@@ -34,9 +34,13 @@ def n_kept(filters, ratio, round_to=1, round_mode="nearest"):
     `round_mode="nearest"` may round back up (61 of 64 -> 64: nothing removed);
     `"down"` always removes at least what the ratio asks (61 -> 56).
     """
+    return round_count(max(1, filters - int(check_ratio(ratio) * filters)), filters, round_to, round_mode)
+
+
+def round_count(kept, filters, round_to=1, round_mode="nearest"):
+    """`kept` of `filters` rounded to a multiple of `round_to` (see `n_kept`)."""
     if round_mode not in ROUND_MODES:
         raise ValueError(f"Expected round_mode in {ROUND_MODES}. Received: round_mode={round_mode!r}")
-    kept = max(1, filters - int(check_ratio(ratio) * filters))
     if round_to > 1 and kept < filters:
         steps = kept // round_to if round_mode == "down" else int(round(kept / round_to))
         kept = min(filters, max(round_to, steps * round_to))
@@ -80,7 +84,7 @@ def resolve_ratios(cnn, ratio, exclude=()):
 
 def atomic_write(path, write):
     """Calls `write(tmp)` on a temporary file beside `path`, named `<stem>.partial-<pid><ext>`
-    (the name `save_sqlite.remove_partial_files` cleans up after a killed writer), which
+    (the name `experiments.files.remove_partial_files` cleans up after a killed writer), which
     then replaces `path`: a failed write leaves the previous file whole and no temporary."""
     stem, ext = os.path.splitext(os.fspath(path))
     tmp = f"{stem}.partial-{os.getpid()}{ext}"
@@ -111,11 +115,12 @@ def nothing_prunable(cnn):
             f"none prunable{': ' + '; '.join(reasons[:6]) if reasons else ' (it has no convolutions)'}.")
 
 
-def _select(group, scores, rate, round_to, round_mode="nearest"):
-    """Kept filter indices per member of a `ChannelGroup` for one ratio.
+def _select(group, scores, kept_of):
+    """Kept filter indices per member of a `ChannelGroup`; `kept_of(n)` is how many
+    of `n` classes stay (called once per segment for grouped convolutions).
 
     Tied filters form classes; a class is scored by the sum of its members'
-    scores, and the best `n_kept(n_classes)` classes survive (an equal count in
+    scores, and the best `kept_of(n_classes)` classes survive (an equal count in
     every segment for grouped convolutions). Among equal scores the lower class
     index is kept.
     """
@@ -123,11 +128,10 @@ def _select(group, scores, rate, round_to, round_mode="nearest"):
     for name in group.names:
         total += np.bincount(group.classes[name], weights=scores[name], minlength=group.n_classes)
     if group.segments is None:
-        k = n_kept(group.n_classes, rate, round_to, round_mode)
-        chosen = np.argsort(-total, kind="stable")[:k]
+        chosen = np.argsort(-total, kind="stable")[:kept_of(group.n_classes)]
     else:
         n_seg = int(group.segments.max()) + 1
-        per = n_kept(group.n_classes // n_seg, rate, round_to, round_mode)
+        per = kept_of(group.n_classes // n_seg)
         chosen = np.concatenate([
             np.nonzero(group.segments == s)[0][
                 np.argsort(-total[group.segments == s], kind="stable")[:per]]
@@ -175,7 +179,7 @@ class PrunePlan:
         """
         if round_mode not in ROUND_MODES:
             raise ValueError(f"Expected round_mode in {ROUND_MODES}. Received: round_mode={round_mode!r}")
-        cnn = _cnn(model, allow_inexact)
+        cnn = CNNModel.of(model, allow_inexact)
         ratios = resolve_ratios(cnn, ratio, exclude)
         nothing = (not isinstance(ratio, (dict, list, tuple, np.ndarray)) and ratio > 0
                    and nothing_prunable(cnn))
@@ -184,8 +188,7 @@ class PrunePlan:
             warnings.warn(nothing, stacklevel=2)
         keep, filters = {}, {}
         for group in cnn.groups:
-            members = [cnn.conv(n) for n in group]
-            rates = {ratios[m.name] for m in members}
+            rates = {ratios[n] for n in group}
             if len(rates) > 1:
                 raise ValueError(
                     f"Layers {', '.join(group)} are tied by an elementwise merge and must share one "
@@ -194,20 +197,10 @@ class PrunePlan:
             rate = rates.pop()
             if rate == 0:
                 continue
-            checked = {}
-            for m in members:
-                if m.name not in scores:
-                    raise ValueError(f"No scores for layer '{m.name}'. Received scores for: "
-                                     f"{', '.join(scores) or '(none)'}")
-                s = np.asarray(scores[m.name], dtype=np.float64).reshape(-1)
-                if s.shape[0] != m.filters:
-                    raise ValueError(f"Expected {m.filters} scores for layer '{m.name}'. "
-                                     f"Received: {s.shape[0]}")
-                checked[m.name] = s
-            for name, kept in _select(cnn.channel_group(group[0]), checked, rate, round_to,
-                                              round_mode).items():
-                keep[name] = kept
-                filters[name] = cnn.conv(name).filters
+            kept = _select(cnn.channel_group(group[0]), _checked_scores(cnn, group, scores),
+                           lambda n: n_kept(n, rate, round_to, round_mode))
+            keep.update(kept)
+            filters.update({name: cnn.conv(name).filters for name in kept})
         meta = {"ratios": ratios, "exclude": list(exclude), "round_to": round_to, "round_mode": round_mode,
                 **(meta or {})}
         if not isinstance(ratio, (dict, list, tuple, np.ndarray)):
@@ -217,9 +210,61 @@ class PrunePlan:
         return cls(keep, filters, meta, cnn.fingerprint)
 
     @classmethod
+    def from_counts(cls, model, scores, counts, meta=None, allow_inexact=False):
+        """Keeps the `counts[name]` highest-scoring filters of each named conv.
+
+        Args:
+            model: a keras.Model or CNNModel.
+            scores: {conv name: one score per filter}; higher means keep.
+            counts: {conv name: filters kept}, each in [1, filters]. Convs not named
+                keep all their filters; convs tied by an elementwise merge keep the
+                same count (naming one of them is enough), and a conv feeding a
+                grouped convolution keeps a multiple of its group count.
+            allow_inexact: also prune convs feeding LayerNormalization (see `CNNModel`).
+        """
+        cnn = CNNModel.of(model, allow_inexact)
+        if not isinstance(counts, dict):
+            raise ValueError(f"Expected counts as a dict {{conv name: filters kept}}. Received: counts={counts!r}")
+        for name, k in counts.items():
+            conv = cnn.conv(name)  # raises for an unknown name
+            if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= conv.filters:
+                raise ValueError(f"Expected counts['{name}'] a whole number in [1, {conv.filters}] (the "
+                                 f"filters layer '{name}' keeps). Received: counts['{name}']={k!r}")
+        keep, filters = {}, {}
+        for group in cnn.groups:
+            wanted = {int(counts[n]) for n in group if n in counts}
+            if len(wanted) > 1:
+                raise ValueError(f"Layers {', '.join(group)} are tied by an elementwise merge and must keep "
+                                 f"one count. Received: {sorted(wanted)}")
+            if not wanted or wanted == {cnn.conv(group[0]).filters}:
+                continue
+            k = wanted.pop()
+            for name in group:
+                if not cnn.conv(name).prunable:
+                    raise ValueError(f"Layer '{name}' cannot be pruned: {cnn.conv(name).blocked_by}.")
+            channels = cnn.channel_group(group[0])
+            n_seg = 1 if channels.segments is None else int(channels.segments.max()) + 1
+            if any(cnn.conv(n).filters != channels.n_classes for n in group):
+                raise ValueError(f"Layers {', '.join(group)} tie filters in other than one-to-one pairs (a conv "
+                                 "tied to its own channels or to a concatenation), so a count cannot be kept "
+                                 f"exactly in each; give them a ratio (`PrunePlan.from_scores`). Received: {k}")
+            if k % n_seg:
+                raise ValueError(
+                    f"Layers {', '.join(group)} feed or form a grouped convolution of {n_seg} groups: "
+                    f"expected a count that is a multiple of {n_seg}. Received: {k}")
+            kept = _select(channels, _checked_scores(cnn, group, scores), lambda n: k // n_seg)
+            keep.update(kept)
+            filters.update({name: cnn.conv(name).filters for name in kept})
+        ratios = {c.name: 1 - len(keep.get(c.name, range(c.filters))) / c.filters for c in cnn.conv_layers}
+        meta = {"counts": {n: len(k) for n, k in keep.items()}, "ratios": ratios, **(meta or {})}
+        if cnn.allow_inexact:
+            meta["allow_inexact"] = True
+        return cls(keep, filters, meta, cnn.fingerprint)
+
+    @classmethod
     def from_indices(cls, model, keep, meta=None, allow_inexact=False):
         """A plan from explicit kept indices, checked against the model."""
-        cnn = _cnn(model, allow_inexact)
+        cnn = CNNModel.of(model, allow_inexact)
         meta = dict(meta or {})
         if cnn.allow_inexact:
             meta["allow_inexact"] = True
@@ -354,7 +399,16 @@ class PrunePlan:
         return cls.from_json(text, source=f"plan file {str(path)!r}")
 
 
-def _cnn(model, allow_inexact=False):
-    if isinstance(model, CNNModel) and model.allow_inexact >= bool(allow_inexact):
-        return model
-    return CNNModel(model, allow_inexact=allow_inexact)
+def _checked_scores(cnn, group, scores):
+    """{name: scores as float64} for the convs of `group`, one score per filter."""
+    checked = {}
+    for name in group:
+        m = cnn.conv(name)
+        if m.name not in scores:
+            raise ValueError(f"No scores for layer '{m.name}'. Received scores for: "
+                             f"{', '.join(scores) or '(none)'}")
+        s = np.asarray(scores[m.name], dtype=np.float64).reshape(-1)
+        if s.shape[0] != m.filters:
+            raise ValueError(f"Expected {m.filters} scores for layer '{m.name}'. Received: {s.shape[0]}")
+        checked[m.name] = s
+    return checked

@@ -22,9 +22,26 @@ from pruning.plan import atomic_write
 RANKERS = {}
 
 
-def register_ranker(cls):
-    """Class decorator that makes a ranker available by `cls.name`."""
-    RANKERS[cls.name] = cls
+def register_ranker(cls=None, *, replace=False):
+    """Class decorator that makes a ranker available by `cls.name`.
+
+    A name is registered once: registering another class under a taken name raises,
+    unless `@register_ranker(replace=True)` asks to replace the registered one.
+    """
+    if cls is None:
+        return lambda c: register_ranker(c, replace=replace)
+    if not (isinstance(cls, type) and issubclass(cls, Ranker)):
+        raise ValueError(f"Expected a subclass of pruning.Ranker. Received: {cls!r}")
+    name = cls.name
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"Expected ranker class {cls.__qualname__} to set `name` to a non-empty string. "
+                         f"Received: name={name!r}")
+    taken = RANKERS.get(name)
+    if taken is not None and taken is not cls and not replace:
+        raise ValueError(f"A ranker named '{name}' is already registered ({taken.__module__}.{taken.__qualname__}). "
+                         f"Use @register_ranker(replace=True) to replace it, or another name. "
+                         f"Received: {cls.__module__}.{cls.__qualname__}")
+    RANKERS[name] = cls
     return cls
 
 
@@ -72,7 +89,7 @@ class Ranker:
 
     def rank_all(self, model, layers=None, data=None, progress=None):
         """{layer name: scores} for `layers` (default: every conv of the model)."""
-        cnn = _cnn(model)
+        cnn = CNNModel.of(model)
         layers = [cnn.conv(l) for l in (layers or cnn.conv_layers)]
         out = {}
         for conv in layers:
@@ -99,11 +116,7 @@ class DataRanker(Ranker):
         self.num_batches = num_batches
 
     def rank(self, model, layer, data=None):
-        return self.rank_all(model, [layer], data)[_cnn(model).conv(layer).name]
-
-
-def _cnn(model):
-    return model if isinstance(model, CNNModel) else CNNModel(model)
+        return self.rank_all(model, [layer], data)[CNNModel.of(model).conv(layer).name]
 
 
 def filter_kernel(layer):
@@ -120,7 +133,7 @@ class L1Ranker(Ranker):
     name = "l1"
 
     def rank(self, model, layer, data=None):
-        k = filter_kernel(_cnn(model).conv(layer).layer)
+        k = filter_kernel(CNNModel.of(model).conv(layer).layer)
         return np.abs(k).reshape(-1, k.shape[-1]).sum(axis=0)
 
 
@@ -131,7 +144,7 @@ class L2Ranker(Ranker):
     name = "l2"
 
     def rank(self, model, layer, data=None):
-        k = filter_kernel(_cnn(model).conv(layer).layer)
+        k = filter_kernel(CNNModel.of(model).conv(layer).layer)
         return np.sqrt(np.square(k).reshape(-1, k.shape[-1]).sum(axis=0))
 
 
@@ -145,7 +158,7 @@ class RandomRanker(Ranker):
         self.seed = seed
 
     def rank(self, model, layer, data=None):
-        conv = _cnn(model).conv(layer)
+        conv = CNNModel.of(model).conv(layer)
         # One stream per layer, so a layer's scores do not depend on which others are ranked.
         rng = np.random.default_rng([self.seed, conv.index])
         return rng.random(conv.filters)
@@ -175,7 +188,7 @@ class HRankRanker(DataRanker):
     def rank_all(self, model, layers=None, data=None, progress=None):
         if data is None:
             raise ValueError("The 'hrank' ranker needs data: batches of training images.")
-        cnn = _cnn(model)
+        cnn = CNNModel.of(model)
         layers = [cnn.conv(l) for l in (layers or cnn.conv_layers)]
         probe = feature_probe(cnn, [cnn.feature_key(c) for c in layers])
         totals = [0.0] * len(layers)
@@ -216,16 +229,16 @@ def feature_probe(cnn, keys):
     inputs = symbolic_inputs(cnn)
     outputs = cnn.forward(inputs, keys)
     probe = keras.Model(inputs if len(inputs) > 1 else inputs[0], outputs, name="feature_probe")
-    # predict_on_batch runs a compiled graph: eager calls took twice a forward pass.
-    # XLA only on JAX (its sole compiler); on CPU TensorFlow XLA was 4-10x slower.
+    # predict_on_batch runs one compiled graph per batch instead of eager calls. XLA
+    # only on JAX, whose compiler it is; TensorFlow runs its own graph without it.
     probe.compile(jit_compile=keras.backend.backend() == "jax")
     return probe
 
 
 # A singular value within this factor of numpy's tolerance is left to numpy's own SVD;
-# outside the band the float64 Gram decides. On VGG16-BN maps of CIFAR images, float32
-# SVD and float64 Gram singular values near the tolerance agree to about 1e-4 (see
-# benchmarks/hrank_speed.py, which checks every map), so a factor 2 is a wide margin.
+# outside the band the float64 Gram decides. Near the tolerance, the Gram's singular
+# values differ from float32 SVD's by far less than a factor 2, so the band is wide
+# (tests/test_rankers.py compares the ranks with numpy's).
 RANK_BAND = 2.0
 
 
@@ -233,9 +246,9 @@ def feature_map_ranks(fmap):
     """Matrix rank of every channel's map: (batch, H, W, C) -> (batch, C).
 
     Equal to `numpy.linalg.matrix_rank` on the float32 maps (default tolerance
-    `tol = S.max() * max(H, W) * eps`), 1.5-2x faster on VGG16-BN maps. Each map A gets its float64
-    Gram matrix G (k x k on the shorter side; G's eigenvalues are A's squared singular
-    values):
+    `tol = S.max() * max(H, W) * eps`), with most maps decided by a Cholesky instead of an
+    SVD. Each map A gets its float64 Gram matrix G (k x k on the shorter side; G's
+    eigenvalues are A's squared singular values):
     1. all-zero maps have rank 0;
     2. a map whose G, with the zero rows of A set aside, minus (RANK_BAND * tol)^2 I has
        a Cholesky factor has all other singular values far above tol: its rank is its
@@ -249,8 +262,8 @@ def feature_map_ranks(fmap):
     if fmap.ndim != 4:
         raise ValueError(f"Expected feature maps of rank 3 or 4. Received: shape={fmap.shape}")
     b, h, w, c = fmap.shape
-    # Chunks of about CHUNK_BYTES of float64 keep every temporary in cache: on whole
-    # layers, allocating and faulting in fresh 100 MB arrays cost more than the maths.
+    # Chunks of about CHUNK_BYTES of float64 keep every temporary in cache, instead of
+    # allocating arrays the size of a whole layer's maps.
     step = max(1, CHUNK_BYTES // (8 * h * w * c))
     return np.concatenate([_chunk_ranks(np.transpose(fmap[i:i + step], (0, 3, 1, 2)))
                            for i in range(0, b, step)])
@@ -339,8 +352,8 @@ def save_scores(scores, cnn, folder, ranker="hrank"):
 def load_scores(cnn, folder, layers=None, ranker="hrank"):
     """{name: scores} from `score_file(ranker, i)` files, or None if any is missing.
 
-    Folders written before the files were named by ranker hold `rank_conv{i}.npy` for
-    every ranker; those are read when the ranker's own files are absent.
+    `rank_conv{i}.npy` files (HRank's name, which older folders hold for every ranker)
+    are read when the ranker's own files are absent.
     """
     out = {}
     for conv in [cnn.conv(l) for l in (layers or cnn.conv_layers)]:

@@ -32,8 +32,7 @@ def prune(model, plan, allow_inexact=False):
     if not isinstance(plan, PrunePlan):
         plan = PrunePlan(plan)
     allow_inexact = bool(allow_inexact or plan.meta.get("allow_inexact"))
-    cnn = model if isinstance(model, CNNModel) and model.allow_inexact >= allow_inexact \
-        else CNNModel(model, allow_inexact=allow_inexact)
+    cnn = CNNModel.of(model, allow_inexact)
     plan.validate(cnn)  # every error is raised here, before anything is built
     keep = {n: np.asarray(k) for n, k in plan.keep.items() if len(k) < cnn.conv(n).filters}
     kept = cnn.channel_selector(keep)

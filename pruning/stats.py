@@ -16,7 +16,7 @@ def _count(weights):
 
 def layer_stats(model):
     """One dict per leaf layer call: name, class, trainable/total params, MACs, output shape."""
-    cnn = model if isinstance(model, CNNModel) else CNNModel(model)
+    cnn = CNNModel.of(model)
     rows, seen = [], set()
     for call in cnn.calls:
         layer = call.layer
@@ -37,12 +37,13 @@ def layer_stats(model):
 
 def model_stats(model):
     """Totals: trainable and total parameters (total == model.count_params()) and MACs."""
-    model = model.model if isinstance(model, CNNModel) else model
+    cnn = CNNModel.of(model)
+    model = cnn.model
     return {
         "trainable_params": _count(model.trainable_weights),
         "non_trainable_params": _count(model.non_trainable_weights),
         "params": int(model.count_params()),
-        "macs": int(sum(r["macs"] for r in layer_stats(model))),
+        "macs": int(sum(r["macs"] for r in layer_stats(cnn))),
     }
 
 

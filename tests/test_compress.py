@@ -9,32 +9,56 @@ from click.testing import CliRunner
 from experiments.compress import CompressConfig, run_compress, step_targets
 from experiments.models import resnet20_cifar
 from pruning import CNNModel, PrunePlan, model_stats
-from pruning.distill import Distiller, distillation_loss
+from pruning.distill import Distiller, teacher_logits
 from save_sqlite import ExperimentLog
 from tests.conftest import SAMPLE_RICE
 
 
-def test_distillation_loss_by_hand_on_two_logits():
-    s, t, temperature, alpha = np.array([[1.0, 0.0]]), np.array([[0.0, 1.0]]), 2.0, 0.3
-    hard = -np.log(np.exp(1) / (np.exp(1) + 1))  # CE of label 0 against softmax([1, 0])
-    ps = np.exp([0.5, 0.0]) / np.exp([0.5, 0.0]).sum()  # softmax(s / T)
-    pt = np.exp([0.0, 0.5]) / np.exp([0.0, 0.5]).sum()
-    soft = np.sum(pt * np.log(pt / ps))
-    expected = (1 - alpha) * hard + alpha * temperature ** 2 * soft
-    np.testing.assert_allclose(distillation_loss(np.array([0]), s, t, temperature, alpha), [expected], rtol=1e-6)
-    np.testing.assert_allclose(distillation_loss(np.array([[1.0, 0.0]]), s, t, temperature, alpha), [expected],
-                               rtol=1e-6)
+def _net(filters, softmax, seed=0):
+    keras.utils.set_random_seed(seed)
+    inp = keras.Input((6, 6, 3))
+    x = keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(filters, 3)(inp))
+    return keras.Model(inp, keras.layers.Dense(3, activation="softmax" if softmax else None)(x))
+
+
+def _by_hand(labels, s, t, temperature, alpha):
+    """The loss of the pruning.distill docstring, batch mean, in numpy."""
+    def softmax(z):
+        e = np.exp(z - z.max(-1, keepdims=True))
+        return e / e.sum(-1, keepdims=True)
+    hard = -np.log(softmax(s)[np.arange(len(s)), labels])
+    ps, pt = softmax(s / temperature), softmax(t / temperature)
+    soft = np.sum(pt * np.log(pt / ps), -1)
+    return float(np.mean((1 - alpha) * hard + alpha * temperature ** 2 * soft))
+
+
+def test_distillation_loss_by_hand_in_both_modes():
+    x = np.random.default_rng(0).normal(size=(4, 6, 6, 3)).astype("float32")
+    labels = np.array([0, 2, 1, 0])
+    y = keras.utils.to_categorical(labels, 3)
+    teacher, student = _net(4, True, 1), _net(2, False, 2)
+    s = keras.ops.convert_to_numpy(student(x))
+    t = np.log(keras.ops.convert_to_numpy(teacher(x)))  # a softmax teacher: its log-probabilities
+    expected = _by_hand(labels, s, t, 3.0, 0.3)
+    on_the_fly = Distiller(student, teacher, temperature=3.0, alpha=0.3)
+    assert isinstance(on_the_fly, keras.distillation.Distiller)
+    on_the_fly.compile()
+    cached = Distiller(student, None, temperature=3.0, alpha=0.3)
+    cached.compile()
+    for trainer, target in ((on_the_fly, y), (cached, (y, teacher_logits(teacher, x)))):
+        loss = trainer.compute_loss(x, target, keras.ops.convert_to_tensor(s))
+        np.testing.assert_allclose(float(loss), expected, rtol=1e-4)
+    # Validation batches without teacher logits: the cross-entropy alone.
+    np.testing.assert_allclose(float(cached.compute_loss(x, y, keras.ops.convert_to_tensor(s))),
+                               _by_hand(labels, s, t, 3.0, 0.0), rtol=1e-4)
     with pytest.raises(ValueError, match="Expected temperature > 0. Received: temperature=0"):
-        distillation_loss(np.array([0]), s, t, 0, alpha)
+        Distiller(student, teacher, 0, 0.3)
+    with pytest.raises(ValueError, match=r"Expected distillation weight alpha in \[0, 1\]. Received: alpha=1.5"):
+        Distiller(student, None, 3.0, 1.5)
 
 
-def test_distiller_trains_the_student_only_and_handles_softmax_teachers():
-    def net(filters, softmax):
-        inp = keras.Input((6, 6, 3))
-        x = keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(filters, 3)(inp))
-        return keras.Model(inp, keras.layers.Dense(3, activation="softmax" if softmax else None)(x))
-
-    teacher, student = net(4, True), net(2, False)
+def test_distiller_trains_the_student_only_and_it_saves_plain(tmp_path):
+    teacher, student = _net(4, True, 1), _net(2, False, 2)
     before_t = [w.copy() for w in teacher.get_weights()]
     before_s = [w.copy() for w in student.get_weights()]
     x = np.random.default_rng(0).normal(size=(16, 6, 6, 3)).astype("float32")
@@ -42,14 +66,22 @@ def test_distiller_trains_the_student_only_and_handles_softmax_teachers():
     d = Distiller(student, teacher, temperature=3.0, alpha=0.7)
     assert len(d.trainable_weights) == len(student.trainable_weights)
     d.compile(optimizer=keras.optimizers.Adam(0.01), metrics=["accuracy"])
-    d.fit(x, y, epochs=1, batch_size=8, verbose=0)
+    logs = d.fit(x, y, epochs=1, batch_size=8, verbose=0).history
+    assert "accuracy" in logs and np.isfinite(logs["loss"][0])
     assert all(np.array_equal(a, b) for a, b in zip(before_t, teacher.get_weights()))
     assert not all(np.array_equal(a, b) for a, b in zip(before_s, student.get_weights()))
-    # log-probabilities of a softmax model give the loss of its logits.
-    z = np.array([[2.0, -1.0, 0.5]], "float32")
-    logp = np.log(np.exp(z) / np.exp(z).sum())
-    np.testing.assert_allclose(distillation_loss(np.array([1]), z[::-1] * 0.5, logp, 3.0, 0.7),
-                               distillation_loss(np.array([1]), z[::-1] * 0.5, z, 3.0, 0.7), rtol=1e-5)
+    cached = Distiller(student, None, temperature=3.0, alpha=0.7)
+    cached.compile(optimizer=keras.optimizers.Adam(0.01), metrics=["accuracy"])
+    cached.fit(x, (y, teacher_logits(teacher, x)), epochs=1, batch_size=8, verbose=0, validation_data=(x, y))
+    path = str(tmp_path / "student.keras")
+    student.save(path)
+    import zipfile
+
+    with zipfile.ZipFile(path) as z:  # a plain Functional: nothing of this code's classes in the file
+        config = z.read("config.json").decode()
+    assert json.loads(config)["class_name"] == "Functional" and "pruning" not in config and "istill" not in config
+    np.testing.assert_allclose(keras.models.load_model(path).predict(x, verbose=0), student.predict(x, verbose=0),
+                               rtol=1e-5, atol=1e-6)
 
 
 def test_step_targets_reach_the_target_linearly():

@@ -155,3 +155,48 @@ def test_from_scores_rounds_down_when_asked():
     assert len(down.keep["conv5"]) == 28 and down.meta["round_mode"] == "down"
     with pytest.raises(ValueError, match="Expected round_mode in .*Received: round_mode='up'"):
         PrunePlan.from_scores(cnn, scores, 0.5, round_mode="up")
+
+
+def _tied_and_grouped():
+    """c1 and c2 tied by an Add; c3 feeds a convolution of 2 groups."""
+    x = keras.Input((8, 8, 3))
+    a = keras.layers.Conv2D(6, 3, padding="same", name="c1")(x)
+    b = keras.layers.Conv2D(6, 3, padding="same", name="c2")(x)
+    c = keras.layers.Conv2D(8, 3, padding="same", name="c3")(keras.layers.Add()([a, b]))
+    d = keras.layers.Conv2D(4, 3, padding="same", groups=2, name="g")(c)
+    y = keras.layers.Dense(2)(keras.layers.GlobalAveragePooling2D()(d))
+    return CNNModel(keras.Model(x, y))
+
+
+def test_from_counts_keeps_exactly_the_counts_given():
+    cnn = _tied_and_grouped()
+    scores = {c.name: np.random.default_rng(c.index).random(c.filters) for c in cnn.conv_layers}
+    plan = PrunePlan.from_counts(cnn, scores, {"c1": 5, "c3": 6})
+    tied = scores["c1"] + scores["c2"]  # the tied conv follows, on the scores of both
+    assert plan.keep["c1"] == plan.keep["c2"] == sorted(np.argsort(-tied, kind="stable")[:5].tolist())
+    assert "g" not in plan.keep and plan.meta["counts"] == {"c1": 5, "c2": 5, "c3": 6}
+    # c3's two halves feed the two groups of g: 3 of the 4 best of each half stay.
+    halves = [sorted(np.argsort(-scores["c3"][h:h + 4], kind="stable")[:3] + h) for h in (0, 4)]
+    assert plan.keep["c3"] == [int(i) for h in halves for i in h]
+    pruned = prune(cnn, plan)
+    assert [l.filters for l in pruned.layers if isinstance(l, keras.layers.Conv2D)] == [5, 5, 6, 4]
+    # Every count of a plain conv gives exactly that many filters: no ratio in between.
+    vgg = CNNModel(vgg16_bn_cifar(10, width=0.25))
+    vscores = get_ranker("l1").rank_all(vgg)
+    for n in range(1, vgg.conv("conv4").filters):
+        assert len(PrunePlan.from_counts(vgg, vscores, {"conv4": n}).keep["conv4"]) == n
+
+
+@pytest.mark.parametrize("counts,match", [
+    ({"c1": 0}, r"Expected counts\['c1'\] a whole number in \[1, 6\].*Received: counts\['c1'\]=0"),
+    ({"c1": 7}, r"Expected counts\['c1'\] a whole number in \[1, 6\].*Received: counts\['c1'\]=7"),
+    ({"c1": 2.5}, r"Received: counts\['c1'\]=2.5"),
+    ({"nope": 3}, r"Unknown convolution layer: 'nope'"),
+    ({"c1": 4, "c2": 5}, r"tied by an elementwise merge and must keep one count. Received: \[4, 5\]"),
+    ({"c3": 5}, r"grouped convolution of 2 groups: expected a count that is a multiple of 2. Received: 5"),
+])
+def test_from_counts_refuses_bad_counts(counts, match):
+    cnn = _tied_and_grouped()
+    scores = {c.name: np.ones(c.filters) for c in cnn.conv_layers}
+    with pytest.raises(ValueError, match=match):
+        PrunePlan.from_counts(cnn, scores, counts)

@@ -66,6 +66,28 @@ def test_unknown_ranker_and_missing_data():
         get_ranker("hrank").rank_all(small_model())
 
 
+def test_a_taken_ranker_name_is_replaced_only_when_asked(monkeypatch):
+    from pruning.rankers import L1Ranker, Ranker, register_ranker
+
+    monkeypatch.setitem(RANKERS, "l1", L1Ranker)  # restored after the test
+
+    class Other(Ranker):
+        name = "l1"
+
+        def rank(self, model, layer, data=None):
+            return np.zeros(CNNModel(model).conv(layer).filters)
+
+    with pytest.raises(ValueError, match=r"A ranker named 'l1' is already registered \(pruning.rankers.L1Ranker\)"
+                                         r"\. Use @register_ranker\(replace=True\) to replace it"):
+        register_ranker(Other)
+    assert RANKERS["l1"] is L1Ranker
+    assert register_ranker(L1Ranker) is L1Ranker  # the same class again: nothing changes
+    assert register_ranker(replace=True)(Other) is Other and get_ranker("l1").name == "l1"
+    assert isinstance(get_ranker("l1"), Other)
+    with pytest.raises(ValueError, match="Expected a subclass of pruning.Ranker. Received: 3"):
+        register_ranker(3)
+
+
 def test_scores_round_trip_as_npy(tmp_path):
     cnn = CNNModel(small_model())
     scores = get_ranker("l1").rank_all(cnn)

@@ -213,3 +213,25 @@ def test_query_helper_knows_its_tables(tmp_path):
     assert "pid" in columns and rows[0]["test_top1"] == 0.5 and rows[0]["pid"] == __import__("os").getpid()
     with pytest.raises(ValueError, match="Expected table in"):
         log.rows("sqlite_master")
+
+
+def test_layer_prunes_failing_midway_keep_the_earlier_rows(tmp_path, monkeypatch):
+    from pruning import PrunePlan
+
+    log = ExperimentLog(str(tmp_path / "log.db"))
+    with log.run("prune") as run:
+        log.log_layer_prunes(run.id, PrunePlan({"c1": [0, 1], "c2": [0]}, {"c1": 4, "c2": 2}), "l1")
+        before = log.layer_prunes(run.id)
+        table = type(log.db["layer_prunes"])
+        insert_all = table.insert_all
+
+        def first_row_then_fail(self, rows, *args, **kwargs):
+            insert_all(self, list(rows)[:1], *args, **kwargs)  # one new row lands, then the write fails
+            raise RuntimeError("disk gone")
+
+        monkeypatch.setattr(table, "insert_all", first_row_then_fail)
+        with pytest.raises(RuntimeError, match="disk gone"):
+            log.log_layer_prunes(run.id, PrunePlan({"c1": [0], "c2": [1]}, {"c1": 4, "c2": 2}), "l1")
+        monkeypatch.undo()
+        assert log.layer_prunes(run.id) == before  # neither the delete nor the first new row stayed
+        assert [(p["layer"], p["filters_after"]) for p in before] == [("c1", 2), ("c2", 1)]
