@@ -8,6 +8,7 @@ file. Each table states the machine and its load before and after the measuremen
 
 import os
 import shlex
+import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -24,20 +25,42 @@ def command(name):
     return wrap
 
 
-def invocation():
+def comma_list(kind=str, choices=None):
+    """A click callback that reads 'a,b,c' as [kind('a'), ...], each one of `choices` when given;
+    anything else is a usage error (exit 2) before any work."""
+    def parse(ctx, param, value):
+        try:
+            items = [kind(v) for v in value.split(",")]
+        except ValueError:
+            raise click.BadParameter(f"Expected comma-separated {kind.__name__} values. Received: {value!r}")
+        bad = [v for v in items if choices is not None and v not in choices]
+        if bad:
+            raise click.BadParameter(f"Expected each of {', '.join(choices)}. Received: {', '.join(map(str, bad))}")
+        return items
+    return parse
+
+
+def invocation(leave_out=()):
     """The command line of the running benchmark with every option's value, defaults included
-    (`--output` left out): `python -m benchmarks.<name> ARG --option value ...`."""
+    (`--output` and the parameters named in `leave_out` left out): `python -m benchmarks.<name>
+    ARG --option value ...`."""
     ctx = click.get_current_context()
     parts = ["python", "-m", f"benchmarks.{ctx.command.name}"]
     for param in ctx.command.params:
         value = ctx.params.get(param.name)
-        if param.name == "output" or value is None:
+        if param.name == "output" or param.name in leave_out or value is None:
             continue
         if isinstance(param, click.Argument):
             parts += [str(v) for v in (value if isinstance(value, tuple) else (value,))]
         else:
-            parts += [param.opts[0], str(value)]
+            parts += [param.opts[0], ",".join(map(str, value)) if isinstance(value, list) else str(value)]
     return shlex.join(parts)
+
+
+def timed(fn, *args, **kwargs):
+    """(fn(*args, **kwargs), seconds it took)."""
+    start = time.perf_counter()
+    return fn(*args, **kwargs), time.perf_counter() - start
 
 
 def machine_line(before):

@@ -13,12 +13,11 @@ interleaved rounds, one forward pass of the model over all batches and a whole
 """
 
 import os
-import time
 
 import click
 import numpy as np
 
-from benchmarks import command, invocation, machine_line, write
+from benchmarks import command, invocation, machine_line, timed, write
 
 CIFAR = os.path.join("..", "shared", "data", "cifar10")
 
@@ -41,31 +40,13 @@ def cifar_batches(root, n_batches, batch_size, seed=0):
     return [x[i:i + batch_size] for i in range(0, len(x), batch_size)], source
 
 
-def pretrain(model, batches, steps, seed):
-    """A few SGD steps on the images with random labels' stand-in: the true classes are
-    not needed to make the maps 'trained-ish' (BN statistics and non-random filters)."""
-    import keras
-
-    if steps <= 0:
-        return
-    rng = np.random.default_rng(seed)
-    model.compile(keras.optimizers.SGD(0.01, momentum=0.9), "sparse_categorical_crossentropy",
-                  jit_compile=False)
-    for s in range(steps):
-        x = batches[s % len(batches)]
-        model.train_on_batch(x, rng.integers(0, 10, len(x)))
-
-
 @command("hrank_speed")
 @click.option("--batches", type=int, default=20, show_default=True, help="Batches of images.")
 @click.option("--batch-size", type=int, default=128, show_default=True, help="Images per batch.")
-@click.option("--rounds", type=int, default=2, show_default=True,
-              help="Interleaved rounds of (forward, rank_all).")
-@click.option("--train-steps", type=int, default=0, show_default=True,
-              help="SGD steps before ranking, for trained-ish maps (0: random init).")
+@click.option("--rounds", type=int, default=2, show_default=True, help="Interleaved rounds of (forward, rank_all).")
 @click.option("--data", default=CIFAR, show_default=True, help="CIFAR-10 JPEG root ({train,test}/<class>).")
 @click.option("--seed", type=int, default=0, show_default=True)
-def main(batches, batch_size, rounds, train_steps, data, seed, output):
+def main(batches, batch_size, rounds, data, seed, output):
     """Measure HRank's cost in forward passes and write a markdown table."""
     import keras
     import tensorflow as tf
@@ -78,28 +59,23 @@ def main(batches, batch_size, rounds, train_steps, data, seed, output):
     keras.utils.set_random_seed(seed)
     xs, source = cifar_batches(data, batches, batch_size, seed)
     model = vgg16_bn_cifar(10, width=1.0, seed=seed)
-    pretrain(model, xs, train_steps, seed)
     cnn = CNNModel(model)
     probe = feature_probe(cnn, [cnn.feature_key(c) for c in cnn.conv_layers])
     names = [c.name for c in cnn.conv_layers]
     before_machine = machine_description()
 
     # --- per layer: numpy.linalg.matrix_rank (before) vs feature_map_ranks (after), equal ranks
-    before = np.zeros(len(names))
-    after = np.zeros(len(names))
+    before, after = np.zeros(len(names)), np.zeros(len(names))
     probe_s, mismatches, n_maps, deficient = 0.0, 0, 0, 0
     with click.progressbar(xs, label="per-layer ranks") as bar:
         for x in bar:
-            t = time.perf_counter()
-            maps = [np.asarray(m) for m in probe.predict_on_batch(x)]
-            probe_s += time.perf_counter() - t
+            maps, seconds = timed(lambda: [np.asarray(m) for m in probe.predict_on_batch(x)])
+            probe_s += seconds
             for j, m in enumerate(maps):
-                t = time.perf_counter()
-                ref = np.linalg.matrix_rank(np.transpose(m, (0, 3, 1, 2)))
-                before[j] += time.perf_counter() - t
-                t = time.perf_counter()
-                new = feature_map_ranks(m)
-                after[j] += time.perf_counter() - t
+                ref, seconds = timed(np.linalg.matrix_rank, np.transpose(m, (0, 3, 1, 2)))
+                before[j] += seconds
+                new, seconds = timed(feature_map_ranks, m)
+                after[j] += seconds
                 mismatches += int(np.count_nonzero(ref != new))
                 n_maps += ref.size
                 deficient += int(np.count_nonzero(ref < min(m.shape[1:3])))
@@ -110,36 +86,26 @@ def main(batches, batch_size, rounds, train_steps, data, seed, output):
     ranker = HRankRanker()
     fwd_s, hrank_s = [], []
     for _ in range(rounds):
-        t = time.perf_counter()
-        for x in xs:
-            fwd(x).numpy()
-        fwd_s.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        ranker.rank_all(cnn, data=xs)
-        hrank_s.append(time.perf_counter() - t)
+        fwd_s.append(timed(lambda: [fwd(x).numpy() for x in xs])[1])
+        hrank_s.append(timed(ranker.rank_all, cnn, data=xs)[1])
     f, h = float(np.median(fwd_s)), float(np.median(hrank_s))
     before_total = probe_s + before.sum()
 
     lines = [
-        f"## HRank rank generation, VGG16-BN width 1, {batches} x {batch_size} images (32x32)",
-        "",
+
+        f"## HRank rank generation, VGG16-BN width 1, {batches} x {batch_size} images (32x32)", "",
         f"{machine_line(before_machine)} TensorFlow {tf.__version__}, numpy {np.__version__}. Images: {source}; "
-        f"model: {'random init' if train_steps == 0 else f'{train_steps} SGD steps'} (seed {seed}).",
-        f"Command: `{invocation()}`",
-        "",
+        f"model: random init (seed {seed}).",
+        f"Command: `{invocation()}`", "",
         f"Ranks equal to numpy.linalg.matrix_rank: {n_maps - mismatches:,} of {n_maps:,} maps "
-        f"({mismatches} differ); {deficient:,} maps are rank-deficient.",
-        "",
-        "| | seconds | x forward |",
-        "|---|---|---|",
+        f"({mismatches} differ); {deficient:,} maps are rank-deficient.", "",
+        "| | seconds | x forward |", "|---|---|---|",
         f"| forward pass over all batches (median of {rounds}) | {f:.2f} | 1.00 |",
         f"| before: probe + numpy.linalg.matrix_rank, sequential | {before_total:.2f} | {before_total / f:.2f} |",
         f"| after: probe + feature_map_ranks, sequential | {probe_s + after.sum():.2f} | "
         f"{(probe_s + after.sum()) / f:.2f} |",
-        f"| after: HRankRanker.rank_all, overlapped (median of {rounds}) | {h:.2f} | **{h / f:.2f}** |",
-        "",
-        "| layer | map | before: matrix_rank s | after: feature_map_ranks s | speed-up |",
-        "|---|---|---|---|---|",
+        f"| after: HRankRanker.rank_all, overlapped (median of {rounds}) | {h:.2f} | **{h / f:.2f}** |", "",
+        "| layer | map | before: matrix_rank s | after: feature_map_ranks s | speed-up |", "|---|---|---|---|---|",
     ]
     for j, (name, m) in enumerate(zip(names, maps)):
         lines.append(f"| {name} | {m.shape[1]}x{m.shape[2]}x{m.shape[3]} | {before[j]:.2f} | {after[j]:.2f} | "

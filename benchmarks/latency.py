@@ -15,7 +15,7 @@ change on a shared machine hits every model alike instead of the one measured at
 
 import click
 
-from benchmarks import command, invocation, write
+from benchmarks import comma_list, command, invocation, write
 
 
 def vgg16_variants(image_size, ratios, round_tos):
@@ -37,8 +37,9 @@ def vgg16_variants(image_size, ratios, round_tos):
 @command("latency")
 @click.argument("models", nargs=-1, type=click.Path(exists=True, dir_okay=False))
 @click.option("--image-size", type=int, default=224, show_default=True, help="Input size of the VGG16 variants.")
-@click.option("--ratios", default="0.05,0.1,0.2,0.5", show_default=True, help="Comma-separated ratios (VGG16).")
-@click.option("--round-to", "round_tos", default="1,8,16", show_default=True,
+@click.option("--ratios", default="0.05,0.1,0.2,0.5", show_default=True, callback=comma_list(float),
+              help="Comma-separated ratios (VGG16).")
+@click.option("--round-to", "round_tos", default="1,8,16", show_default=True, callback=comma_list(int),
               help="Comma-separated rounding multiples of the kept filter counts (VGG16).")
 @click.option("--batch", type=int, default=4, show_default=True, help="Images per timed call.")
 @click.option("--runs", type=int, default=10, show_default=True, help="Timed calls per model and round.")
@@ -54,8 +55,7 @@ def main(models, image_size, ratios, round_tos, batch, runs, rounds, output):
         timed = {path: keras.models.load_model(path) for path in models}
         title = "Saved models"
     else:
-        timed = vgg16_variants(image_size, [float(r) for r in ratios.split(",")],
-                               [int(r) for r in round_tos.split(",")])
+        timed = vgg16_variants(image_size, ratios, round_tos)
         title = f"VGG16 before and after L1 pruning ({image_size}x{image_size})"
     with click.progressbar(length=len(timed) * rounds, label="rounds x models") as bar:
         timing = interleaved_latency(timed, batch_size=batch, runs=runs, rounds=rounds, warmup=2, progress=bar.update)

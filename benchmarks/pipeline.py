@@ -78,8 +78,7 @@ def main(data, images, image_size, batch_size, epochs, rounds, width, output):
     def train(make_ds):
         keras.utils.set_random_seed(0)
         model = vgg16_bn_cifar(n_classes, width=width, input_shape=(image_size, image_size, 3), seed=0)
-        model.compile(keras.optimizers.SGD(0.01, momentum=0.9), "sparse_categorical_crossentropy",
-                      jit_compile=False)
+        model.compile(keras.optimizers.SGD(0.01, momentum=0.9), "sparse_categorical_crossentropy", jit_compile=False)
         model.fit(make_ds().take(1), epochs=1, verbose=0)  # trace the train step outside the timing
         timer = TimeHistory()
         model.fit(make_ds(), epochs=epochs, verbose=0, callbacks=[timer])
@@ -94,12 +93,10 @@ def main(data, images, image_size, batch_size, epochs, rounds, width, output):
     ips = {k: np.asarray([[n / t for t in run] for run in v]) for k, v in times.items()}  # rounds x epochs
     total = {k: float(np.median([n * epochs / sum(run) for run in v])) for k, v in times.items()}
     lines = [
-        f"## Input pipeline while training: JPEG folder vs memory ({n} images, {image_size}x{image_size})",
-        "",
+        f"## Input pipeline while training: JPEG folder vs memory ({n} images, {image_size}x{image_size})", "",
         f"{machine_line(before)} TensorFlow {tf.__version__}. Model: VGG16-BN width {width}, batch {batch_size}, SGD; images/s of `fit` per epoch, median over "
         f"{rounds} alternating rounds. Folder epoch 1 includes reading and decoding the JPEGs.",
-        f"Command: `{invocation()}`",
-        "",
+        f"Command: `{invocation()}`", "",
         "| pipeline | " + " | ".join(f"epoch {e + 1} img/s" for e in range(epochs)) + " | all epochs img/s |",
         "|---|" + "---|" * (epochs + 1),
     ]

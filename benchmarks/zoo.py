@@ -11,12 +11,11 @@ built by tests/zoo_models.py, the builders the zoo tests prune.
 
 import os
 import re
-import time
 import warnings
 
 import click
 
-from benchmarks import command, invocation, machine_line, write
+from benchmarks import comma_list, command, invocation, machine_line, timed, write
 from tests.zoo_models import HUB, HUB_INEXACT, ZOO, build, build_hub, conv_layers_inside, excluded_from_target
 
 HUB_MARK = "<!-- keras-hub table: python -m benchmarks.zoo --tables hub rewrites from here -->"
@@ -46,11 +45,9 @@ def timed_prune(cnn, ratio):
     from pruning import PrunePlan, get_ranker, prune
 
     plan = PrunePlan.from_scores(cnn, get_ranker("l1").rank_all(cnn), ratio)
-    start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # the dropped class; inexact: measured in hub_row
-        pruned = prune(cnn, plan)
-    return pruned, time.perf_counter() - start
+        return timed(prune, cnn, plan)
 
 
 def zoo_row(name, ratio):
@@ -125,7 +122,8 @@ def table(title, row, names, ratio, note, headline, macs):
 
 @command("zoo")
 @click.option("--ratio", type=float, default=0.3, show_default=True, help="Uniform ratio.")
-@click.option("--models", default=",".join(ZOO), show_default=True, help="Comma-separated keras.applications families.")
+@click.option("--models", default=",".join(ZOO), show_default=True, callback=comma_list(str, tuple(ZOO)),
+              help="Comma-separated keras.applications families.")
 @click.option("--tables", type=click.Choice(["all", "apps", "hub"]), default="all", show_default=True,
               help="Which tables to measure: keras.applications, keras-hub (needs the [hub] extra), "
                    "or both; the other one is kept as it is in --output.")
@@ -134,7 +132,7 @@ def main(ratio, models, tables, output):
     old_apps, _, old_hub = (open(output).read() if os.path.exists(output) else "").partition(HUB_MARK)
     apps = old_apps.strip("\n").split("\n")
     if tables in ("all", "apps"):
-        apps = table("Every keras.applications family", zoo_row, models.split(","), ratio,
+        apps = table("Every keras.applications family", zoo_row, models, ratio,
                      "Random weights (weights=None), 10 classes, no exclusions, L1 scores.",
                      "**{prunable} of {total} convs prunable ({p_total}); {prunable} of {target} ({p_target}) "
                      "excluding the convs whose channels reach the output or feed LayerNormalization "
