@@ -6,8 +6,8 @@ Target: HRank scores of all 13 convs over 20 x 128 images cost at most 3x
 one forward pass over the same images, with ranks equal to numpy.linalg.matrix_rank's.
 
 Per batch it runs the feature probe once, then ranks every layer's maps twice: with
-`numpy.linalg.matrix_rank` (the previous implementation: "before") and with
-`feature_map_ranks` ("after"), asserting that they are equal. Then it times, in
+`numpy.linalg.matrix_rank` (the reference, "before") and with `feature_map_ranks`
+("after"), asserting that they are equal. Then it times, in
 interleaved rounds, one forward pass of the model over all batches and a whole
 `HRankRanker.rank_all` (forward + ranks, overlapped) over the same batches.
 """

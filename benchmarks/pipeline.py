@@ -22,8 +22,8 @@ CIFAR = os.path.join("..", "shared", "data", "cifar10", "train")
 
 
 def decode_throughput(paths, image_size, rounds):
-    """Images/s of decoding alone, with `load_image` and with the resize it now skips
-    at the target size (the previous load_image), interleaved; and their max difference."""
+    """Images/s of decoding alone, interleaved: with `load_image` and with a decode that always
+    resizes (the resize `load_image` skips at the target size); and their max difference."""
     import tensorflow as tf
 
     from experiments.data import AUTOTUNE, load_image
