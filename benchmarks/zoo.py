@@ -104,7 +104,7 @@ def table(title, row, names, ratio, note, headline, macs):
                                                                             "excluded"))
     pct = lambda a, b: f"{100 * a / max(b, 1):.1f}%"  # noqa: E731
     lines = [f"# {title} pruned at a uniform ratio of {ratio}", "",
-             f"{machine_line(before)} Written by `{invocation()}`. {note}", "",
+             f"{machine_line(before)} Written by `{invocation([] if macs else ['models'])}`. {note}", "",
              headline.format(total=total, visible=visible, prunable=prunable, target=visible - excluded,
                              p_visible=pct(prunable, visible), p_total=pct(prunable, total),
                              p_target=pct(prunable, visible - excluded)), "",
