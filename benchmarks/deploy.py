@@ -1,7 +1,7 @@
 """What deploying a pruned model gains: size, top-1 and latency of the README quick start's baseline
 and its `compress --target-macs 0.5` model as .keras, LiteRT (float, float16, dynamic, int8) and ONNX.
 
-    PYTHONPATH=. python benchmarks/deploy.py BASELINE.keras HALF.keras --out results/deploy.md
+    python -m benchmarks.deploy BASELINE.keras HALF.keras
 
 Top-1 on the bundled rice sample's test split (the split `compress` evaluates: data/rice_sample, seed 0,
 70/15/15), int8 calibrated on 100 seeded images of its training split. Every exported file takes raw
@@ -10,28 +10,25 @@ window in interleaved rounds (`pruning.interleaved_latency`), batch 1 and batch 
 """
 
 import os
-import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import click
+import numpy as np
 
-import click  # noqa: E402
-import numpy as np  # noqa: E402
+from benchmarks import command, invocation, write
 
 VARIANTS = [("litert", "none"), ("litert", "float16"), ("litert", "dynamic"), ("litert", "int8"), ("onnx", "none")]
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@command("deploy")
 @click.argument("baseline", type=click.Path(exists=True, dir_okay=False))
 @click.argument("compressed", type=click.Path(exists=True, dir_okay=False))
 @click.option("--data-dir", default="data/rice_sample", show_default=True, help="Images (<class>/*.jpg).")
 @click.option("--work-dir", default="/tmp/deploy_benchmark", show_default=True, help="Folder for the exported files.")
 @click.option("--rounds", type=int, default=7, show_default=True, help="Interleaved timing rounds.")
-@click.option("--out", default="results/deploy.md", show_default=True, help="Markdown report.")
-def main(baseline, compressed, data_dir, work_dir, rounds, out):
+def main(baseline, compressed, data_dir, work_dir, rounds, output):
+    """Export both models in every format; write their size, top-1 and latency."""
     import keras
 
-    from experiments.common import write_text
     from experiments.compress import load_arrays
     from experiments.config import CompressConfig
     from experiments.deploy import check_against_keras, deployable, top1, write_export
@@ -80,7 +77,7 @@ def main(baseline, compressed, data_dir, work_dir, rounds, out):
         f"calibrated on 100 training-split images. Every exported file takes raw pixels (vgg16 preprocessing "
         f"inside, BatchNorm folded). Latency: all {len(timed)} models and files timed in the same window in "
         f"{rounds} interleaved rounds (one call each per round, median), LiteRT and ONNX Runtime with "
-        f"{os.cpu_count()} threads.", "",
+        f"{os.cpu_count()} threads. Written by `{invocation()}`.", "",
         f"Machine: batch 1 {timings[1]['machine_before']} before, {timings[1]['machine_after']} after; batch 16 "
         f"{timings[16]['machine_before']} before, {timings[16]['machine_after']} after.", "",
         "| model | format | size (MB) | size vs baseline .keras | top-1 | agreement with its .keras | "
@@ -102,9 +99,7 @@ def main(baseline, compressed, data_dir, work_dir, rounds, out):
          f"({100 * (int8['top1'] - base['top1']):+.1f} points)", int8["top1"] >= base["top1"] - 0.01),
     ]
     lines += ["", "Targets:", ""] + [f"- {text}: **{'holds' if ok else 'does not hold'}**" for text, ok in targets]
-    text = "\n".join(lines) + "\n"
-    click.echo(text)
-    write_text(out, text)
+    write(output, lines)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Accuracy against MACs on CIFAR-10 JPEGs: criteria x allocations x targets x seeds.
 
-    PYTHONPATH=. python benchmarks/frontier.py --out results/frontier.md
+    python -m benchmarks.frontier [--train-images 10000 --epochs 10 ...]
 
 For each model (VGG16-BN at width 0.25, ResNet-20) and seed: train a baseline on a
 subset (cached in --cache-dir), rank its filters with every criterion, prune to each
@@ -8,67 +8,36 @@ MAC target with every allocation, and measure test accuracy right after pruning,
 after a fixed fine-tuning budget, and after the same budget with distillation from
 the unpruned model (cached teacher logits; no augmentation). Writes a Markdown table
 (mean +- std over seeds), which settings beat random by more than the seed spread,
-and a plot of accuracy against MACs. CPU-sized: small subsets, few epochs.
+a plot of accuracy against MACs (<output>.png) and the rows (<output>.json, which
+`--from-json` turns into the report again without training). CPU-sized: small subsets, few epochs.
 """
 
-import argparse
 import json
 import os
-import platform
-import sys
 import time
+import types
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import click
+import keras
+import numpy as np
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-
-from experiments import common  # noqa: E402
-from experiments.compress import accuracy_fn, array_dataset, make_ranker, recalibrate_batchnorm  # noqa: E402
-from experiments.data import load_cifar_folder  # noqa: E402
-from experiments.models import resnet20_cifar, vgg16_bn_cifar  # noqa: E402
-from pruning import CNNModel, model_stats, prune  # noqa: E402
-from pruning.allocation import PlanCost, allocate  # noqa: E402
-from pruning.criteria import following_batchnorm  # noqa: E402
-from pruning.distill import Distiller, teacher_logits  # noqa: E402
+from benchmarks import comma_list, command, invocation, write
+from experiments import common
+from experiments.compress import accuracy_fn, array_dataset, make_ranker, recalibrate_batchnorm
+from experiments.data import load_cifar_folder
+from experiments.models import resnet20_cifar, vgg16_bn_cifar
+from pruning import CNNModel, model_stats, prune
+from pruning.allocation import ALLOCATIONS, PlanCost, allocate
+from pruning.criteria import following_batchnorm
+from pruning.distill import Distiller, teacher_logits
+from pruning.rankers import RANKERS
+from pruning.stats import machine_description
 
 MODELS = {
     "vgg16_bn_w0.25": lambda seed: vgg16_bn_cifar(10, 0.25, seed=seed),
     "resnet20_w0.5": lambda seed: resnet20_cifar(10, 0.5, seed=seed),
 }
 PHASES = ("pruned", "finetuned", "distilled")
-
-
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data-dir", default=os.path.join("..", "shared", "data", "cifar10"))
-    p.add_argument("--models", default=",".join(MODELS))
-    p.add_argument("--criteria", default="random,l1,fpgm,taylor,hrank")
-    p.add_argument("--allocations", default="global,uniform")
-    p.add_argument("--targets", default="0.5,0.25", help="MACs kept (0.5: 2x, 0.25: 4x reduction)")
-    p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--train-images", type=int, default=2000, help="baseline training subset")
-    p.add_argument("--finetune-images", type=int, default=256, help="fine-tuning subset (of the train subset)")
-    p.add_argument("--finetune-batch", type=int, default=32)
-    p.add_argument("--test-images", type=int, default=500)
-    p.add_argument("--calibration-images", type=int, default=256,
-                   help="training images on which BN statistics are re-estimated after pruning (no weight update)")
-    p.add_argument("--epochs", type=int, default=5, help="baseline epochs")
-    p.add_argument("--baseline-seed", type=int, default=0,
-                   help="one baseline per model, trained with this seed (the seeds vary ranking data, the random "
-                        "ranker and fine-tuning)")
-    p.add_argument("--finetune-epochs", type=int, default=1)
-    p.add_argument("--lr", type=float, default=2e-3, help="Adam, baseline")
-    p.add_argument("--finetune-lr", type=float, default=1e-3, help="Adam, fine-tuning")
-    p.add_argument("--temperature", type=float, default=4.0)
-    p.add_argument("--alpha", type=float, default=0.5)
-    p.add_argument("--rank-batches", type=int, default=2, help="batches of 64 for taylor / hrank")
-    p.add_argument("--cache-dir", default=os.path.join("runs", "frontier"))
-    p.add_argument("--out", default=os.path.join("results", "frontier.md"))
-    p.add_argument("--from-json", default=None, help="only write the report from rows saved by an earlier run")
-    p.add_argument("--wall-seconds", type=float, default=None, help="with --from-json: the runs' wall time")
-    p.add_argument("--note", default="", help="a line added to the report (e.g. how the runs were split)")
-    return p.parse_args(argv)
 
 
 def baseline(name, seed, args, train_ds):
@@ -91,15 +60,11 @@ class MaskedTrainer:
     bias, and the following BatchNormalization's gamma and beta, so the channel is exactly
     0) and zeroing them again after every batch. Every kept weight then sees the same
     forward pass, gradients and Adam updates as in the rebuilt model, but one compiled
-    train step serves every plan: on a busy 2-core machine, tracing a new graph per
-    pruned model cost more than the fine-tuning itself. `check` compares with the
-    rebuilt model."""
+    train step serves every plan (no graph is traced per pruned model). `check_masked`
+    compares with the rebuilt model."""
 
-    def __init__(self, model, lr, temperature, alpha, calibration=None):
-        self.calibration = calibration
-        self.model, self.cnn = model, CNNModel(model)
-        self.weights = model.get_weights()
-        self.plain = model
+    def __init__(self, model, lr, temperature, alpha, calibration):
+        self.model, self.cnn, self.weights, self.calibration = model, CNNModel(model), model.get_weights(), calibration
         model.compile(optimizer=keras.optimizers.Adam(lr), loss=keras.losses.CategoricalCrossentropy(from_logits=True))
         self.kd = Distiller(model, None, temperature, alpha)
         self.kd.compile(optimizer=keras.optimizers.Adam(lr))
@@ -120,21 +85,19 @@ class MaskedTrainer:
             targets = [(conv.layer.kernel, -1)] + ([(conv.layer.bias, 0)] if conv.layer.use_bias else [])
             targets += [(bn.gamma, 0), (bn.beta, 0)]
             for var, axis in targets:
-                mask = np.ones(var.shape[axis], "float32")
-                mask[gone] = 0.0
                 shape = [1] * len(var.shape)
                 shape[axis] = -1
-                self.zeros.append((var, mask.reshape(shape)))
+                keep = np.isin(np.arange(var.shape[axis]), gone, invert=True)
+                self.zeros.append((var, keep.astype("float32").reshape(shape)))
         self._zero()
-        if self.calibration is not None:
-            recalibrate_batchnorm(self.model, self.calibration)
+        recalibrate_batchnorm(self.model, self.calibration)
 
     def _zero(self, *args, **kwargs):
         for var, mask in self.zeros:
             var.assign(keras.ops.convert_to_numpy(var) * mask)
 
     def finetune(self, ds, epochs, distill=False):
-        trainer = self.kd if distill else self.plain
+        trainer = self.kd if distill else self.model
         for v in trainer.optimizer.variables:  # a fresh Adam for every plan
             if "learning_rate" not in v.path:
                 v.assign(np.zeros(v.shape, v.dtype))
@@ -144,8 +107,6 @@ class MaskedTrainer:
 
 def run(args, rows_path):
     keras.config.disable_interactive_logging()
-    seeds = [int(s) for s in args.seeds.split(",")]
-    targets = [float(t) for t in args.targets.split(",")]
     x, y, _ = load_cifar_folder(args.data_dir, "train", args.train_images, args.baseline_seed)
     x_te, y_te, _ = load_cifar_folder(args.data_dir, "test", args.test_images, args.baseline_seed)
     mean, std = x.reshape(-1, 3).mean(0), x.reshape(-1, 3).std(0)
@@ -153,20 +114,18 @@ def run(args, rows_path):
     x_eval = np.concatenate([b[0].numpy() for b in array_dataset(x_te, y_te, 10, 500, prep)])
     accuracy = accuracy_fn(x_eval, y_te, 250)  # eager calls: no graph tracing per pruned model
     train_ds = array_dataset(x, y, 10, 64, prep, training=True, augment=True, seed=args.baseline_seed)
+    calib_idx = np.random.default_rng(args.baseline_seed).permutation(len(x))[:args.calibration_images]
+    calibration = np.concatenate([b[0].numpy() for b in array_dataset(x[calib_idx], y[calib_idx], 10, 256, prep)])
     models = {}
-    for name in args.models.split(","):
+    for name in args.models:
         t0 = time.time()
         model, cached = baseline(name, args.baseline_seed, args, train_ds)
         models[name] = (model, accuracy(model), model_stats(model)["macs"],
-                        MaskedTrainer(model, args.finetune_lr, args.temperature, args.alpha))  # compiled once
+                        MaskedTrainer(model, args.finetune_lr, args.temperature, args.alpha, calibration))
         print(f"[{time.strftime('%H:%M:%S')}] {name}: baseline {models[name][1]:.4f} "
               f"({'cached' if cached else f'trained in {time.time() - t0:.0f}s'})", flush=True)
-    calib_idx = np.random.default_rng(args.baseline_seed).permutation(len(x))[:args.calibration_images]
-    calibration = np.concatenate([b[0].numpy() for b in array_dataset(x[calib_idx], y[calib_idx], 10, 256, prep)])
-    for m in models.values():
-        m[3].calibration = calibration
     rows, checked = [], set()
-    for seed in seeds:
+    for seed in args.seeds:
         ft = np.random.default_rng(seed).permutation(len(x))[:args.finetune_images]
         rank_ds = array_dataset(x[ft], y[ft], 10, 64, prep).take(args.rank_batches)
         for name, (model, base, base_macs, trainer) in models.items():
@@ -177,22 +136,18 @@ def run(args, rows_path):
             kd_ds = array_dataset(x[ft], y[ft], 10, args.finetune_batch, prep, training=True, seed=seed,
                                   teacher=logits)
             cnn = CNNModel(model)
-            scores = {}
-            for crit in args.criteria.split(","):
-                ranker = make_ranker(crit, seed=seed)
-                scores[crit] = ranker.rank_all(cnn, data=rank_ds if ranker.needs_data else None)
+            rankers = {crit: make_ranker(crit, seed=seed) for crit in args.criteria}
+            scores = {c: r.rank_all(cnn, data=rank_ds if r.needs_data else None) for c, r in rankers.items()}
             cost = PlanCost(cnn)
             # Criteria innermost: a run cut short still compares every criterion at the first settings.
-            for target in targets:
-                for alloc in args.allocations.split(","):
-                    for crit in args.criteria.split(","):
+            for target in args.targets:
+                for alloc in args.allocations:
+                    for crit in args.criteria:
                         t1 = time.time()
-                        row = {"model": name, "seed": seed, "criterion": crit, "allocation": alloc,
-                               "target": target}
                         plan = allocate(cnn, scores[crit], target, metric="macs", allocation=alloc)
-                        row["macs"] = cost(plan)["macs"] / base_macs
                         trainer.apply(plan)
-                        row["pruned"] = accuracy(model)
+                        row = {"model": name, "seed": seed, "criterion": crit, "allocation": alloc, "target": target,
+                               "macs": cost(plan)["macs"] / base_macs, "pruned": accuracy(model)}
                         if name not in checked:  # the masked model is the pruned model
                             checked.add(name)
                             row["check"] = check_masked(model, trainer, plan, x_eval[:64])
@@ -243,10 +198,8 @@ def beats_random(summary):
     random's by more than the larger of the two seed standard deviations."""
     wins, losses = [], []
     for (model, crit, alloc, target), s in sorted(summary.items()):
-        if crit in ("random", "baseline"):
-            continue
         ref = summary.get((model, "random", alloc, target))
-        if ref is None:
+        if crit in ("random", "baseline") or ref is None:
             continue
         for p in PHASES:
             diff = s[p][0] - ref[p][0]
@@ -273,7 +226,7 @@ def plot(summary, path):
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib import pyplot as plt
 
     models = sorted({k[0] for k in summary})
     fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.5), squeeze=False)
@@ -288,9 +241,7 @@ def plot(summary, path):
             ax.errorbar(xs, ys, yerr=[0] + [p[2] for p in pts][::-1], marker="o", capsize=2,
                         linestyle="-" if alloc == "global" else "--", label=f"{crit} {alloc}")
         ax.set_xscale("log", base=2)
-        ax.set_xlabel("MACs kept (fraction of baseline)")
-        ax.set_ylabel("test top-1 after fine-tuning + distillation")
-        ax.set_title(model)
+        ax.set(xlabel="MACs kept (fraction of baseline)", ylabel="test top-1 after fine-tuning + distillation", title=model)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
@@ -299,22 +250,21 @@ def plot(summary, path):
 
 
 def markdown(args, summary, wins, losses, best, wall, load, png):
+    machine = [m if isinstance(m, str) else "load average (1, 5, 15 min) " + ", ".join(map(str, m)) for m in load]
     lines = [
         "# Frontier: accuracy against MACs (CIFAR-10 JPEGs, CPU)", "",
-        (f"Report written from saved rows: `PYTHONPATH=. python benchmarks/frontier.py --from-json {args.from_json} "
-         f"--out {args.out}` (the command that measured them is in the note below)." if args.from_json else
-         f"Command: `PYTHONPATH=. python benchmarks/frontier.py {' '.join(sys.argv[1:])}`"), "",
-        f"Wall time {wall / 60:.1f} min on {platform.node()} ({os.cpu_count()} cores, {platform.processor() or platform.machine()}), "
-        f"load average (1, 5, 15 min) at start / end {load[0]} / {load[1]}.", "",
+        (f"Report written from saved rows: `{invocation(['note'])}` (the command that measured them is in the "
+         "note below)." if args.from_json else f"Command: `{invocation(['note'])}`"), "",
+        f"Wall time {wall / 60:.1f} min. Machine at start / end: {machine[0]} / {machine[1]}.", "",
         *([args.note, ""] if args.note else []),
-        f"Setup: one baseline per model (seed {args.baseline_seed}) trained {args.epochs} epochs on "
-        f"{args.train_images} training images (Adam {args.lr}, cosine, crop+flip); the seeds vary the ranking "
-        f"and fine-tuning images, the random ranker and the fine-tuning order. Pruning on {args.rank_batches} batches of 64 for taylor/hrank; fine-tuning "
-        f"{args.finetune_epochs} epoch(s) on {args.finetune_images} images, batch {args.finetune_batch} (Adam {args.finetune_lr}, no "
-        f"augmentation), with distillation T={args.temperature}, alpha={args.alpha} (cached teacher logits); "
-        f"after pruning, BatchNorm statistics are re-estimated on {args.calibration_images} training images "
-        f"(no weight update; without it every pruned model predicted one class, see below); "
-        f"test on {args.test_images} test images. Seeds {args.seeds}: mean +- std (ddof 1) over seeds.", "",
+        f"Setup: one baseline per model (seed {args.baseline_seed}) trained {args.epochs} epochs on {args.train_images} "
+        f"training images (Adam {args.lr}, cosine, crop+flip); the seeds vary the ranking and fine-tuning images, the "
+        f"random ranker and the fine-tuning order. Pruning on {args.rank_batches} batches of 64 for taylor/hrank; "
+        f"fine-tuning {args.finetune_epochs} epoch(s) on {args.finetune_images} images, batch {args.finetune_batch} "
+        f"(Adam {args.finetune_lr}, no augmentation), with distillation T={args.temperature}, alpha={args.alpha} "
+        f"(cached teacher logits); after pruning, BatchNorm statistics are re-estimated on {args.calibration_images} "
+        f"training images (no weight update; without it every pruned model predicted one class); test on "
+        f"{args.test_images} test images. Seeds {','.join(map(str, args.seeds))}: mean +- std (ddof 1) over seeds.", "",
         "| model | criterion | allocation | MACs kept | pruned (BN re-estimated) | fine-tuned | fine-tuned + KD |",
         "|---|---|---|---|---|---|---|",
     ]
@@ -335,39 +285,53 @@ def markdown(args, summary, wins, losses, best, wall, load, png):
     return "\n".join(lines)
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    rows_path = os.path.splitext(args.out)[0] + ".json"
-    if args.from_json:  # one or more comma-separated row files (e.g. processes run side by side)
-        rows, wall, load0, load1 = [], 0.0, [], []
-        for path in args.from_json.split(","):
-            with open(path) as f:
-                saved = json.load(f)
-            rows += saved["rows"]
-            wall = max(wall, saved.get("wall_s", 0.0))
-            load0.append(saved.get("load", ["?", "?"])[0])
-            load1.append(saved.get("load", ["?", "?"])[1])
-        unique = {}
-        for r in rows:  # a seed run twice counts once
-            unique.setdefault((r["model"], r["seed"], r["criterion"], r["allocation"], r["target"]), r)
-        rows = list(unique.values())
-        wall = args.wall_seconds or wall
-        load0, load1 = (l[0] if len(l) == 1 else l for l in (load0, load1))  # one file: its own reading
+@command("frontier")
+@click.option("--data-dir", default=os.path.join("..", "shared", "data", "cifar10"), show_default=True)
+@click.option("--models", default=",".join(MODELS), show_default=True, callback=comma_list(str, tuple(MODELS)))
+@click.option("--criteria", default="random,l1,fpgm,taylor,hrank", show_default=True, callback=comma_list(str, tuple(RANKERS)))
+@click.option("--allocations", default="global,uniform", show_default=True, callback=comma_list(str, ALLOCATIONS))
+@click.option("--targets", default="0.5,0.25", show_default=True, callback=comma_list(float),
+              help="MACs kept (0.5: 2x, 0.25: 4x reduction).")
+@click.option("--seeds", default="0,1,2", show_default=True, callback=comma_list(int))
+@click.option("--train-images", type=int, default=2000, show_default=True, help="Baseline training subset.")
+@click.option("--finetune-images", type=int, default=256, show_default=True, help="Fine-tuning subset (of the train subset).")
+@click.option("--finetune-batch", type=int, default=32, show_default=True)
+@click.option("--test-images", type=int, default=500, show_default=True)
+@click.option("--calibration-images", type=int, default=256, show_default=True,
+              help="Training images on which BN statistics are re-estimated after pruning (no weight update).")
+@click.option("--epochs", type=int, default=5, show_default=True, help="Baseline epochs.")
+@click.option("--baseline-seed", type=int, default=0, show_default=True,
+              help="One baseline per model, trained with this seed (the seeds vary ranking data, the random "
+                   "ranker and fine-tuning).")
+@click.option("--finetune-epochs", type=int, default=1, show_default=True)
+@click.option("--lr", type=float, default=2e-3, show_default=True, help="Adam, baseline.")
+@click.option("--finetune-lr", type=float, default=1e-3, show_default=True, help="Adam, fine-tuning.")
+@click.option("--temperature", type=float, default=4.0, show_default=True)
+@click.option("--alpha", type=float, default=0.5, show_default=True)
+@click.option("--rank-batches", type=int, default=2, show_default=True, help="Batches of 64 for taylor / hrank.")
+@click.option("--cache-dir", default=os.path.join("runs", "frontier"), show_default=True)
+@click.option("--from-json", default=None, help="Only write the report from the rows an earlier run saved.")
+@click.option("--note", default="", help="A line added to the report (e.g. how the runs were split).")
+def main(**params):
+    """Train, prune, fine-tune and distil every setting; write the frontier table and plot."""
+    args = types.SimpleNamespace(**params)
+    rows_path = os.path.splitext(args.output)[0] + ".json"
+    if args.from_json:
+        with open(args.from_json) as f:
+            saved = json.load(f)
+        rows, wall, load = saved["rows"], saved["wall_s"], saved["load"]
     else:
-        load0 = tuple(round(v, 2) for v in os.getloadavg())
-        start = time.time()
+        load, start = [machine_description()], time.time()
         rows = run(args, rows_path)
         wall = time.time() - start
-        load1 = tuple(round(v, 2) for v in os.getloadavg())
+        load.append(machine_description())
     summary = summarise(rows)
     wins, losses = beats_random(summary)
-    best = best_setting(summary)
-    png = os.path.splitext(args.out)[0] + ".png"
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    png = os.path.splitext(args.output)[0] + ".png"
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     plot(summary, png)
-    common.write_text(args.out, markdown(args, summary, wins, losses, best, wall, (load0, load1), png))
-    common.write_text(rows_path, json.dumps({"rows": rows, "wall_s": wall, "load": [load0, load1]}, indent=1))
-    print(f"wrote {args.out}, {png} ({wall / 60:.1f} min)")
+    write(args.output, [markdown(args, summary, wins, losses, best_setting(summary), wall, load, png)])
+    common.write_text(rows_path, json.dumps({"rows": rows, "wall_s": wall, "load": load}, indent=1))
 
 
 if __name__ == "__main__":

@@ -1,9 +1,9 @@
 """Training throughput from a JPEG folder (experiments.data.folder_dataset) against the
 same images fed from memory.
 
-    PYTHONPATH=. python benchmarks/pipeline.py --images 2048 --epochs 3 --rounds 2
+    python -m benchmarks.pipeline --images 2048 --epochs 3 --rounds 2
 
-Target (issue 11): while training, the folder pipeline delivers at least 95% of the
+Target: while training, the folder pipeline delivers at least 95% of the
 images per second of the in-memory pipeline. Both feed the same decoded images through
 the same shuffle, batch, preprocessing and prefetch into the same model's `fit`; the
 folder pipeline also reads and decodes every JPEG in its first epoch (then caches).
@@ -11,23 +11,19 @@ Rounds alternate folder and memory runs, each on a freshly built model and datas
 """
 
 import os
-import platform
-import sys
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import click
+import numpy as np
 
-import click  # noqa: E402
-import numpy as np  # noqa: E402
+from benchmarks import command, invocation, machine_line, write
 
-CIFAR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data",
-                     "cifar10", "train")
+CIFAR = os.path.join("..", "shared", "data", "cifar10", "train")
 
 
 def decode_throughput(paths, image_size, rounds):
-    """Images/s of decoding alone, with `load_image` and with the resize it now skips
-    at the target size (the previous load_image), interleaved; and their max difference."""
+    """Images/s of decoding alone, interleaved: with `load_image` and with a decode that always
+    resizes (the resize `load_image` skips at the target size); and their max difference."""
     import tensorflow as tf
 
     from experiments.data import AUTOTUNE, load_image
@@ -47,7 +43,7 @@ def decode_throughput(paths, image_size, rounds):
     return {k: float(np.median(v)) for k, v in res.items()}, diff
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@command("pipeline")
 @click.option("--data", default=CIFAR, show_default=True, help="Folder of <class>/<image>.jpg.")
 @click.option("--images", type=int, default=2048, show_default=True, help="Images used (stratified).")
 @click.option("--image-size", type=int, default=32, show_default=True)
@@ -55,16 +51,15 @@ def decode_throughput(paths, image_size, rounds):
 @click.option("--epochs", type=int, default=3, show_default=True)
 @click.option("--rounds", type=int, default=2, show_default=True, help="Alternating folder/memory rounds.")
 @click.option("--width", type=float, default=0.25, show_default=True, help="VGG16-BN width of the model trained.")
-@click.option("--out", default=os.path.join("results", "pipeline.md"), show_default=True)
-def main(data, images, image_size, batch_size, epochs, rounds, width, out):
+def main(data, images, image_size, batch_size, epochs, rounds, width, output):
     """Measure images/s of fit() from both pipelines; write a markdown table."""
     import keras
     import tensorflow as tf
 
-    from experiments.common import write_text
     from experiments.data import AUTOTUNE, folder_dataset, list_image_folder, load_image, preprocessing
     from experiments.models import vgg16_bn_cifar
     from pruning import TimeHistory
+    from pruning.stats import machine_description
 
     n_classes = len([d for d in os.listdir(data) if os.path.isdir(os.path.join(data, d))])
     paths, labels, _ = list_image_folder(data, max(1, images // n_classes), seed=0)
@@ -83,33 +78,25 @@ def main(data, images, image_size, batch_size, epochs, rounds, width, out):
     def train(make_ds):
         keras.utils.set_random_seed(0)
         model = vgg16_bn_cifar(n_classes, width=width, input_shape=(image_size, image_size, 3), seed=0)
-        model.compile(keras.optimizers.SGD(0.01, momentum=0.9), "sparse_categorical_crossentropy",
-                      jit_compile=False)
+        model.compile(keras.optimizers.SGD(0.01, momentum=0.9), "sparse_categorical_crossentropy", jit_compile=False)
         model.fit(make_ds().take(1), epochs=1, verbose=0)  # trace the train step outside the timing
         timer = TimeHistory()
         model.fit(make_ds(), epochs=epochs, verbose=0, callbacks=[timer])
         return timer.times
 
-    load = [os.getloadavg()]
+    before = machine_description()
     times = {"folder": [], "memory": []}
     for _ in range(rounds):
         for name, make in (("folder", folder), ("memory", memory_dataset)):
             times[name].append(train(make))
-            load.append(os.getloadavg())
     n = len(paths)
     ips = {k: np.asarray([[n / t for t in run] for run in v]) for k, v in times.items()}  # rounds x epochs
     total = {k: float(np.median([n * epochs / sum(run) for run in v])) for k, v in times.items()}
-    cmd = (f"PYTHONPATH=. python benchmarks/pipeline.py --images {images} --image-size {image_size} "
-           f"--batch-size {batch_size} --epochs {epochs} --rounds {rounds} --width {width}")
     lines = [
-        f"## Input pipeline while training: JPEG folder vs memory ({n} images, {image_size}x{image_size})",
-        "",
-        f"Machine: {platform.machine()}, {os.cpu_count()} cores, TensorFlow {tf.__version__}. Load average "
-        f"(1, 5, 15 min) before and after each run: {'; '.join(', '.join(f'{v:.1f}' for v in l) for l in load)}. "
-        f"Model: VGG16-BN width {width}, batch {batch_size}, SGD; images/s of `fit` per epoch, median over "
+        f"## Input pipeline while training: JPEG folder vs memory ({n} images, {image_size}x{image_size})", "",
+        f"{machine_line(before)} TensorFlow {tf.__version__}. Model: VGG16-BN width {width}, batch {batch_size}, SGD; images/s of `fit` per epoch, median over "
         f"{rounds} alternating rounds. Folder epoch 1 includes reading and decoding the JPEGs.",
-        f"Command: `{cmd}`",
-        "",
+        f"Command: `{invocation()}`", "",
         "| pipeline | " + " | ".join(f"epoch {e + 1} img/s" for e in range(epochs)) + " | all epochs img/s |",
         "|---|" + "---|" * (epochs + 1),
     ]
@@ -122,9 +109,7 @@ def main(data, images, image_size, batch_size, epochs, rounds, width, out):
     lines += ["", f"Folder / memory, all epochs: **{total['folder'] / total['memory']:.3f}**; epochs 2+: "
               f"**{np.median(ips['folder'][:, 1:]) / np.median(ips['memory'][:, 1:]):.3f}**"
               if epochs > 1 else ""]
-    text = "\n".join(lines) + "\n"
-    write_text(out, text)
-    click.echo(text)
+    write(output, lines)
 
 
 if __name__ == "__main__":

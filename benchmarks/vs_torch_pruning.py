@@ -1,6 +1,6 @@
 """Pruned VGG16-BN (CIFAR, 32x32) latency: this project's exports against Torch-Pruning's.
 
-    PYTHONPATH=. python benchmarks/vs_torch_pruning.py --rounds 3 --runs 5
+    python -m benchmarks.vs_torch_pruning --rounds 3 --runs 5
 
 Both sides prune the same architecture (experiments.models.vgg16_bn_cifar, width 1,
 10 classes) with L1 norms at uniform ratios, to the same kept filter counts. Keras
@@ -8,30 +8,29 @@ variants: the pruned model as trained (`keras`), with BatchNorm folded into the 
 (`fold-bn`, activations left as layers), with BN folded and ReLU fused (`fold`), the
 folded model with kept counts rounded down to multiples of 8 (`fold-r8down`: fewer
 MACs, so compared on its own MACs), and the folded model served from a SavedModel
-(`savedmodel`) and LiteRT (`litert`). Timings are medians of `--runs` calls per round;
-rounds visit every model in turn (interleaved), and the table gives the median over
-rounds. Torch rows need the `bench` extra (torch, torch-pruning, ai-edge-litert); they
-are skipped when it is absent. Never XLA: plain tf.function graphs.
+(`savedmodel`) and LiteRT (`litert`). Timings: `pruning.interleaved_latency`, the median
+over --rounds interleaved rounds of the median of --runs calls. Torch rows need the `bench`
+extra (torch, torch-pruning, ai-edge-litert); they are skipped when it is absent. Never XLA:
+plain tf.function graphs.
 """
 
+import importlib.util
 import os
-import platform
-import sys
 import tempfile
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-# On a loaded machine, spinning OpenMP threads (torch) starve everything else: batch-1
-# torch calls took 1.1 s instead of 0.15 s at load 11 on 2 cores. Recorded in the table.
+# On a loaded machine torch's spinning OpenMP threads starve TensorFlow's; the table records the policy.
 if os.getloadavg()[0] > (os.cpu_count() or 1):
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import click  # noqa: E402
 import numpy as np  # noqa: E402
 
+from benchmarks import comma_list, command, invocation, timed, write  # noqa: E402
 
-# ------------------------------------------------------------------ torch side
+VARIANTS = ("keras", "fold-bn", "fold", "fold-r8down", "savedmodel", "litert", "torch")
+
+
 def torch_vgg16_bn(widths, num_classes=10):
     """The same VGG16-BN in torch (conv widths as given, "M" = 2x2 max pooling)."""
     import torch.nn as nn
@@ -69,20 +68,14 @@ def torch_pruned(kept_counts, num_classes=10):
     return model.eval(), time.perf_counter() - start
 
 
-def torch_runner(model, batch):
+def torch_runner(model, batch, path=None):
     import torch
 
     x = torch.randn(batch, 3, 32, 32)
-
-    def run():
-        with torch.inference_mode():
-            model(x)
-
-    return run
+    return torch.inference_mode()(lambda: model(x))
 
 
-# ------------------------------------------------------------------ keras side
-def keras_runner(model, batch):
+def keras_runner(model, batch, path=None):
     import tensorflow as tf
 
     x = tf.random.uniform((batch, *model.inputs[0].shape[1:]), seed=0)
@@ -90,86 +83,52 @@ def keras_runner(model, batch):
     return lambda: fn(x).numpy()
 
 
-def saved_model_runner(model, batch, folder):
+def saved_model_runner(model, batch, path):
     import tensorflow as tf
 
     from pruning.export import export_saved_model
 
-    if not os.path.exists(folder):
-        export_saved_model(model, folder)
-    loaded = tf.saved_model.load(folder)
+    if not os.path.exists(path):
+        export_saved_model(model, path)
+    loaded = tf.saved_model.load(path)
     x = tf.random.uniform((batch, *model.inputs[0].shape[1:]), seed=0)
     return lambda: loaded.serve(x).numpy()
 
 
 def litert_runner(model, batch, path):
-    from ai_edge_litert.interpreter import Interpreter
+    from pruning.export import Runner, export_litert
 
-    from pruning.export import export_litert
-
+    path += ".tflite"
     if not os.path.exists(path):
         export_litert(model, path)
-    interp = Interpreter(model_path=path, num_threads=os.cpu_count())
-    inp = interp.get_input_details()[0]
-    interp.resize_tensor_input(inp["index"], (batch, *model.inputs[0].shape[1:]))
-    interp.allocate_tensors()
-    interp.set_tensor(inp["index"], np.random.default_rng(0).random((batch, 32, 32, 3), np.float32))
-    out = interp.get_output_details()[0]["index"]
-
-    def run():
-        interp.invoke()
-        interp.get_tensor(out)
-
-    return run
+    runner, x = Runner(path, "litert", batch_size=batch), np.random.default_rng(0).random((batch, 32, 32, 3), np.float32)
+    return lambda: runner(x)
 
 
-def has_torch():
-    try:
-        import torch  # noqa: F401
-        import torch_pruning  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def has_litert():
-    try:
-        import ai_edge_litert.interpreter  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--ratios", default="0.3,0.5,0.7", show_default=True, help="Comma-separated uniform ratios.")
-@click.option("--batches", default="1,64", show_default=True, help="Comma-separated batch sizes.")
+@command("vs_torch_pruning")
+@click.option("--ratios", default="0.3,0.5,0.7", show_default=True, callback=comma_list(float),
+              help="Comma-separated uniform ratios.")
+@click.option("--batches", default="1,64", show_default=True, callback=comma_list(int), help="Comma-separated batch sizes.")
 @click.option("--rounds", type=int, default=3, show_default=True, help="Interleaved rounds.")
 @click.option("--runs", type=int, default=5, show_default=True, help="Timed calls per model and round.")
-@click.option("--variants", default="keras,fold-bn,fold,fold-r8down,savedmodel,litert,torch", show_default=True,
+@click.option("--variants", default=",".join(VARIANTS), show_default=True, callback=comma_list(str, VARIANTS),
               help="Which rows to time.")
-@click.option("--out", default=os.path.join("results", "vs_torch_pruning.md"), show_default=True)
-def main(ratios, batches, rounds, runs, variants, out):
+def main(ratios, batches, rounds, runs, variants, output):
     """Time every variant at every ratio and batch size; write a markdown table."""
     import keras
     import tensorflow as tf
 
-    from experiments.common import write_text
     from experiments.models import vgg16_bn_cifar
-    from pruning import CNNModel, PrunePlan, get_ranker, model_stats, prune
+    from pruning import CNNModel, PrunePlan, get_ranker, interleaved_latency, model_stats, prune
     from pruning.export import fold_batchnorm
     from pruning.plan import n_kept, resolve_ratios
 
-    ratios = [float(r) for r in ratios.split(",")]
-    batch_sizes = [int(b) for b in batches.split(",")]
-    wanted = variants.split(",")
-    skipped = []
-    if "torch" in wanted and not has_torch():
-        wanted.remove("torch")
-        skipped.append("torch (pip install 'keras-pruning-toolkit[bench]')")
-    if "litert" in wanted and not has_litert():
-        wanted.remove("litert")
-        skipped.append("litert (pip install ai-edge-litert)")
-    load = [os.getloadavg()]
+    wanted, skipped = list(variants), []
+    for v, modules, how in (("torch", ("torch", "torch_pruning"), "pip install 'keras-pruning-toolkit[bench]'"),
+                            ("litert", ("ai_edge_litert",), "pip install ai-edge-litert")):
+        if v in wanted and not all(importlib.util.find_spec(m) for m in modules):
+            wanted.remove(v)
+            skipped.append(f"{v} ({how})")
     keras.utils.set_random_seed(0)
     base = vgg16_bn_cifar(10, width=1.0, seed=0)
     cnn = CNNModel(base)
@@ -184,9 +143,7 @@ def main(ratios, batches, rounds, runs, variants, out):
         full = [c.filters for c in cnn.conv_layers]
         models[("torch", 0.0)] = (torch_pruned(full)[0], model_stats(base)["macs"], None)
     for r in ratios:
-        start = time.perf_counter()
-        pruned = prune(cnn, PrunePlan.from_scores(cnn, scores, r))
-        rebuild = time.perf_counter() - start
+        pruned, rebuild = timed(prune, cnn, PrunePlan.from_scores(cnn, scores, r))
         macs = model_stats(pruned)["macs"]
         kept = [c.filters for c in CNNModel(pruned).conv_layers]
         folded = fold_batchnorm(pruned)
@@ -210,52 +167,26 @@ def main(ratios, batches, rounds, runs, variants, out):
                 got = [m.out_channels for m in tm.modules() if isinstance(m, torch.nn.Conv2d)]
                 assert got == kept, (got, kept)
                 models[(v, r)] = (tm, macs, secs)
-            else:
-                raise click.BadParameter(f"Unknown variant {v!r}.", param_hint="--variants")
 
-    rows = {}
-    for b in batch_sizes:
-        runners = {}
-        for (v, r), (m, _, _) in models.items():
-            if v in ("torch",):
-                runners[(v, r)] = torch_runner(m, b)
-            elif v == "savedmodel":
-                runners[(v, r)] = saved_model_runner(m, b, os.path.join(tmp, f"sm_{r}"))
-            elif v == "litert":
-                runners[(v, r)] = litert_runner(m, b, os.path.join(tmp, f"m_{r}.tflite"))
-            else:
-                runners[(v, r)] = keras_runner(m, b)
-        for run in runners.values():  # warm-up: tracing, allocation
-            run()
-            run()
-        times = {k: [] for k in runners}
-        with click.progressbar(range(rounds), label=f"batch {b}") as bar:
-            for _ in bar:
-                for k, run in runners.items():
-                    t = []
-                    for _ in range(runs):
-                        s = time.perf_counter()
-                        run()
-                        t.append((time.perf_counter() - s) * 1000)
-                    times[k].append(float(np.median(t)))
-        for k, t in times.items():
-            rows[(b, *k)] = float(np.median(t))
-        load.append(os.getloadavg())
+    rows, machine = {}, []
+    for b in batches:
+        kinds = {"torch": torch_runner, "savedmodel": saved_model_runner, "litert": litert_runner}
+        runners = {(v, r): kinds.get(v, keras_runner)(m, b, os.path.join(tmp, f"{v}_{r}")) for (v, r), (m, _, _) in models.items()}
+        timing = interleaved_latency({k: (lambda x, run=run: run()) for k, run in runners.items()},
+                                     runs=runs, rounds=rounds, inputs=np.zeros((b, 1), np.float32))
+        machine.append(f"batch {b}: {timing['machine_before']} before, {timing['machine_after']} after")
+        rows.update({(b, *k): m["ms_per_batch"] for k, m in timing["models"].items()})
 
     base_macs = models[("keras", 0.0)][1]
-    cmd = (f"PYTHONPATH=. python benchmarks/vs_torch_pruning.py --ratios {','.join(map(str, ratios))} "
-           f"--batches {batches} --rounds {rounds} --runs {runs}")
+    cmd = invocation()
     lines = [
-        "## Pruned VGG16-BN (CIFAR 32x32, width 1, L1, uniform ratio): this project vs Torch-Pruning",
-        "",
-        f"Machine: {platform.machine()}, {os.cpu_count()} cores; TensorFlow {tf.__version__}, Keras "
+        "## Pruned VGG16-BN (CIFAR 32x32, width 1, L1, uniform ratio): this project vs Torch-Pruning", "",
+        f"Machine: {'; '.join(machine)}. TensorFlow {tf.__version__}, Keras "
         f"{keras.__version__}" + (f", torch {__import__('torch').__version__}, torch-pruning "
                                   f"{__import__('torch_pruning').__version__}" if "torch" in wanted else "")
-        + f". Load average (1, 5, 15 min) per phase: {'; '.join(', '.join(f'{v:.1f}' for v in l) for l in load)}. "
-        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}. Median ms per call ({runs} calls x {rounds} interleaved rounds). Speed-up / MAC cut = "
+        + f". OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}. Median ms per call ({runs} calls x {rounds} interleaved rounds). Speed-up / MAC cut = "
         "(unpruned ms / ms) / (unpruned MACs / MACs) of the same framework; 1.0 means time falls as fast as MACs.",
-        f"Command: `{cmd}`" + (f". Skipped: {', '.join(skipped)}" if skipped else ""),
-        "",
+        f"Command: `{cmd}`" + (f". Skipped: {', '.join(skipped)}" if skipped else ""), "",
         "| batch | variant | ratio | MACs (M) | ms | speed-up / MAC cut | rebuild s |",
         "|---|---|---|---|---|---|---|",
     ]
@@ -265,10 +196,7 @@ def main(ratios, batches, rounds, runs, variants, out):
         eff = (ref / ms) / (base_macs / macs)
         lines.append(f"| {b} | {v} | {r:g} | {macs / 1e6:.0f} | {ms:.2f} | {eff:.2f} | "
                      f"{'' if rebuild is None else f'{rebuild:.2f}'} |")
-    text = "\n".join(lines) + "\n"
-    write_text(out, text)
-    click.echo(text)
-    click.echo(f"Re-run on a quiet machine: {cmd}")
+    write(output, lines)
 
 
 if __name__ == "__main__":

@@ -13,9 +13,9 @@ import pytest
 
 pytest.importorskip("keras_hub", reason="keras-hub is not installed (pip install -e '.[hub]')")
 
-from benchmarks.zoo import HUB, HUB_INEXACT, build_hub, conv_layers_inside  # noqa: E402
 from conftest import _numpy, relative_diff, zero_filters  # noqa: E402
 from pruning import CNNModel, PrunePlan, get_ranker, prune  # noqa: E402
+from zoo_models import HUB, HUB_INEXACT, build_hub, conv_layers_inside  # noqa: E402
 
 
 @pytest.mark.parametrize("name", HUB)

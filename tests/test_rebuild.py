@@ -211,7 +211,7 @@ def test_subclassed_and_unbuilt_models_get_clear_errors():
 
 
 def test_pruned_vgg_is_physically_smaller():
-    """Speed is measured by benchmarks/latency.py (results/latency_vgg16.md), not by a timed test."""
+    """Speed is measured by `python -m benchmarks.latency` (results/latency.md), not by a timed test."""
     from experiments.models import vgg16_bn_cifar
 
     model = vgg16_bn_cifar(10, width=0.5)

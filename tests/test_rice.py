@@ -244,21 +244,6 @@ def test_augmentation_flags_are_checked_before_training(tmp_path, args, message)
     assert "Traceback" not in r.output
 
 
-def test_benchmark_rescaling_keeps_the_grain_centred_and_scales_its_size():
-    """`benchmarks/rice_recipe_cpu.rescaled` (the --eval-scales diagnostic): a centred 20 x 8 bar
-    in a 40 px frame becomes 10 x 4 at 0.5 (black border) and 30 x 12 at 1.5 (cropped to 40 px)."""
-    from benchmarks.rice_recipe_cpu import rescaled
-
-    x = np.zeros((1, 40, 40, 3), np.float32)
-    x[0, 10:30, 16:24] = 200.0
-    for scale, (h, w) in ((0.5, (10, 4)), (1.5, (30, 12))):
-        r = rescaled(x, scale)
-        assert r.shape == x.shape
-        rows, cols = np.nonzero(r[0].sum(-1) > 300)  # pixels at least half as bright as the bar
-        assert (rows.max() - rows.min() + 1, cols.max() - cols.min() + 1) == (h, w), scale
-        assert abs(rows.mean() - 19.5) <= 0.5 and abs(cols.mean() - 19.5) <= 0.5, scale
-
-
 def _ellipse(size, a, b, angle_deg, centre=None, colour=(200.0, 210.0, 230.0)):
     """An RGB image in [0, 255] with one filled ellipse (semi-axes a, b pixels) on black."""
     cy, cx = centre if centre is not None else ((size - 1) / 2, (size - 1) / 2)

@@ -7,9 +7,9 @@ import keras
 import numpy as np
 import pytest
 
-from benchmarks.zoo import ZOO, build, excluded_from_target
 from conftest import relative_diff, zero_filters
 from pruning import CNNModel, PrunePlan, get_ranker, prune
+from zoo_models import ZOO, build, excluded_from_target
 
 SLOW = {"VGG19", "ResNet50V2", "MobileNetV3Large"}
 

@@ -3,7 +3,10 @@ Rice_Image_Dataset folder, across its whole file-index range, re-encoded at 96x9
 (JPEG quality 90) so the sample stays small. File names keep the dataset's numbering,
 so `--split-by batch` works on the sample too.
 
-    python benchmarks/make_rice_sample.py [SRC] [DST]
+    python data/make_rice_sample.py [SRC] [DST]
+
+SRC defaults to the shared dataset beside the checkout (../shared/data/rice/Rice_Image_Dataset),
+DST to data/rice_sample next to this script.
 """
 import os
 import sys
@@ -11,8 +14,9 @@ import sys
 import numpy as np
 from PIL import Image
 
-SRC = sys.argv[1] if len(sys.argv) > 1 else os.path.join("..", "shared", "data", "rice", "Rice_Image_Dataset")
-DST = sys.argv[2] if len(sys.argv) > 2 else os.path.join("data", "rice_sample")
+HERE = os.path.dirname(os.path.abspath(__file__))
+SRC = sys.argv[1] if len(sys.argv) > 1 else os.path.join(HERE, "..", "..", "shared", "data", "rice", "Rice_Image_Dataset")
+DST = sys.argv[2] if len(sys.argv) > 2 else os.path.join(HERE, "rice_sample")
 PER_CLASS, SIZE, QUALITY = 100, 96, 90
 
 rng = np.random.default_rng(0)
