@@ -63,6 +63,8 @@ class Study:
         measure: `finish_model_run` options of every run (latency_batch, latency_runs, echo).
         baseline_finish: `finish_model_run` options of the baseline run.
         baseline_summary: keys added to the baseline's summary dict.
+        evaluate: `evaluate(model)`, the run fields of a model (`common.finish_model_run`'s
+            `evaluate`); None: no test data.
     """
 
     experiment = None
@@ -74,6 +76,7 @@ class Study:
     measure = {}
     baseline_finish = {"filename": "baseline.keras", "label": "baseline"}
     baseline_summary = {}
+    evaluate = None  # a method `evaluate(model) -> run fields` (see `common.finish_model_run`); None: no test data
 
     def baseline(self, run):
         """The baseline model, trained or loaded, inside its run (None when not `logged`)."""
@@ -98,10 +101,6 @@ class Study:
     def variant(self, run, model, base, variant):
         """The variant's model (pruned, retrained) from the baseline `model`, inside its run."""
         raise NotImplementedError
-
-    def evaluate(self, model):
-        """Run fields of `model` (see `common.finish_model_run`), or None without test data."""
-        return None
 
 
 def resumed_config(log, resume, experiment, cls, **override):
