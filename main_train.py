@@ -320,15 +320,12 @@ def experiment_command(cls, run, results_help, argument=None, results_files=lamb
                     "Write the comparison table (Markdown) to this file.")
 def cifar(cfg, summaries, results):
     """HRank on CIFAR: pretrain VGG16-BN, rank filters, prune and fine-tune."""
-    from experiments.cifar_hrank import comparison_table
-    from experiments.common import config_dict, write_text
+    from experiments.cifar_hrank import comparison_table, results_markdown
+    from experiments.common import write_text
 
-    table = comparison_table(summaries)
-    click.echo(table)
+    click.echo(comparison_table(summaries))
     if results:
-        write_text(results, f"# CIFAR pruning comparison\n\nRuns: {', '.join(str(s['run_id']) for s in summaries)} "
-                            f"in the experiment log.\n\n{table}\n\nConfig:\n\n```json\n"
-                            f"{json.dumps(config_dict(cfg), indent=1)}\n```\n")
+        write_text(results, results_markdown(cfg, summaries))
         click.echo(f"wrote {results}")
 
 
@@ -357,18 +354,10 @@ def load_keras_model(path):
 @experiment_command(PruneConfig, "experiments.prune:run_prune", None, argument="model_path")
 def prune(cfg, summary, results):
     """Prune any .keras model with a ranker and ratio (or a plan file)."""
-    from pruning.stats import format_stats
+    from experiments.prune import summary_lines
 
-    skipped = summary["plan"].meta.get("skipped") or {}  # the convs a uniform ratio left alone, and why
-    if skipped:
-        click.echo(f"skipped {len(skipped)} convs: " + "; ".join(f"{name} ({why})" for name, why in skipped.items()))
-    before, after = summary["before"], summary["after"]
-    if before["macs"] is None:
-        click.echo(f"params {before['params']:,} -> {after['params']:,} ({after['params'] / before['params']:.3f}); "
-                   "MACs not counted: the input size is dynamic (`stats --image-size N` counts them)")
-    else:
-        click.echo(format_stats(before, after))
-    click.echo(f"wrote {summary['artifact']} (run {summary['run_id']})")
+    for line in summary_lines(summary):
+        click.echo(line)
 
 
 @cli.command(context_settings=CONTEXT)
@@ -484,17 +473,11 @@ def compare_latency(paths, latency_batch, runs, rounds, as_json):
 def compress(cfg, summary, results):
     """Compress a .keras model to a MAC, parameter or latency target, with fine-tuning."""
     from experiments.common import write_text
+    from experiments.compress import kept_filters_line, summary_markdown
 
-    line = "kept filters: " + ", ".join(f"{n} {v}" for n, v in summary["layers"].items())
-    click.echo(line)
+    click.echo(kept_filters_line(summary))
     if results:
-        steps = "\n".join(f"| {s['step']} | {s['goal']:.3f} | {s['pruned_top1']:.4f} | {s['test_top1']:.4f} | "
-                          f"{s['macs']:,} |" for s in summary["steps"])
-        write_text(results, f"# compress: run {summary['run_id']}\n\ntarget: {summary['metric']} "
-                            f"{summary['target']}, reached {summary['reached']:.3f}; top-1 "
-                            f"{summary['baseline']['test_top1']:.4f} -> {summary['final']['test_top1']:.4f}\n\n"
-                            "| step | goal | right after pruning | fine-tuned | MACs |\n|---|---|---|---|---|\n"
-                            f"{steps}\n\n{line}\n")
+        write_text(results, summary_markdown(summary))
         click.echo(f"wrote {results}")
 
 

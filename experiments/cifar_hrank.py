@@ -6,6 +6,7 @@ its own folder. `run_cifar` takes lists of rankers and seeds, so one call also
 compares criteria; `resume=run_id` continues an interrupted run.
 """
 
+import json
 import math
 import os
 
@@ -224,3 +225,10 @@ def comparison_table(summaries):
             f"{np.mean([r['latency_ms'] for r in rows]):.1f} | "
             f"{np.mean([r.get('speedup') or 1.0 for r in rows]):.2f}x |")
     return "\n".join(lines)
+
+
+def results_markdown(cfg, summaries):
+    """The --results file: the runs, their comparison table and the config."""
+    return (f"# CIFAR pruning comparison\n\nRuns: {', '.join(str(s['run_id']) for s in summaries)} in the experiment "
+            f"log.\n\n{comparison_table(summaries)}\n\nConfig:\n\n```json\n"
+            f"{json.dumps(common.config_dict(cfg), indent=1)}\n```\n")

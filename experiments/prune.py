@@ -128,3 +128,20 @@ def run_prune(cfg, log, progress=None, echo=print, resume=None):
     (summary,) = run_study(study, log)
     return {**summary, "plan": study.plan, "before": common.model_sizes(study.model),
             "after": common.model_sizes(study.pruned)}
+
+
+def summary_lines(summary):
+    """What `prune` prints after its run: the convs a uniform ratio left alone and why,
+    the sizes before and after, and the file written."""
+    from pruning.stats import format_stats
+
+    skipped = summary["plan"].meta.get("skipped") or {}
+    lines = [f"skipped {len(skipped)} convs: " + "; ".join(f"{name} ({why})" for name, why in skipped.items())
+             ] if skipped else []
+    before, after = summary["before"], summary["after"]
+    if before["macs"] is None:
+        lines.append(f"params {before['params']:,} -> {after['params']:,} ({after['params'] / before['params']:.3f}); "
+                     "MACs not counted: the input size is dynamic (`stats --image-size N` counts them)")
+    else:
+        lines.append(format_stats(before, after))
+    return [*lines, f"wrote {summary['artifact']} (run {summary['run_id']})"]
