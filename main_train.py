@@ -262,8 +262,8 @@ def cli():
 # ---------------------------------------------------------- cifar and rice
 def experiment_command(cls, run, results_help, argument=None, results_files=lambda results: [results]):
     """Decorator: a training command whose options are the fields of config `cls`,
-    plus --results (unless `results_help` is None), --db, --resume (unless the command is NOT_RESUMABLE) and (unless
-    `cls` has a `force` field) --force
+    plus --results (unless `results_help` is None), --db, --resume (unless the command
+    is NOT_RESUMABLE) and (unless `cls` has a `force` field) --force
     (`argument`: a field given as the command's positional argument instead). `run`
     ("module:function") runs the experiment; the decorated function
     `fn(cfg, summaries, results)` reports its summaries into the files
