@@ -9,14 +9,14 @@ import contextlib
 import dataclasses
 import json
 import os
-import warnings
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import click  # noqa: E402
 
-from experiments.config import (EXPORT_FORMATS, PREPROCESSING, QUANTIZATIONS, ROUND_MODES, CifarConfig,  # noqa: E402
-                                CompressConfig, InputError, RiceConfig, check_field, cli_fields, field_kind)
+from experiments.config import (EXPORT_FORMATS, PREPROCESSING, QUANTIZATIONS, RANKING_FIELDS,  # noqa: E402
+                                CifarConfig, CompressConfig, InputError, PruneConfig, RiceConfig, check_field,
+                                cli_fields, field_kind)
 from save_sqlite import DEFAULT_DB, ENV_VAR, STATUSES, TABLES  # noqa: E402
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -98,9 +98,9 @@ def config_option(field):
             except ValueError as e:
                 raise click.BadParameter(str(e)) from e
             return value
-        kwargs.update(callback=parse_and_check, type=str,
-                      default=",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in field.default))
-        kwargs["show_default"] = True
+        kwargs.update(callback=parse_and_check, type=str, default=None if field.default is None else
+                      ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in field.default))
+        kwargs["show_default"] = field.default is not None
         return click.option(*decls, **kwargs)
     if meta.get("multiple"):
         kwargs.update(multiple=True, default=list(field.default))
@@ -209,7 +209,8 @@ def run_experiment(run_fn, cfg, db, resume=None, check=None):
         from experiments.common import ensure_writable_dir
 
         try:
-            ensure_writable_dir(cfg.out_dir)
+            if getattr(cfg, "out_dir", None):  # prune writes no run folder
+                ensure_writable_dir(cfg.out_dir)
         except ValueError as e:
             fail(e)
     cluster = getattr(cfg, "strategy", None) == "multiworker"
@@ -275,8 +276,8 @@ def cli():
 # ---------------------------------------------------------- cifar and rice
 def experiment_command(cls, run, results_help, argument=None, results_files=lambda results: [results]):
     """Decorator: a training command whose options are the fields of config `cls`,
-    plus --results, --db, --resume (unless the command is NOT_RESUMABLE) and (unless
-    `cls` has a `force` field) --force
+    plus --results (unless `results_help` is None), --db, --resume (unless the command
+    is NOT_RESUMABLE) and (unless `cls` has a `force` field) --force
     (`argument`: a field given as the command's positional argument instead). `run`
     ("module:function") runs the experiment; the decorated function
     `fn(cfg, summaries, results)` reports its summaries into the files
@@ -284,7 +285,7 @@ def experiment_command(cls, run, results_help, argument=None, results_files=lamb
     def decorate(fn):
         has_force = "force" in {f.name for f in dataclasses.fields(cls)}
 
-        def command(db, results, resume=None, force=False, **options):
+        def command(db, results=None, resume=None, force=False, **options):
             import importlib
 
             from experiments.common import check_output_owner, check_writable_file
@@ -315,7 +316,8 @@ def experiment_command(cls, run, results_help, argument=None, results_files=lamb
         if not has_force:
             command = click.option("--force", is_flag=True,
                                    help="Replace --results even when it holds a finished run's file.")(command)
-        command = click.option("--results", default=None, help=results_help)(command)
+        if results_help:
+            command = click.option("--results", default=None, help=results_help)(command)
         if fn.__name__ not in NOT_RESUMABLE:
             command = resume_option(command)
         command = db_option(command)
@@ -332,15 +334,12 @@ def experiment_command(cls, run, results_help, argument=None, results_files=lamb
                     "Write the comparison table (Markdown) to this file.")
 def cifar(cfg, summaries, results):
     """HRank on CIFAR: pretrain VGG16-BN, rank filters, prune and fine-tune."""
-    from experiments.cifar_hrank import comparison_table
-    from experiments.common import config_dict, write_text
+    from experiments.cifar_hrank import comparison_table, results_markdown
+    from experiments.common import write_text
 
-    table = comparison_table(summaries)
-    click.echo(table)
+    click.echo(comparison_table(summaries))
     if results:
-        write_text(results, f"# CIFAR pruning comparison\n\nRuns: {', '.join(str(s['run_id']) for s in summaries)} "
-                            f"in the experiment log.\n\n{table}\n\nConfig:\n\n```json\n"
-                            f"{json.dumps(config_dict(cfg), indent=1)}\n```\n")
+        write_text(results, results_markdown(cfg, summaries))
         click.echo(f"wrote {results}")
 
 
@@ -366,188 +365,38 @@ def load_keras_model(path):
         raise click.ClickException(str(e)) from e
 
 
-def rank_data(model, data_dir, image_size, batch_size, limit, preprocess):
-    """Batches of preprocessed images from a class folder (for data-driven rankers);
-    a file that does not decode is an error naming it."""
-    if not data_dir:
-        return None
-    from experiments.data import check_readable, folder_dataset, list_image_folder, preprocessing
-
-    paths, labels, _ = list_image_folder(data_dir, limit)
-    check_readable(paths)
-    size = image_size or model.inputs[0].shape[1]
-    return folder_dataset(paths, labels, size, batch_size, preprocess=preprocessing(preprocess))
-
-
-def scores_for(model, ranker, data_dir, image_size, batch_size, limit, rank_batches, seed, preprocess,
-               ranks_dir=None):
-    from experiments.common import compute_scores
-    from pruning import get_ranker
-
-    data = rank_data(model, data_dir, image_size, batch_size, limit, preprocess)
-    if get_ranker(ranker).needs_data and data is None:
-        raise click.ClickException(f"The '{ranker}' ranker needs images: pass --data-dir.")
-    scores, _ = compute_scores(model, ranker, data=data, ranks_dir=ranks_dir, seed=seed,
-                               rank_batches=rank_batches, progress=progressbar)
-    return scores
-
-
-def ranking_options(fn):
-    for opt in reversed([
-        click.option("--ranker", default="l1", show_default=True, help="l1, l2, random, hrank, ..."),
-        click.option("--data-dir", default=None, help="Images (<class>/*.jpg) for data-driven rankers (hrank)."),
-        click.option("--preprocess", type=click.Choice(PREPROCESSING), default="vgg16", show_default=True,
-                     help="The input transform the model was trained with (rice: vgg16; CIFAR: cifar10/100)."),
-        click.option("--image-size", type=click.IntRange(1), default=None,
-                     help="Resize images to this many pixels square (default: model input)."),
-        click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True,
-                     help="Images per ranking batch."),
-        click.option("--limit-per-class", type=click.IntRange(1), default=None,
-                     help="Use at most this many images per class."),
-        click.option("--rank-batches", type=click.IntRange(1), default=20, show_default=True,
-                     help="Batches for data rankers."),
-        click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random ranker."),
-    ]):
-        fn = opt(fn)
-    return fn
-
-
-def echo_skipped(plan):
-    """One line naming the convs a uniform ratio left alone, and why (plan.meta["skipped"])."""
-    skipped = plan.meta.get("skipped") or {}
-    if skipped:
-        click.echo(f"skipped {len(skipped)} convs: "
-                   + "; ".join(f"{name} ({reason})" for name, reason in skipped.items()))
-
-
-@cli.command(context_settings=CONTEXT)
-@click.argument("model_path")
-@ranking_options
-@click.option("--ratio", callback=float_list, default=None,
-              help="Fraction of filters removed per conv: one number, or one per conv comma-separated.")
-@click.option("--plan", "plan_path", default=None, help="A plan JSON (from --save-plan) instead of --ratio.")
-@click.option("--exclude", default="", callback=comma_list, help="Comma-separated conv layers to leave unpruned.")
-@click.option("--output", "-o", required=True, help="Where to write the pruned .keras model.")
-@click.option("--round-to", type=click.IntRange(1), default=1, show_default=True,
-              help="Round kept filter counts to a multiple of this (1: exactly int(ratio * filters) removed).")
-@click.option("--round-mode", type=click.Choice(ROUND_MODES), default="nearest", show_default=True,
-              help="How --round-to rounds: nearest, or down (always removes at least the ratio).")
-@click.option("--save-plan", default=None, help="Also write the plan as JSON (replay it with --plan).")
-@click.option("--force", is_flag=True, help="Replace --output even when it is the model of a logged run.")
-@click.option("--allow-inexact", is_flag=True,
-              help="Also prune convs feeding layers whose output then changes (LayerNormalization over "
-                   "channels); prints the measured output change.")
-@db_option
-def prune(model_path, ranker, data_dir, preprocess, image_size, batch_size, limit_per_class, rank_batches, seed,
-          ratio, plan_path, exclude, output, round_to, round_mode, save_plan, force, allow_inexact, db):
+@experiment_command(PruneConfig, "experiments.prune:run_prune", None, argument="model_path")
+def prune(cfg, summary, results):
     """Prune any .keras model with a ranker and ratio (or a plan file)."""
-    from experiments.common import (check_output_owner, check_prunable, check_writable_file, finish_model_run,
-                                    model_sizes, write_text)
-    from pruning import CNNModel, PrunePlan
-    from pruning import prune as prune_model
-    from pruning.plan import check_ratio, resolve_ratios
-    from pruning.stats import format_stats
+    from experiments.prune import summary_lines
 
-    if (ratio is None) == (plan_path is None):
-        raise click.UsageError("Give exactly one of --ratio and --plan.")
-    try:
-        check_writable_file(output, "--output")
-        if save_plan:
-            check_writable_file(save_plan, "--save-plan")
-    except ValueError as e:
-        fail(e)
-    if not output.endswith((".keras", ".h5")):
-        raise click.BadParameter(f"Expected a .keras (or .h5) file. Received: {output!r}", param_hint="--output")
-    log = open_log(db)  # before any work: a broken log leaves no model without a row
-    try:
-        check_output_owner(log, output, force, "--output")
-        check_output_owner(log, save_plan, force, "--save-plan")
-    except ValueError as e:
-        fail(e)
-    rate_spec = None if ratio is None else (ratio[0] if len(ratio) == 1 else list(ratio))
-    for i, r in enumerate(ratio or ()):
-        try:
-            check_ratio(r, "ratio" if len(ratio) == 1 else f"ratio[{i}]")
-        except ValueError as e:
-            raise click.BadParameter(str(e), param_hint="--ratio")
-    model = load_keras_model(model_path)
-    applied = None
-    try:
-        cnn = CNNModel(model, allow_inexact=allow_inexact)
-        if not plan_path:  # before a possibly long ranking: names, prunable convs, one ratio per conv
-            check_prunable(cnn, exclude, repr(model_path))
-            applied = resolve_ratios(cnn, rate_spec, exclude)
-    except ValueError as e:
-        raise UsageFailure(str(e)) from e
-    try:
-        if plan_path:
-            plan = PrunePlan.load(plan_path)
-            plan.validate(cnn)
-        else:
-            scores = scores_for(model, ranker, data_dir, image_size, batch_size, limit_per_class,
-                                rank_batches, seed, preprocess)
-            plan = PrunePlan.from_scores(cnn, scores, rate_spec, exclude=exclude, meta={"ranker": ranker},
-                                         round_to=round_to, round_mode=round_mode)
-        with warnings.catch_warnings(record=True) as caught:  # --allow-inexact: the measured change
-            warnings.simplefilter("always", UserWarning)
-            pruned = prune_model(cnn, plan)
-    except ValueError as e:
-        fail(e)
-    for w in caught:
-        if str(w.message).startswith("Pruned inexactly"):
-            click.echo(str(w.message))
-    if all(len(k) == plan.filters.get(n, len(k)) for n, k in plan.keep.items()):
-        raise UsageFailure(f"Nothing to prune: the plan removes no filter of {model_path!r} (whole filter counts: "
-                           "a small ratio of a small conv rounds to 0). Give a larger --ratio.")
-    if applied is not None and (isinstance(rate_spec, list) or exclude):
-        rate_spec = [applied[c.name] for c in cnn.conv_layers]  # what was applied (excluded convs: 0)
-    with interrupt_message(False), log_failure(), log.run("prune", model=os.path.basename(model_path),
-                                                     ranker=plan.meta.get("ranker"),
-                                      pruning_ratio=rate_spec if isinstance(rate_spec, float) else None,
-                                      rates=rate_spec if isinstance(rate_spec, list) else None, seed=seed,
-                                      config={"model": model_path, "plan": plan.to_dict(), "output": output}) as run:
-        log.log_layer_prunes(run.id, plan, plan.meta.get("ranker"))
-        try:
-            if save_plan:  # before the run is marked completed, so a failing save fails the run
-                write_text(save_plan, plan.to_json())
-                log.add_outputs(run.id, {save_plan: "plan"})
-            finish_model_run(run, pruned, artifact=output, latency_batch=None, label="pruned",
-                             echo=lambda line: None)
-        except ValueError as e:
-            fail(e)
-    echo_skipped(plan)
-    before, after = model_sizes(model), model_sizes(pruned)
-    if before["macs"] is None:
-        click.echo(f"params {before['params']:,} -> {after['params']:,} ({after['params'] / before['params']:.3f}); "
-                   "MACs not counted: the input size is dynamic (`stats --image-size N` counts them)")
-    else:
-        click.echo(format_stats(before, after))
-    click.echo(f"wrote {output} (run {run.id})")
+    for line in summary_lines(summary):
+        click.echo(line)
 
 
 @cli.command(context_settings=CONTEXT)
 @click.argument("model_path")
-@ranking_options
+@config_options(PruneConfig, skip=[f.name for f in cli_fields(PruneConfig) if f.name not in RANKING_FIELDS])
 @click.option("--out-dir", required=True,
               help="Folder for the score files: rank_conv{i}.npy for hrank, {ranker}_conv{i}.npy for others "
                    "(i: 1-based conv order).")
-def rank(model_path, ranker, data_dir, preprocess, image_size, batch_size, limit_per_class, rank_batches, seed,
-         out_dir):
+def rank(model_path, out_dir, **ranking):
     """Score every conv's filters and save them as rank_conv{i}.npy (hrank) or {ranker}_conv{i}.npy."""
     from experiments.common import ensure_writable_dir
+    from experiments.prune import scores_for
     from pruning import CNNModel
     from pruning.rankers import score_file
 
+    cfg = config_from_options(PruneConfig, {**ranking, "model_path": model_path})
     model = load_keras_model(model_path)
     try:
         ensure_writable_dir(out_dir)
-        scores = scores_for(model, ranker, data_dir, image_size, batch_size, limit_per_class, rank_batches,
-                            seed, preprocess, ranks_dir=out_dir)
+        scores = scores_for(model, cfg, ranks_dir=out_dir, progress=progressbar)
     except ValueError as e:
         fail(e)
     for conv in CNNModel(model).conv_layers:
         s = scores[conv.name]
-        click.echo(f"{score_file(ranker, conv.index)}  {conv.name:<20} {conv.filters:>5} filters  "
+        click.echo(f"{score_file(cfg.ranker, conv.index)}  {conv.name:<20} {conv.filters:>5} filters  "
                    f"mean {s.mean():.4g}  min {s.min():.4g}  max {s.max():.4g}")
 
 
@@ -638,17 +487,11 @@ def compare_latency(paths, latency_batch, runs, rounds, as_json):
 def compress(cfg, summary, results):
     """Compress a .keras model to a MAC, parameter or latency target, with fine-tuning."""
     from experiments.common import write_text
+    from experiments.compress import kept_filters_line, summary_markdown
 
-    line = "kept filters: " + ", ".join(f"{n} {v}" for n, v in summary["layers"].items())
-    click.echo(line)
+    click.echo(kept_filters_line(summary))
     if results:
-        steps = "\n".join(f"| {s['step']} | {s['goal']:.3f} | {s['pruned_top1']:.4f} | {s['test_top1']:.4f} | "
-                          f"{s['macs']:,} |" for s in summary["steps"])
-        write_text(results, f"# compress: run {summary['run_id']}\n\ntarget: {summary['metric']} "
-                            f"{summary['target']}, reached {summary['reached']:.3f}; top-1 "
-                            f"{summary['baseline']['test_top1']:.4f} -> {summary['final']['test_top1']:.4f}\n\n"
-                            "| step | goal | right after pruning | fine-tuned | MACs |\n|---|---|---|---|---|\n"
-                            f"{steps}\n\n{line}\n")
+        write_text(results, summary_markdown(summary))
         click.echo(f"wrote {results}")
 
 

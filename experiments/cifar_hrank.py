@@ -6,6 +6,7 @@ its own folder. `run_cifar` takes lists of rankers and seeds, so one call also
 compares criteria; `resume=run_id` continues an interrupted run.
 """
 
+import json
 import math
 import os
 
@@ -13,10 +14,11 @@ import keras
 import numpy as np
 
 from experiments import common
-from experiments.config import CifarConfig, from_dict  # noqa: F401  (CifarConfig: the config block)
+from experiments.config import CifarConfig
 from experiments.data import CIFAR_STATS, cifar_dataset, load_cifar_folder, load_cifar_tfds
 from experiments.distribute import on_scratch
 from experiments.models import VGG16_BLOCKS, vgg16_bn_cifar
+from experiments.study import Study, Variant, resumed_config, run_study
 from pruning import CNNModel
 from pruning.plan import resolve_ratios
 
@@ -127,85 +129,84 @@ def run_cifar(cfg, log, progress=None, echo=print, resume=None):
     run's recorded config is used and the run continues in its own row; a resumed
     baseline then goes on with its pruned runs.
     """
-    if resume is not None:
-        row = log.resumable(resume, "cifar")
-        cfg = from_dict(CifarConfig, {**_json(row["config"]), "seeds": (row["seed"],)})
+    _, recorded = resumed_config(log, resume, "cifar", CifarConfig, seeds=lambda row: (row["seed"],))
+    cfg = recorded or cfg
     cfg.validate()
     summaries = []
     with common.distributed(cfg):
         for seed in cfg.seeds:
-            summaries += run_seed(cfg, seed, log, progress, echo, resume)
+            summaries += run_study(CifarStudy(cfg, seed, progress, echo), log, resume)
     return summaries
 
 
-def _json(text):
-    import json
+class CifarStudy(Study):
+    """The CIFAR steps of `experiments.study.run_study` for one seed: the data, a
+    VGG16-BN baseline pretrained (or --pretrained), then per ranker: rank (scores
+    cached beside the baseline), prune on the schedule with fine-tuning, evaluate."""
 
-    return json.loads(text or "{}")
+    experiment = "cifar"
 
+    def __init__(self, cfg, seed, progress=None, echo=print):
+        common.set_seed(seed)
+        self.cfg, self.seed, self.progress, self.echo, self.out_dir = cfg, seed, progress, echo, cfg.out_dir
+        x_train, y_train, x_test, y_test, classes, (mean, std) = load_data(cfg, seed, echo)
+        dataset = os.path.basename(os.path.normpath(cfg.image_dir)) if cfg.image_dir else cfg.dataset
+        self.train_ds = cifar_dataset(x_train, y_train, classes, cfg.batch_size, mean, std, training=True, seed=seed,
+                                      randaugment=cfg.randaugment, random_erasing=cfg.random_erasing)
+        self.test_ds = cifar_dataset(x_test, y_test, classes, 256, mean, std)
+        self.rank_ds = cifar_dataset(x_train, y_train, classes, cfg.rank_batch_size, mean, std)
+        self.classes, self.steps_per_epoch = classes, math.ceil(len(x_train) / cfg.batch_size)
+        config = {**common.config_dict(cfg), "seed": seed, "num_classes": classes,
+                  "train_images": int(len(x_train)), "test_images": int(len(x_test)),
+                  "normalization": {"mean": mean, "std": std}}
+        self.name = common.slug(dataset, f"w{cfg.width:g}", f"seed{seed}")
+        self.fields = {"model": "vgg16_bn", "dataset": dataset, "seed": seed, "config": config}
+        self.measure = {"latency_batch": cfg.latency_batch, "latency_runs": cfg.latency_runs, "echo": echo}
+        self.baseline_finish = {"filename": "baseline.keras", "label": f"seed {seed} baseline"}
+        self.baseline_summary = {"seed": seed, "ranker": None}
 
-def run_seed(cfg, seed, log, progress=None, echo=print, resume=None):
-    """The baseline and one pruned run per ranker for one seed."""
-    common.set_seed(seed)
-    x_train, y_train, x_test, y_test, classes, (mean, std) = load_data(cfg, seed, echo)
-    dataset = os.path.basename(os.path.normpath(cfg.image_dir)) if cfg.image_dir else cfg.dataset
-    train_ds = cifar_dataset(x_train, y_train, classes, cfg.batch_size, mean, std, training=True,
-                             seed=seed, randaugment=cfg.randaugment, random_erasing=cfg.random_erasing)
-    test_ds = cifar_dataset(x_test, y_test, classes, 256, mean, std)
-    rank_ds = cifar_dataset(x_train, y_train, classes, cfg.rank_batch_size, mean, std)
-    config = {**common.config_dict(cfg), "seed": seed, "num_classes": classes,
-              "train_images": int(len(x_train)), "test_images": int(len(x_test)),
-              "normalization": {"mean": mean, "std": std}}
-    name = common.slug(dataset, f"w{cfg.width:g}", f"seed{seed}")
-    resumed = log.get_run(resume) if resume is not None else None
-    measure = {"latency_batch": cfg.latency_batch, "latency_runs": cfg.latency_runs, "echo": echo}
-    summaries, rankers = [], cfg.rankers
+    def evaluate(self, model):
+        return evaluate(model, self.test_ds)
 
-    if resumed is not None and resumed["parent_id"] is not None:  # a pruned run: its baseline is finished
-        path, base = common.finished_parent(log, resumed)
-        model = keras.models.load_model(path)
-        rankers = (resumed["ranker"],)
-    else:
-        with log.run("cifar", resume=resume, model="vgg16_bn", dataset=dataset, pruning_ratio=0.0, seed=seed,
-                     config=config) as base_run:
-            base_run.make_dir(cfg.out_dir, f"{name}-baseline")
-            if cfg.pretrained:
-                model = keras.models.load_model(cfg.pretrained)
-            else:
-                model = vgg16_bn_cifar(classes, cfg.width, seed=seed)
-                steps_per_epoch = math.ceil(len(x_train) / cfg.batch_size)
-                model = train(model, cfg, train_ds, test_ds, cfg.epochs,
-                              lambda steps: warmup_cosine(cfg.lr, cfg.warmup_epochs * steps_per_epoch, steps),
-                              base_run, "pretrain")
-            compile_model(model, sgd(cfg, cfg.lr), cfg.label_smoothing)
-            base = common.finish_model_run(base_run, model, lambda m: evaluate(m, test_ds),
-                                           filename="baseline.keras", label=f"seed {seed} baseline", **measure)
-        summaries.append({**base, "seed": seed, "ranker": None})
+    def baseline(self, run):
+        cfg = self.cfg
+        if cfg.pretrained:
+            model = keras.models.load_model(cfg.pretrained)
+        else:
+            model = vgg16_bn_cifar(self.classes, cfg.width, seed=self.seed)
+            model = train(model, cfg, self.train_ds, self.test_ds, cfg.epochs,
+                          lambda steps: warmup_cosine(cfg.lr, cfg.warmup_epochs * self.steps_per_epoch, steps),
+                          run, "pretrain")
+        compile_model(model, sgd(cfg, cfg.lr), cfg.label_smoothing)
+        return model
 
-    # Scores are cached beside the model they were computed on (its own run folder).
-    ranks_root = os.path.join(os.path.dirname(cfg.pretrained or base["artifact"]), "ranks")
-    for ranker in rankers:
-        rate_spec = cfg.rate_spec
-        pruned_resume = resume if resumed is not None and resumed["parent_id"] is not None else None
-        with log.run("cifar", resume=pruned_resume, model="vgg16_bn", dataset=dataset, ranker=ranker, seed=seed,
-                     pruning_ratio=rate_spec if isinstance(rate_spec, float) else None,
-                     rates=rate_spec if isinstance(rate_spec, list) else None,
-                     parent_id=base["run_id"], config=config) as run:
-            run.make_dir(cfg.out_dir, f"{name}-{ranker}")
-            common.set_seed(seed)
-            ranks_dir = os.path.join(ranks_root, ranker if ranker != "random" else f"random{seed}")
-            scores, cached = common.compute_scores(
-                model, ranker, data=rank_ds, ranks_dir=ranks_dir, seed=seed,
-                rank_batches=cfg.rank_batches, progress=progress)
-            if not on_scratch(cfg):  # a worker's scratch folder is deleted at the end
-                echo(f"  {ranker}: scores {'reused from' if cached else 'saved to'} {ranks_dir}")
-            pruned = prune_and_finetune(model, scores, cfg, ranker, train_ds, test_ds, run)
-            compile_model(pruned, sgd(cfg, cfg.finetune_lr), cfg.label_smoothing)
-            summary = common.finish_model_run(run, pruned, lambda m: evaluate(m, test_ds),
-                                              filename=f"pruned-{ranker}.keras", baseline=base,
-                                              label=f"  {ranker}", **measure)
-        summaries.append({**summary, "seed": seed, "ranker": ranker})
-    return summaries
+    def prepare(self, model, base):
+        # Scores are cached beside the model they were computed on (its own run folder).
+        self.ranks_root = os.path.join(os.path.dirname(self.cfg.pretrained or base["artifact"]), "ranks")
+
+    def _variant(self, ranker):
+        rate_spec = self.cfg.rate_spec
+        return Variant(ranker, {"ranker": ranker, "pruning_ratio": rate_spec if isinstance(rate_spec, float) else None,
+                                "rates": rate_spec if isinstance(rate_spec, list) else None},
+                       folder=ranker, filename=f"pruned-{ranker}.keras", label=f"  {ranker}",
+                       summary={"seed": self.seed, "ranker": ranker})
+
+    def variants(self):
+        return [self._variant(ranker) for ranker in self.cfg.rankers]
+
+    def variant_of(self, row):
+        return self._variant(row["ranker"])
+
+    def variant(self, run, model, base, variant):
+        cfg, ranker, seed = self.cfg, variant.key, self.seed
+        ranks_dir = os.path.join(self.ranks_root, ranker if ranker != "random" else f"random{seed}")
+        scores, cached = common.compute_scores(model, ranker, data=self.rank_ds, ranks_dir=ranks_dir, seed=seed,
+                                               rank_batches=cfg.rank_batches, progress=self.progress)
+        if not on_scratch(cfg):  # a worker's scratch folder is deleted at the end
+            self.echo(f"  {ranker}: scores {'reused from' if cached else 'saved to'} {ranks_dir}")
+        pruned = prune_and_finetune(model, scores, cfg, ranker, self.train_ds, self.test_ds, run)
+        compile_model(pruned, sgd(cfg, cfg.finetune_lr), cfg.label_smoothing)
+        return pruned
 
 
 def comparison_table(summaries):
@@ -224,3 +225,10 @@ def comparison_table(summaries):
             f"{np.mean([r['latency_ms'] for r in rows]):.1f} | "
             f"{np.mean([r.get('speedup') or 1.0 for r in rows]):.2f}x |")
     return "\n".join(lines)
+
+
+def results_markdown(cfg, summaries):
+    """The --results file: the runs, their comparison table and the config."""
+    return (f"# CIFAR pruning comparison\n\nRuns: {', '.join(str(s['run_id']) for s in summaries)} in the experiment "
+            f"log.\n\n{comparison_table(summaries)}\n\nConfig:\n\n```json\n"
+            f"{json.dumps(common.config_dict(cfg), indent=1)}\n```\n")

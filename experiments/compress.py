@@ -389,3 +389,18 @@ def _run_compress(cfg, log, model, echo):
             cfg.preprocess, calibration=x_tr[pick].astype(np.float32), evaluation=(x_te.astype(np.float32), y_te),
             latency_batch=cfg.latency_batch, latency_runs=cfg.latency_runs, parent_id=parent.id, echo=echo)
     return summary
+
+
+def kept_filters_line(summary):
+    """One line: the filters each conv of the compressed model keeps."""
+    return "kept filters: " + ", ".join(f"{n} {v}" for n, v in summary["layers"].items())
+
+
+def summary_markdown(summary):
+    """The --results file of a compress run: target, steps and kept filters."""
+    steps = "\n".join(f"| {s['step']} | {s['goal']:.3f} | {s['pruned_top1']:.4f} | {s['test_top1']:.4f} | "
+                      f"{s['macs']:,} |" for s in summary["steps"])
+    return (f"# compress: run {summary['run_id']}\n\ntarget: {summary['metric']} {summary['target']}, reached "
+            f"{summary['reached']:.3f}; top-1 {summary['baseline']['test_top1']:.4f} -> "
+            f"{summary['final']['test_top1']:.4f}\n\n| step | goal | right after pruning | fine-tuned | MACs |\n"
+            f"|---|---|---|---|---|\n{steps}\n\n{kept_filters_line(summary)}\n")

@@ -597,3 +597,55 @@ def from_dict(cls, values):
 def cli_fields(cls):
     """The fields of `cls` that have a command-line option."""
     return [f for f in dataclasses.fields(cls) if f.metadata.get("cli", True)]
+
+
+@dataclasses.dataclass
+class PruneConfig:
+    """`prune`: one model file pruned with a ranker and ratio (or a plan file), one logged run."""
+
+    model_path: str = option(None, "The .keras (or .h5) model to prune.")
+    ranker: str = option("l1", "l1, l2, random, hrank, ...")
+    data_dir: Optional[str] = option(None, "Images (<class>/*.jpg) for data-driven rankers (hrank).")
+    preprocess: str = option("vgg16", "The input transform the model was trained with (rice: vgg16; CIFAR: "
+                             "cifar10/100).", choices=PREPROCESSING)
+    image_size: Optional[int] = option(None, "Resize images to this many pixels square (default: model input).",
+                                       min=1)
+    batch_size: int = option(32, "Images per ranking batch.", min=1)
+    limit_per_class: Optional[int] = option(None, "Use at most this many images per class.", min=1)
+    rank_batches: int = option(20, "Batches for data rankers.", min=1)
+    seed: int = option(0, "Seed of the random ranker.")
+    ratio: Optional[tuple] = option(None, "Fraction of filters removed per conv: one number, or one per conv "
+                                    "comma-separated.", parse="floats", **RATIO)
+    plan_path: Optional[str] = option(None, "A plan JSON (from --save-plan) instead of --ratio.", flag="--plan")
+    exclude: tuple = option((), "Comma-separated conv layers to leave unpruned.", parse="names")
+    output: Optional[str] = option(None, "Where to write the pruned .keras model (required).", flag="-o")
+    round_to: int = option(1, "Round kept filter counts to a multiple of this (1: exactly int(ratio * filters) "
+                           "removed).", min=1)
+    round_mode: str = option("nearest", "How --round-to rounds: nearest, or down (always removes at least the "
+                             "ratio).", choices=ROUND_MODES)
+    save_plan: Optional[str] = option(None, "Also write the plan as JSON (replay it with --plan).")
+    force: bool = option(False, "Replace --output even when it is the model of a logged run.")
+    allow_inexact: bool = option(False, "Also prune convs feeding layers whose output then changes "
+                                 "(LayerNormalization over channels); prints the measured output change.")
+
+    @property
+    def rate_spec(self):
+        """One float for every conv, the list of one per conv, or None (a plan file)."""
+        if self.ratio is None:
+            return None
+        return float(self.ratio[0]) if len(self.ratio) == 1 else [float(r) for r in self.ratio]
+
+    def validate(self):
+        check_fields(self)
+        if (self.ratio is None) == (self.plan_path is None):
+            raise ValueError("Expected exactly one of --ratio and --plan. Received: "
+                             f"ratio={self.ratio!r}, plan={self.plan_path!r}")
+        if not self.output:
+            raise ValueError("Expected -o/--output, the pruned .keras file. Received: output=None")
+        if not self.output.endswith((".keras", ".h5")):
+            raise ValueError(f"Expected --output to be a .keras (or .h5) file. Received: output={self.output!r}")
+
+
+# The fields of PruneConfig that say how filters are scored (`rank` takes these alone).
+RANKING_FIELDS = ("ranker", "data_dir", "preprocess", "image_size", "batch_size", "limit_per_class", "rank_batches",
+                  "seed")

@@ -6,18 +6,18 @@ retrain the head (pruned convs frozen) or everything -> evaluate. The baseline a
 each ratio are logged runs; each pruned run points at its baseline.
 """
 
-import json
 import os
 
 import keras
 import numpy as np
 
 from experiments import common
-from experiments.config import RiceConfig, from_dict  # noqa: F401  (RiceConfig: the config block)
+from experiments.config import RiceConfig
 from experiments.data import (batch_split, check_splits, colour_jitter, drop_unreadable, folder_dataset, grain_crop,
                               grey_world, list_image_folder, preprocessing, random_affine, random_flips,
                               stratified_split)
 from experiments.models import resolve_weights, rice_classifier
+from experiments.study import Study, Variant, resumed_config, run_study
 from pruning import CNNModel, inline
 
 HEAD_LAYERS = ("features", "fc1", "dropout", "predictions", "cnn_predictions")
@@ -325,90 +325,99 @@ def run_rice(cfg, log, progress=None, echo=print, resume=None):
     run's recorded config is used and the run continues in its own row; a resumed
     baseline then goes on with every ratio.
     """
-    resumed = log.resumable(resume, "rice") if resume is not None else None
-    if resumed is not None:
-        cfg = from_dict(RiceConfig, json.loads(resumed["config"] or "{}"))
+    resumed, recorded = resumed_config(log, resume, "rice", RiceConfig)
+    cfg = recorded or cfg
     cfg.validate()
     with common.distributed(cfg):
-        return _run_rice(cfg, log, resumed, resume, progress, echo)
+        return run_study(RiceStudy(cfg, progress, echo), log, resume)
 
 
-def _run_rice(cfg, log, resumed, resume, progress, echo):
-    common.set_seed(cfg.seed)
-    data = RiceData(cfg)
-    if data.unreadable:
-        echo(f"skipped {len(data.unreadable)} unreadable images: {', '.join(data.unreadable)}")
-    weights = cfg.weights if cfg.pretrained else resolve_weights(cfg.weights)
-    if weights != cfg.weights:
-        echo(f"weights: {cfg.weights} -> {weights}" + (" (ImageNet weights could not be loaded)" if weights == "hed"
-                                                       else ""))
-    config = {**common.config_dict(cfg), "weights_used": weights, "classes": data.class_names,
-              "images": len(data.paths), "split_sizes": [int(len(s)) for s in data.split],
-              "extra_eval_sizes": {k: len(data.ys[k]) for k in EXTRA_EVALS if k in data.ys},
-              "unreadable": data.unreadable}
-    dataset = os.path.basename(os.path.normpath(cfg.data_dir))
-    name = common.slug(dataset, f"{cfg.image_size}px", os.path.basename(str(weights)), f"seed{cfg.seed}")
-    measure = {"latency_batch": cfg.latency_batch, "latency_runs": cfg.latency_runs, "echo": echo}
-    evaluate_on_test = lambda m: evaluate(m, data)  # noqa: E731
-    summaries, ratios = [], cfg.ratios
+class RiceStudy(Study):
+    """The rice steps of `experiments.study.run_study`: the data and weights once, a
+    VGG16 baseline trained (head, fine-tuning, shape expert) or --pretrained, the filter
+    scores once, then per ratio: prune, retrain (`--retrain`), evaluate."""
 
-    if resumed is not None and resumed["parent_id"] is not None:  # a pruned run: its baseline is finished
-        path, base = common.finished_parent(log, resumed)
-        model = inline(keras.models.load_model(path))
-        ratios = (resumed["pruning_ratio"],)
-    else:
-        with log.run("rice", resume=resume, model="vgg16", dataset=dataset, pruning_ratio=0.0, seed=cfg.seed,
-                     config=config) as base_run:
-            base_run.make_dir(cfg.out_dir, f"{name}-baseline")
-            if cfg.pretrained:
-                model = inline(keras.models.load_model(cfg.pretrained))
-                if model.output_shape[-1] != data.num_classes:
-                    raise ValueError(f"{cfg.pretrained} predicts {model.output_shape[-1]} classes; "
-                                     f"{cfg.data_dir} has {data.num_classes}.")
-                if tuple(model.input_shape[1:3]) != (load_size(cfg),) * 2:
-                    raise ValueError(f"{cfg.pretrained} takes {model.input_shape[1]}x{model.input_shape[2]} "
-                                     f"images; --image-size {cfg.image_size} gives {load_size(cfg)}x"
-                                     f"{load_size(cfg)} (twice the size with --upright or --grain-crop).")
-                for layer in cfg.exclude:
-                    CNNModel(model).conv(layer)  # an unknown name fails before any work
-            else:
-                # Inlined into one flat graph, so every layer of the base can be frozen or trained.
-                model = inline(rice_classifier(data.num_classes, cfg.image_size, weights, cfg.pooling,
-                                               seed=cfg.seed, grain_shape=cfg.grain_shape, upright=cfg.upright,
-                                               grey=cfg.grey))
-                adapt_shape_norm(model, data.ordered["train"])
-                cnn_out = expert_output(model)
-                model = train(model, HEAD_LAYERS, cfg, data, base_run, "head", cfg.head_lr, cfg.head_epochs,
-                              cnn_out)
-                top = conv_names(model)[-cfg.unfreeze:] if cfg.unfreeze else []
-                if top:
-                    model = train(model, set(top) | set(HEAD_LAYERS), cfg, data, base_run, "finetune",
-                                  cfg.finetune_lr, cfg.finetune_epochs, cnn_out)
-                if cfg.grain_shape:
-                    model = train(model, SHAPE_LAYERS, cfg, data, base_run, "shape_head", cfg.head_lr,
-                                  cfg.head_epochs, "shape_predictions")
-                    # The run's trainable count: every layer some phase trained, both experts.
-                    set_trainable(model, set(HEAD_LAYERS) | set(SHAPE_LAYERS) | set(top))
-            base = common.finish_model_run(base_run, model, evaluate_on_test, filename="baseline.keras",
-                                           artifact=cfg.pretrained, save=not cfg.pretrained, label="baseline", **measure)
-        summaries.append({**base, "ratio": 0.0})
+    experiment = "rice"
 
-    scores, _ = common.compute_scores(model, cfg.ranker, data=data.ordered["train"], seed=cfg.seed,
-                                      rank_batches=20, progress=progress)
-    for ratio in ratios:
-        pruned_resume = resume if resumed is not None and resumed["parent_id"] is not None else None
-        with log.run("rice", resume=pruned_resume, model="vgg16", dataset=dataset, ranker=cfg.ranker,
-                     pruning_ratio=ratio, parent_id=base["run_id"], seed=cfg.seed, config=config) as run:
-            run.make_dir(cfg.out_dir, f"{name}-{cfg.ranker}-{ratio:g}")
-            common.set_seed(cfg.seed)
-            pruned, _ = common.prune_logged(model, scores, ratio, run, exclude=cfg.exclude, ranker=cfg.ranker,
-                                            round_to=cfg.round_to, round_mode=cfg.round_mode)
-            trainable = retrain_layers(pruned, cfg)
-            lr = cfg.head_lr if cfg.retrain == "head" else cfg.finetune_lr
-            pruned = train(pruned, trainable, cfg, data, run, f"retrain_{cfg.retrain}", lr, cfg.retrain_epochs,
-                           expert_output(pruned))
-            summary = common.finish_model_run(run, pruned, evaluate_on_test,
-                                              filename=f"pruned-{cfg.ranker}-{ratio:g}.keras", baseline=base,
-                                              label=f"ratio {ratio:g}", **measure)
-        summaries.append({**summary, "ratio": ratio})
-    return summaries
+    def __init__(self, cfg, progress=None, echo=print):
+        common.set_seed(cfg.seed)
+        self.cfg, self.progress, self.seed, self.out_dir = cfg, progress, cfg.seed, cfg.out_dir
+        self.data = data = RiceData(cfg)
+        if data.unreadable:
+            echo(f"skipped {len(data.unreadable)} unreadable images: {', '.join(data.unreadable)}")
+        self.weights = weights = cfg.weights if cfg.pretrained else resolve_weights(cfg.weights)
+        if weights != cfg.weights:
+            echo(f"weights: {cfg.weights} -> {weights}" + (" (ImageNet weights could not be loaded)"
+                                                           if weights == "hed" else ""))
+        config = {**common.config_dict(cfg), "weights_used": weights, "classes": data.class_names,
+                  "images": len(data.paths), "split_sizes": [int(len(s)) for s in data.split],
+                  "extra_eval_sizes": {k: len(data.ys[k]) for k in EXTRA_EVALS if k in data.ys},
+                  "unreadable": data.unreadable}
+        dataset = os.path.basename(os.path.normpath(cfg.data_dir))
+        self.name = common.slug(dataset, f"{cfg.image_size}px", os.path.basename(str(weights)), f"seed{cfg.seed}")
+        self.fields = {"model": "vgg16", "dataset": dataset, "seed": cfg.seed, "config": config}
+        self.measure = {"latency_batch": cfg.latency_batch, "latency_runs": cfg.latency_runs, "echo": echo}
+        self.baseline_finish = {"filename": "baseline.keras", "artifact": cfg.pretrained,
+                                "save": not cfg.pretrained, "label": "baseline"}
+        self.baseline_summary = {"ratio": 0.0}
+
+    def evaluate(self, model):
+        return evaluate(model, self.data)
+
+    def load_parent(self, path):
+        return inline(keras.models.load_model(path))
+
+    def baseline(self, run):
+        cfg, data = self.cfg, self.data
+        if cfg.pretrained:
+            model = inline(keras.models.load_model(cfg.pretrained))
+            if model.output_shape[-1] != data.num_classes:
+                raise ValueError(f"{cfg.pretrained} predicts {model.output_shape[-1]} classes; "
+                                 f"{cfg.data_dir} has {data.num_classes}.")
+            if tuple(model.input_shape[1:3]) != (load_size(cfg),) * 2:
+                raise ValueError(f"{cfg.pretrained} takes {model.input_shape[1]}x{model.input_shape[2]} "
+                                 f"images; --image-size {cfg.image_size} gives {load_size(cfg)}x"
+                                 f"{load_size(cfg)} (twice the size with --upright or --grain-crop).")
+            for layer in cfg.exclude:
+                CNNModel(model).conv(layer)  # an unknown name fails before any work
+            return model
+        # Inlined into one flat graph, so every layer of the base can be frozen or trained.
+        model = inline(rice_classifier(data.num_classes, cfg.image_size, self.weights, cfg.pooling, seed=cfg.seed,
+                                       grain_shape=cfg.grain_shape, upright=cfg.upright, grey=cfg.grey))
+        adapt_shape_norm(model, data.ordered["train"])
+        cnn_out = expert_output(model)
+        model = train(model, HEAD_LAYERS, cfg, data, run, "head", cfg.head_lr, cfg.head_epochs, cnn_out)
+        top = conv_names(model)[-cfg.unfreeze:] if cfg.unfreeze else []
+        if top:
+            model = train(model, set(top) | set(HEAD_LAYERS), cfg, data, run, "finetune", cfg.finetune_lr,
+                          cfg.finetune_epochs, cnn_out)
+        if cfg.grain_shape:
+            model = train(model, SHAPE_LAYERS, cfg, data, run, "shape_head", cfg.head_lr, cfg.head_epochs,
+                          "shape_predictions")
+            # The run's trainable count: every layer some phase trained, both experts.
+            set_trainable(model, set(HEAD_LAYERS) | set(SHAPE_LAYERS) | set(top))
+        return model
+
+    def prepare(self, model, base):
+        self.scores, _ = common.compute_scores(model, self.cfg.ranker, data=self.data.ordered["train"],
+                                               seed=self.cfg.seed, rank_batches=20, progress=self.progress)
+
+    def _variant(self, ratio):
+        ranker = self.cfg.ranker
+        return Variant(ratio, {"ranker": ranker, "pruning_ratio": ratio}, folder=f"{ranker}-{ratio:g}",
+                       filename=f"pruned-{ranker}-{ratio:g}.keras", label=f"ratio {ratio:g}",
+                       summary={"ratio": ratio})
+
+    def variants(self):
+        return [self._variant(ratio) for ratio in self.cfg.ratios]
+
+    def variant_of(self, row):
+        return self._variant(row["pruning_ratio"])
+
+    def variant(self, run, model, base, variant):
+        cfg = self.cfg
+        pruned, _ = common.prune_logged(model, self.scores, variant.key, run, exclude=cfg.exclude, ranker=cfg.ranker,
+                                        round_to=cfg.round_to, round_mode=cfg.round_mode)
+        lr = cfg.head_lr if cfg.retrain == "head" else cfg.finetune_lr
+        return train(pruned, retrain_layers(pruned, cfg), cfg, self.data, run, f"retrain_{cfg.retrain}", lr,
+                     cfg.retrain_epochs, expert_output(pruned))
