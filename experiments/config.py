@@ -173,23 +173,6 @@ def check_fields(cfg):
         check_field(f, getattr(cfg, f.name), hints.get(f.name))
 
 
-# Fields every experiment config has, defined once.
-def strategy_field():
-    return option("default", "tf.distribute strategy: default (one device), mirrored (every GPU of this "
-                  "machine), multiworker (machines in $TF_CONFIG) or tpu. --batch-size is the global batch.",
-                  choices=STRATEGIES)
-
-
-def precision_field():
-    return option("float32", "Keras dtype policy: float32, mixed_float16 (GPUs) or mixed_bfloat16 (TPUs, recent "
-                  "CPUs).", choices=PRECISIONS)
-
-
-def worker_timeout_field():
-    return option(300.0, "--strategy multiworker: seconds to wait for every worker of $TF_CONFIG to join before "
-                  "an error naming the missing ones.", min=1.0)
-
-
 def check_strategy(cfg):
     """The strategy's own inputs: with multiworker, a TF_CONFIG naming this worker."""
     if cfg.strategy == "multiworker":
@@ -198,12 +181,25 @@ def check_strategy(cfg):
         cluster_from_env()
 
 
-def verbose_field():
-    return option(2, "Keras fit verbosity (0-2).", flag="-v", min=0, max=2)
+@dataclasses.dataclass
+class RunConfig:
+    """The fields of every training study that say how it runs (devices, precision, output), not
+    what it computes; defined once, listed after the study's own options (`cli_fields`)."""
 
+    latency_runs: int = option(10, "Timed inference calls per latency measurement.", min=1, cli=False)
+    strategy: str = option("default", "tf.distribute strategy: default (one device), mirrored (every GPU of "
+                           "this machine), multiworker (machines in $TF_CONFIG) or tpu. --batch-size is the "
+                           "global batch.", choices=STRATEGIES)
+    mixed_precision: str = option("float32", "Keras dtype policy: float32, mixed_float16 (GPUs) or "
+                                  "mixed_bfloat16 (TPUs, recent CPUs).", choices=PRECISIONS)
+    worker_timeout: float = option(300.0, "--strategy multiworker: seconds to wait for every worker of "
+                                   "$TF_CONFIG to join before an error naming the missing ones.", min=1.0)
+    verbose: int = option(2, "Keras fit verbosity (0-2).", flag="-v", min=0, max=2)
 
-def latency_runs_field():
-    return option(10, "Timed inference calls per latency measurement.", min=1, cli=False)
+    def validate(self):
+        """Each field alone (`check_fields`), then the strategy's environment."""
+        check_fields(self)
+        check_strategy(self)
 
 
 RATIO = {"min": 0.0, "max": 1.0, "max_open": True}  # a ratio's range, [0, 1) (as pruning.check_ratio)
@@ -229,7 +225,7 @@ def check_colour_jitter(values):
 
 
 @dataclasses.dataclass
-class CifarConfig:
+class CifarConfig(RunConfig):
     dataset: str = option("cifar100", "tfds dataset (ignored with --image-dir).", choices=CIFAR_DATASETS)
     data_dir: Optional[str] = option(None, "tfds data_dir (where tfds keeps or downloads CIFAR).")
     image_dir: Optional[str] = option(
@@ -269,11 +265,6 @@ class CifarConfig:
     out_dir: str = option(os.path.join("runs", "cifar"),
                           "Root of the run folders (<out-dir>/<run id>-<slug>/: models, rank files).")
     latency_batch: int = option(64, "Batch size for latency (images).", min=1)
-    latency_runs: int = latency_runs_field()
-    strategy: str = strategy_field()
-    mixed_precision: str = precision_field()
-    worker_timeout: float = worker_timeout_field()
-    verbose: int = verbose_field()
 
     @property
     def rate_spec(self):
@@ -284,8 +275,7 @@ class CifarConfig:
     def validate(self):
         """Each field alone (`check_fields`), then what its metadata cannot say: the environment
         (strategy), the file system and the ranker registry."""
-        check_fields(self)
-        check_strategy(self)
+        super().validate()  # each field alone, the strategy
         from pruning import get_ranker
 
         if self.image_dir is not None and not os.path.isdir(self.image_dir):
@@ -298,7 +288,7 @@ class CifarConfig:
 
 
 @dataclasses.dataclass
-class RiceConfig:
+class RiceConfig(RunConfig):
     data_dir: str = option(os.path.join("data", "rice_sample"),
                            "Folder of <variety>/*.jpg (the Kaggle Rice_Image_Dataset layout).")
     image_size: int = option(224, "Square input size in pixels (VGG16 pools 5 times: at least 32).", min=32)
@@ -371,17 +361,11 @@ class RiceConfig:
     out_dir: str = option(os.path.join("runs", "rice"),
                           "Root of the run folders (<out-dir>/<run id>-<slug>/: models, checkpoints).")
     latency_batch: int = option(16, "Batch size for latency (images).", min=1)
-    latency_runs: int = latency_runs_field()
-    strategy: str = strategy_field()
-    mixed_precision: str = precision_field()
-    worker_timeout: float = worker_timeout_field()
-    verbose: int = verbose_field()
 
     def validate(self):
         """Each field alone (`check_fields`), then what involves several fields, the environment
         (strategy), the file system or the ranker registry."""
-        check_fields(self)
-        check_strategy(self)
+        super().validate()  # each field alone, the strategy
         from pruning import get_ranker
 
         if not os.path.isdir(self.data_dir):
@@ -425,7 +409,7 @@ MAX_STEPS = 20  # compress rounds: more only adds no-op steps (each a logged chi
 
 
 @dataclasses.dataclass
-class CompressConfig:
+class CompressConfig(RunConfig):
     """`compress`: a user's model + images -> a smaller model at a MAC, parameter or
     latency target, fine-tuned (and distilled). Defaults are the best setting measured
     in results/frontier.md (taylor, uniform allocation, distillation; uniform and global
@@ -478,11 +462,6 @@ class CompressConfig:
     alpha: float = option(0.5, "Weight of the distillation term (1 - alpha: the labels).", min=0.0, max=1.0)
     sensitivity_images: int = option(128, "Validation images for --allocation sensitivity.", min=1)
     latency_batch: int = option(16, "Batch size for latency (images).", min=1)
-    latency_runs: int = latency_runs_field()
-    strategy: str = strategy_field()
-    mixed_precision: str = precision_field()
-    worker_timeout: float = worker_timeout_field()
-    verbose: int = verbose_field()
     export: Optional[str] = option(None, "Last step: export the compressed model (litert, saved_model, onnx) as "
                                    "the `export` command does, beside --output (else in the run's folder).",
                                    choices=EXPORT_FORMATS)
@@ -519,8 +498,7 @@ class CompressConfig:
     def validate(self):
         """Each field alone (`check_fields`), then what involves several fields (one target; the
         ranker and its options; export and quantize), the environment or the file system."""
-        check_fields(self)
-        check_strategy(self)
+        super().validate()  # each field alone, the strategy
         from pruning import make_ranker
 
         self.target  # exactly one of the three
@@ -595,8 +573,9 @@ def from_dict(cls, values):
 
 
 def cli_fields(cls):
-    """The fields of `cls` that have a command-line option."""
-    return [f for f in dataclasses.fields(cls) if f.metadata.get("cli", True)]
+    """The fields of `cls` that have a command-line option: its own, then those of RunConfig."""
+    shared = {f.name for f in dataclasses.fields(RunConfig)}
+    return sorted((f for f in dataclasses.fields(cls) if f.metadata.get("cli", True)), key=lambda f: f.name in shared)
 
 
 @dataclasses.dataclass
