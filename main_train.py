@@ -161,6 +161,9 @@ def open_log(db, readonly=False):
         log = ExperimentLog(db, readonly=readonly)
     except ValueError as e:
         fail(e)
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None:  # closed when the command ends: its writes are then in the .db file itself, no -wal beside it
+        ctx.call_on_close(log.close)
     if log.immutable:
         click.echo(f"note: {db} is on read-only media: opened it with immutable=1 (writes made to it elsewhere "
                    "since are not seen)", err=True)
@@ -206,7 +209,7 @@ def run_experiment(run_fn, cfg, db, resume=None, check=None):
             cfg.validate()
         except ValueError as e:
             raise UsageFailure(str(e)) from e
-        from experiments.common import ensure_writable_dir
+        from experiments.files import ensure_writable_dir
 
         try:
             if getattr(cfg, "out_dir", None):  # prune writes no run folder
@@ -288,7 +291,7 @@ def experiment_command(cls, run, results_help, argument=None, results_files=lamb
         def command(db, results=None, resume=None, force=False, **options):
             import importlib
 
-            from experiments.common import check_output_owner, check_writable_file
+            from experiments.files import check_output_owner, check_writable_file
             from experiments.distribute import is_chief
 
             module, name = run.split(":")
@@ -335,7 +338,7 @@ def experiment_command(cls, run, results_help, argument=None, results_files=lamb
 def cifar(cfg, summaries, results):
     """HRank on CIFAR: pretrain VGG16-BN, rank filters, prune and fine-tune."""
     from experiments.cifar_hrank import comparison_table, results_markdown
-    from experiments.common import write_text
+    from experiments.files import write_text
 
     click.echo(comparison_table(summaries))
     if results:
@@ -382,7 +385,7 @@ def prune(cfg, summary, results):
                    "(i: 1-based conv order).")
 def rank(model_path, out_dir, **ranking):
     """Score every conv's filters and save them as rank_conv{i}.npy (hrank) or {ranker}_conv{i}.npy."""
-    from experiments.common import ensure_writable_dir
+    from experiments.files import ensure_writable_dir
     from experiments.prune import scores_for
     from pruning import CNNModel
     from pruning.rankers import score_file
@@ -486,7 +489,7 @@ def compare_latency(paths, latency_batch, runs, rounds, as_json):
                     "Write the summary (Markdown: targets, steps, kept filters) to this file.", argument="model")
 def compress(cfg, summary, results):
     """Compress a .keras model to a MAC, parameter or latency target, with fine-tuning."""
-    from experiments.common import write_text
+    from experiments.files import write_text
     from experiments.compress import kept_filters_line, summary_markdown
 
     click.echo(kept_filters_line(summary))
@@ -524,7 +527,7 @@ def compress(cfg, summary, results):
 def export(model_path, output, fmt, quantize, calibration_dir, calibration_images, preprocess, eval_dir,
            latency_batch, runs, seed, force, db):
     """Fold BatchNorm, export (LiteRT, SavedModel, ONNX; float, float16, dynamic, int8), check and time it."""
-    from experiments.common import check_output_owner
+    from experiments.files import check_output_owner
     from experiments.deploy import check_output, export_run, load_images, logged_preprocess, model_run
     from pruning.export import check_export, fixed_input_shape
 
@@ -645,7 +648,7 @@ def logs_export(table, fmt, output, db):
     if output == "-":
         click.echo(buf.getvalue(), nl=False)
     else:
-        from experiments.common import write_text
+        from experiments.files import write_text
 
         try:
             write_text(output, buf.getvalue())

@@ -76,7 +76,7 @@ def machine_line(before):
 
 def write(output, lines):
     """Writes the Markdown `lines` to `output` (atomically) and prints them."""
-    from experiments.common import write_text
+    from experiments.files import write_text
 
     text = "\n".join(lines).rstrip("\n") + "\n"
     write_text(output, text)

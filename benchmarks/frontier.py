@@ -22,7 +22,7 @@ import keras
 import numpy as np
 
 from benchmarks import comma_list, command, invocation, write
-from experiments import common
+from experiments import common, files
 from experiments.compress import accuracy_fn, array_dataset, make_ranker, recalibrate_batchnorm
 from experiments.data import load_cifar_folder
 from experiments.models import resnet20_cifar, vgg16_bn_cifar
@@ -160,7 +160,7 @@ def run(args, rows_path):
                         row["distilled"] = accuracy(model)
                         row["layers"] = {n: len(k) for n, k in plan.keep.items()}
                         rows.append(row)
-                        common.write_text(rows_path, json.dumps({"rows": rows}, indent=1))  # a cut-off run keeps them
+                        files.write_text(rows_path, json.dumps({"rows": rows}, indent=1))  # a cut-off run keeps them
                         print(f"[{time.strftime('%H:%M:%S')}] seed {seed} {name} {crit:>6} {alloc:>7} {target:.2f}: "
                               f"macs {row['macs']:.3f} pruned {row['pruned']:.4f} ft {row['finetuned']:.4f} "
                               f"kd {row['distilled']:.4f} ({time.time() - t1:.0f}s)", flush=True)
@@ -331,7 +331,7 @@ def main(**params):
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     plot(summary, png)
     write(args.output, [markdown(args, summary, wins, losses, best_setting(summary), wall, load, png)])
-    common.write_text(rows_path, json.dumps({"rows": rows, "wall_s": wall, "load": load}, indent=1))
+    files.write_text(rows_path, json.dumps({"rows": rows, "wall_s": wall, "load": load}, indent=1))
 
 
 if __name__ == "__main__":

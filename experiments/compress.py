@@ -17,7 +17,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from experiments import common
+from experiments import common, files
 from experiments.config import CompressConfig, InputError  # noqa: F401  (CompressConfig: this experiment's config)
 from experiments.data import (
     AUTOTUNE, check_readable, check_splits, folder_dataset, list_image_folder, load_cifar_folder, preprocessing,
@@ -30,7 +30,7 @@ from pruning.plan import n_kept
 from pruning.graph import leaf_layers
 from pruning.criteria import outputs_probabilities
 from pruning.distill import Distiller, teacher_logits
-from pruning.rankers import make_ranker
+from pruning import make_ranker  # the registry with every built-in ranker (pruning.__init__)
 
 
 def load_arrays(cfg):
@@ -219,8 +219,8 @@ def precheck(cfg, log, model=None):
     for path in (cfg.output, cfg.output and plan_path_of(cfg.output)):
         try:
             if path:
-                common.check_writable_file(path, "--output")
-            common.check_output_owner(log, path, cfg.force, "--output")
+                files.check_writable_file(path, "--output")
+            files.check_output_owner(log, path, cfg.force, "--output")
         except ValueError as e:
             raise InputError(str(e)) from None
     if cfg.output and not cfg.output.endswith((".keras", ".h5")):
@@ -231,7 +231,7 @@ def precheck(cfg, log, model=None):
         exported = export_path_of(cfg.output, cfg.export, cfg.quantize)
         try:
             check_output(exported, cfg.export)
-            common.check_output_owner(log, exported, cfg.force, "--output")
+            files.check_output_owner(log, exported, cfg.force, "--output")
         except ValueError as e:
             raise InputError(str(e)) from None
     model = model if model is not None else common.load_model_file(cfg.model)
@@ -355,10 +355,10 @@ def _run_compress(cfg, log, model, echo):
         total_plan.meta.update({"ranker": ranker.name, "metric": metric, "target": target,
                                 "reached": final_cost / base_cost, "allocation": cfg.allocation})
         common.save_model(current, output)
-        common.write_text(plan_path, total_plan.to_json())
+        files.write_text(plan_path, total_plan.to_json())
         if cfg.output:  # a copy (model and plan) where the user asked; the run's own folder keeps the original
             common.save_model(current, cfg.output)
-            common.write_text(plan_path_of(cfg.output), total_plan.to_json())
+            files.write_text(plan_path_of(cfg.output), total_plan.to_json())
             log.add_outputs(parent.id, {cfg.output: "model", plan_path_of(cfg.output): "plan"})
         summary = {"run_id": parent.id, "metric": metric, "target": target, "reached": final_cost / base_cost,
                    "baseline": {**base, **base_sizes}, "final": {**final, **sizes},

@@ -17,7 +17,7 @@ import shutil
 import keras
 import numpy as np
 
-from experiments import common
+from experiments import files
 from experiments.data import check_readable, list_image_folder, load_image, preprocessing
 from pruning.export import EXTENSIONS, Runner, check_export, export_model, file_size, fixed_input_shape, \
     fold_batchnorm
@@ -116,17 +116,17 @@ def check_output(path, format):
                          f"(e.g. {os.path.join(path, 'model' + ext)!r}).")
     if not path.endswith(ext):
         raise ValueError(f"Expected an output path ending in {ext} for format {format!r}. Received: {path!r}")
-    common.check_writable_file(path, "output")  # a file in its path, a read-only folder: before any run
+    files.check_writable_file(path, "output")  # a file in its path, a read-only folder: before any run
 
 
 def write_export(model, path, format, quantize, calibration):
     """Exports atomically: to a temporary path beside `path`, moved into place once complete."""
     if format != "saved_model":
-        with common.atomic_path(path) as tmp:
+        with files.atomic_path(path) as tmp:
             export_model(model, tmp, format, quantize, calibration)
         return path
     folder = os.path.dirname(os.path.abspath(path))
-    common.ensure_writable_dir(folder)
+    files.ensure_writable_dir(folder)
     remove_partial_files(folder)  # left in this folder by killed writers
     tmp, old = f"{path}{PARTIAL}{os.getpid()}", f"{path}.old-{os.getpid()}"
     try:
@@ -134,8 +134,8 @@ def write_export(model, path, format, quantize, calibration):
         if os.path.exists(path):
             os.replace(path, old)
         os.replace(tmp, path)
-    except OSError as e:  # as `common.atomic_path` says it
-        raise ValueError(f"Cannot write {path!r}: {common.os_reason(e)} ({e.strerror or e}).") from None
+    except OSError as e:  # as `files.atomic_path` says it
+        raise ValueError(f"Cannot write {path!r}: {files.os_reason(e)} ({e.strerror or e}).") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)

@@ -12,7 +12,7 @@ plan's per-layer counts, writes --save-plan and the model, and finishes.
 import os
 import warnings
 
-from experiments import common
+from experiments import common, files
 from experiments.config import InputError
 from experiments.study import Study, Variant, run_study
 from pruning import CNNModel, PrunePlan, get_ranker
@@ -61,9 +61,9 @@ class PruneStudy(Study):
         outputs = [(path, option) for path, option in ((cfg.output, "--output"), (cfg.save_plan, "--save-plan"))
                    if path]
         for path, option in outputs:
-            common.check_writable_file(path, option)
+            files.check_writable_file(path, option)
         for path, option in outputs:
-            common.check_output_owner(self.log, path, cfg.force, option)
+            files.check_output_owner(self.log, path, cfg.force, option)
         try:
             model = common.load_model_file(cfg.model_path)
         except InputError as e:  # a file that is not a model: exit 1, as every command reading one
@@ -113,7 +113,7 @@ class PruneStudy(Study):
     def variant(self, run, model, base, variant):
         self.log.log_layer_prunes(run.id, self.plan, self.plan.meta.get("ranker"))
         if self.cfg.save_plan:  # before the run is marked completed, so a failing save fails the run
-            common.write_text(self.cfg.save_plan, self.plan.to_json())
+            files.write_text(self.cfg.save_plan, self.plan.to_json())
             self.log.add_outputs(run.id, {self.cfg.save_plan: "plan"})
         return self.pruned
 

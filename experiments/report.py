@@ -6,7 +6,7 @@ import re
 
 import matplotlib
 
-from experiments.common import atomic_path, check_output_owner, config_dict, ensure_writable_dir, write_text
+from experiments.files import atomic_path, check_output_owner, ensure_writable_dir, write_text
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -222,6 +222,7 @@ def write_report(log, out_dir, force=False):
 
 def rice_results(cfg, summaries, out_dir):
     """rice_results.md (table + config) and rice_accuracy.png for one rice run."""
+    from experiments.common import config_dict  # Keras (the rest of the report does without it)
 
     ensure_writable_dir(out_dir)
     # Accuracy on the held-out batch (--split-by batch) and on --eval-dir, when measured.

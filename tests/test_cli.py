@@ -2,6 +2,8 @@
 
 import json
 import os
+import shutil
+import sqlite3
 
 import keras
 import numpy as np
@@ -41,6 +43,20 @@ def model_file(tmp_path):
     path = str(tmp_path / "model.keras")
     model.save(path)
     return path
+
+
+def test_a_command_leaves_every_run_in_the_db_file_itself(model_file, tmp_path):
+    """The log is closed when a command ends, so SQLite moves its write-ahead log into the .db file:
+    copying that one file (or committing it) copies every finished run."""
+    db = str(tmp_path / "log.db")
+    r = CliRunner().invoke(cli, ["prune", model_file, "--ranker", "l1", "--ratio", "0.5", "-o",
+                                 str(tmp_path / "p.keras"), "--db", db])
+    assert r.exit_code == 0, r.output
+    assert not os.path.exists(db + "-wal") or os.path.getsize(db + "-wal") == 0
+    shutil.copy(db, tmp_path / "copy.db")
+    (count,) = sqlite3.connect(tmp_path / "copy.db").execute(
+        "SELECT count(*) FROM runs WHERE status = 'completed'").fetchone()
+    assert count == 1
 
 
 def test_prune_stats_and_plan_replay(model_file, tmp_path):

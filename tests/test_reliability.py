@@ -173,7 +173,8 @@ def test_dead_process_row_and_its_partial_file(tmp_path):
 
 # ------------------------------------------------------------------ saving
 def test_atomic_save_uses_umask_and_leaves_no_temp_file(tmp_path):
-    from experiments.common import atomic_path, save_model, write_text
+    from experiments.common import save_model
+    from experiments.files import atomic_path, write_text
 
     old = os.umask(0o022)
     try:
