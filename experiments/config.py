@@ -660,12 +660,12 @@ class ExportConfig:
         """Each field alone (`check_fields`), then format with quantize, int8 with its images,
         and whether the output path can take the format (the model is read by the run)."""
         check_fields(self)
-        from experiments.deploy import check_output
-        from pruning.export import check_export
-
         if not self.output:
             raise ValueError("Expected -o/--output, the exported file (.tflite, .onnx or a SavedModel folder). "
                              "Received: output=None")
+        from experiments.deploy import check_output
+        from pruning.export import check_export
+
         check_export(self.format, self.quantize)
         check_output(self.output, self.format)
         if self.quantize == "int8" and not self.calibration_dir:
