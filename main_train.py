@@ -14,9 +14,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import click  # noqa: E402
 
-from experiments.config import (EXPORT_FORMATS, PREPROCESSING, QUANTIZATIONS, RANKING_FIELDS,  # noqa: E402
-                                CifarConfig, CompressConfig, InputError, PruneConfig, RiceConfig, check_field,
-                                cli_fields, field_kind)
+from experiments.config import (RANKING_FIELDS, CifarConfig, CompressConfig, ExportConfig, InputError,  # noqa: E402
+                                PruneConfig, RiceConfig, check_field, cli_fields, field_kind)
 from save_sqlite import DEFAULT_DB, ENV_VAR, STATUSES, TABLES  # noqa: E402
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -150,7 +149,7 @@ def fail(e):
     raise click.ClickException(str(e)) from e
 
 
-NOT_RESUMABLE = ("compress", "prune")  # experiments (and their commands) without --resume
+NOT_RESUMABLE = ("compress", "prune", "export")  # experiments (and their commands) without --resume
 
 
 def open_log(db, readonly=False):
@@ -499,74 +498,10 @@ def compress(cfg, summary, results):
 
 
 # ---------------------------------------------------------------------- export
-@cli.command(context_settings=CONTEXT)
-@click.argument("model_path")
-@click.option("--output", "-o", required=True,
-              help="The exported file: .tflite (litert), .onnx, or a folder (saved_model).")
-@click.option("--format", "fmt", type=click.Choice(EXPORT_FORMATS), default="litert", show_default=True,
-              help="litert (LiteRT .tflite), saved_model (TensorFlow Serving) or onnx (needs the [onnx] extra).")
-@click.option("--quantize", type=click.Choice(QUANTIZATIONS), default="none", show_default=True,
-              help="LiteRT only: float16 weights, dynamic (int8 weights) or int8 (full-integer, calibrated on "
-                   "--calibration-dir).")
-@click.option("--calibration-dir", default=None,
-              help="Images (<class>/*.jpg) for int8 calibration (and for the check when --eval-dir is not given).")
-@click.option("--calibration-images", type=click.IntRange(1), default=100, show_default=True,
-              help="Calibration images drawn from --calibration-dir (seeded, every class).")
-@click.option("--preprocess", type=click.Choice(PREPROCESSING), default=None,
-              help="The input transform the model was trained with; the exported file applies it to raw pixels "
-                   "(default: the one its logged run used, else vgg16).")
-@click.option("--eval-dir", default=None,
-              help="Labelled images (<class>/*.jpg) for top-1 agreement and accuracy of the exported file.")
-@click.option("--latency-batch", type=click.IntRange(1), default=16, show_default=True,
-              help="Batch N of the batch-N latency (batch 1 is always timed).")
-@click.option("--runs", type=click.IntRange(1), default=10, show_default=True,
-              help="Interleaved timing rounds per batch size.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the calibration draw.")
-@click.option("--force", is_flag=True, help="Replace --output even when it is the file of a logged run.")
-@db_option
-def export(model_path, output, fmt, quantize, calibration_dir, calibration_images, preprocess, eval_dir,
-           latency_batch, runs, seed, force, db):
+@experiment_command(ExportConfig, "experiments.deploy:run_export", None, argument="model_path")
+def export(cfg, record, results):
     """Fold BatchNorm, export (LiteRT, SavedModel, ONNX; float, float16, dynamic, int8), check and time it."""
-    from experiments.files import check_output_owner
-    from experiments.deploy import check_output, export_run, load_images, logged_preprocess, model_run
-    from pruning.export import check_export, fixed_input_shape
-
-    try:
-        check_export(fmt, quantize)
-        check_output(output, fmt)
-    except ValueError as e:
-        raise UsageFailure(str(e)) from e
-    if quantize == "int8" and not calibration_dir:
-        raise click.UsageError("--quantize int8 needs --calibration-dir IMAGES (a representative dataset "
-                               "drawn from your images); or use --quantize dynamic.")
-    log = open_log(db)
-    try:
-        check_output_owner(log, output, force, "-o")
-    except ValueError as e:
-        raise UsageFailure(str(e)) from e
-    model = load_keras_model(model_path)
-    parent = model_run(log, model_path)
-    preprocess = preprocess or logged_preprocess(parent) or "vgg16"
-    try:
-        fixed_input_shape(model)
-        calibration = load_images(calibration_dir, model, calibration_images, seed)[0] if calibration_dir else None
-        evaluation = None
-        if eval_dir:
-            images, labels, names = load_images(eval_dir, model, what="--eval-dir")
-            if model.outputs[0].shape[-1] != len(names):
-                raise ValueError(f"The model has {model.outputs[0].shape[-1]} outputs but --eval-dir {eval_dir!r} "
-                                 f"has {len(names)} classes ({', '.join(names)}).")
-            evaluation = (images, labels)
-    except ValueError as e:
-        raise UsageFailure(str(e)) from e
-    with interrupt_message():
-        try:
-            export_run(log, model, model_path, output, fmt, quantize, preprocess, calibration, evaluation,
-                       latency_batch, runs, parent_id=parent["id"] if parent else None,
-                       config={"calibration_dir": calibration_dir, "eval_dir": eval_dir, "seed": seed},
-                       echo=click.echo)
-        except ValueError as e:
-            fail(e)
+    # The run printed its summary line (`experiments.deploy.summary_line`).
 
 
 # ------------------------------------------------------------------------ logs

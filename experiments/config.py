@@ -628,3 +628,46 @@ class PruneConfig:
 # The fields of PruneConfig that say how filters are scored (`rank` takes these alone).
 RANKING_FIELDS = ("ranker", "data_dir", "preprocess", "image_size", "batch_size", "limit_per_class", "rank_batches",
                   "seed")
+
+
+@dataclasses.dataclass
+class ExportConfig:
+    """`export`: one model file folded, exported (LiteRT, SavedModel, ONNX), checked against the
+    `.keras` model and timed, one logged run (`experiments.deploy.run_export`)."""
+
+    model_path: str = option(None, "The .keras (or .h5) model to export.")
+    output: Optional[str] = option(None, "The exported file: .tflite (litert), .onnx, or a folder (saved_model).",
+                                   flag="-o")
+    format: str = option("litert", "litert (LiteRT .tflite), saved_model (TensorFlow Serving) or onnx (needs the "
+                         "[onnx] extra).", choices=EXPORT_FORMATS)
+    quantize: str = option("none", "LiteRT only: float16 weights, dynamic (int8 weights) or int8 (full-integer, "
+                           "calibrated on --calibration-dir).", choices=QUANTIZATIONS)
+    calibration_dir: Optional[str] = option(None, "Images (<class>/*.jpg) for int8 calibration (and for the check "
+                                            "when --eval-dir is not given).")
+    calibration_images: int = option(100, "Calibration images drawn from --calibration-dir (seeded, every class).",
+                                     min=1)
+    preprocess: Optional[str] = option(None, "The input transform the model was trained with; the exported file "
+                                       "applies it to raw pixels (default: the one its logged run used, else "
+                                       "vgg16).", choices=PREPROCESSING)
+    eval_dir: Optional[str] = option(None, "Labelled images (<class>/*.jpg) for top-1 agreement and accuracy of "
+                                     "the exported file.")
+    latency_batch: int = option(16, "Batch N of the batch-N latency (batch 1 is always timed).", min=1)
+    runs: int = option(10, "Interleaved timing rounds per batch size.", min=1)
+    seed: int = option(0, "Seed of the calibration draw.")
+    force: bool = option(False, "Replace --output even when it is the file of a logged run.")
+
+    def validate(self):
+        """Each field alone (`check_fields`), then format with quantize, int8 with its images,
+        and whether the output path can take the format (the model is read by the run)."""
+        check_fields(self)
+        if not self.output:
+            raise ValueError("Expected -o/--output, the exported file (.tflite, .onnx or a SavedModel folder). "
+                             "Received: output=None")
+        from experiments.deploy import check_output
+        from pruning.export import check_export
+
+        check_export(self.format, self.quantize)
+        check_output(self.output, self.format)
+        if self.quantize == "int8" and not self.calibration_dir:
+            raise ValueError("--quantize int8 needs --calibration-dir IMAGES (a representative dataset drawn from "
+                             "your images); or use --quantize dynamic.")

@@ -17,7 +17,8 @@ import shutil
 import keras
 import numpy as np
 
-from experiments import files
+from experiments import common, files
+from experiments.config import InputError
 from experiments.data import check_readable, list_image_folder, load_image, preprocessing
 from pruning.export import EXTENSIONS, Runner, check_export, export_model, file_size, fixed_input_shape, \
     fold_batchnorm
@@ -226,6 +227,43 @@ def export_run(log, model, model_path, output, format="litert", quantize="none",
     record["run_id"] = run.id
     echo(summary_line(output, record))
     return record
+
+
+def run_export(cfg, log, progress=None, echo=print, resume=None):
+    """The `export` command: `cfg` (an `ExportConfig`, validated) -> one logged export run
+    (`export_run`), child of the run whose model `cfg.model_path` is; its preprocessing is
+    `cfg.preprocess`, else that run's, else vgg16. An `InputError` (the CLI exits 2) is a bad
+    input found before the run: -o a finished run's file, a model without a fixed input shape,
+    unusable --calibration-dir or --eval-dir images; any other ValueError (exit 1) a model
+    file that cannot be read, or a failure of the run itself. `progress` and `resume` are
+    unused (an export cannot resume). Returns the run's record."""
+    try:
+        files.check_output_owner(log, cfg.output, cfg.force, "-o")
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    try:
+        model = common.load_model_file(cfg.model_path)
+    except InputError as e:  # a file that is not a model: exit 1, as every command reading one
+        raise ValueError(str(e)) from None
+    parent = model_run(log, cfg.model_path)
+    preprocess = cfg.preprocess or logged_preprocess(parent) or "vgg16"
+    try:
+        fixed_input_shape(model)
+        calibration = (load_images(cfg.calibration_dir, model, cfg.calibration_images, cfg.seed)[0]
+                       if cfg.calibration_dir else None)
+        evaluation = None
+        if cfg.eval_dir:
+            images, labels, names = load_images(cfg.eval_dir, model, what="--eval-dir")
+            if model.outputs[0].shape[-1] != len(names):
+                raise ValueError(f"The model has {model.outputs[0].shape[-1]} outputs but --eval-dir "
+                                 f"{cfg.eval_dir!r} has {len(names)} classes ({', '.join(names)}).")
+            evaluation = (images, labels)
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    return export_run(log, model, cfg.model_path, cfg.output, cfg.format, cfg.quantize, preprocess, calibration,
+                      evaluation, cfg.latency_batch, cfg.runs, parent_id=parent["id"] if parent else None,
+                      config={"calibration_dir": cfg.calibration_dir, "eval_dir": cfg.eval_dir, "seed": cfg.seed},
+                      echo=echo)
 
 
 def summary_line(output, r):
