@@ -34,7 +34,8 @@ def main(baseline, compressed, data_dir, work_dir, rounds, output):
     from experiments.deploy import check_against_keras, deployable, top1, write_export
     from experiments.data import preprocessing
     from pruning import interleaved_latency, model_stats
-    from pruning.export import EXTENSIONS, Runner, file_size
+    from pruning.choices import EXTENSIONS
+    from pruning.export import Runner, file_size
 
     models = {"baseline": keras.models.load_model(baseline), "0.5 MACs": keras.models.load_model(compressed)}
     size = models["baseline"].inputs[0].shape[1]

@@ -226,11 +226,11 @@ def precheck(cfg, log, model=None):
     if cfg.output and not cfg.output.endswith((".keras", ".h5")):
         raise InputError(f"Expected --output to be a .keras (or .h5) file. Received: {cfg.output!r}")
     if cfg.output and cfg.export:  # the exported file beside it (in a new run folder without --output)
-        from experiments.deploy import check_output
+        from experiments.files import check_export_output
 
         exported = export_path_of(cfg.output, cfg.export, cfg.quantize)
         try:
-            check_output(exported, cfg.export)
+            check_export_output(exported, cfg.export)
             files.check_output_owner(log, exported, cfg.force, "--output")
         except ValueError as e:
             raise InputError(str(e)) from None
@@ -275,7 +275,7 @@ def plan_path_of(model_path):
 
 def export_path_of(model_path, format, quantize):
     """The file --export writes beside a compressed model."""
-    from pruning.export import EXTENSIONS
+    from pruning.choices import EXTENSIONS
 
     return os.path.splitext(model_path)[0] + (f"-{quantize}" if quantize != "none" else "") + EXTENSIONS[format]
 

@@ -663,11 +663,11 @@ class ExportConfig:
         if not self.output:
             raise ValueError("Expected -o/--output, the exported file (.tflite, .onnx or a SavedModel folder). "
                              "Received: output=None")
-        from experiments.deploy import check_output
+        from experiments.files import check_export_output
         from pruning.export import check_export
 
         check_export(self.format, self.quantize)
-        check_output(self.output, self.format)
+        check_export_output(self.output, self.format)
         if self.quantize == "int8" and not self.calibration_dir:
             raise ValueError("--quantize int8 needs --calibration-dir IMAGES (a representative dataset drawn from "
                              "your images); or use --quantize dynamic.")

@@ -20,7 +20,7 @@ import numpy as np
 from experiments import common, files
 from experiments.config import InputError
 from experiments.data import check_readable, list_image_folder, load_image, preprocessing
-from pruning.export import EXTENSIONS, Runner, check_export, export_model, file_size, fixed_input_shape, \
+from pruning.export import Runner, check_export, export_model, file_size, fixed_input_shape, \
     fold_batchnorm
 from pruning.latency import interleaved_latency
 from experiments.files import PARTIAL, remove_partial_files
@@ -103,23 +103,6 @@ def logged_preprocess(row):
     return value if isinstance(value, str) else None
 
 
-def check_output(path, format):
-    """A one-line ValueError when `path` cannot receive this format's export."""
-    ext = EXTENSIONS[format]
-    if format == "saved_model":
-        if os.path.isfile(path):
-            raise ValueError(f"A SavedModel is a folder, but {path!r} is a file. Choose another output path.")
-        if os.path.isdir(path) and os.listdir(path) and not os.path.exists(os.path.join(path, "saved_model.pb")):
-            raise ValueError(f"{path!r} is a folder that is not a SavedModel; choose another output path.")
-        return
-    if os.path.isdir(path):
-        raise ValueError(f"The output {path!r} is a folder. Expected a file path ending in {ext} "
-                         f"(e.g. {os.path.join(path, 'model' + ext)!r}).")
-    if not path.endswith(ext):
-        raise ValueError(f"Expected an output path ending in {ext} for format {format!r}. Received: {path!r}")
-    files.check_writable_file(path, "output")  # a file in its path, a read-only folder: before any run
-
-
 def write_export(model, path, format, quantize, calibration):
     """Exports atomically: to a temporary path beside `path`, moved into place once complete."""
     if format != "saved_model":
@@ -189,7 +172,7 @@ def export_run(log, model, model_path, output, format="litert", quantize="none",
     if format == "saved_model":  # "serve/" names the folder "serve", not a file inside it
         output = os.path.normpath(output)
     shape = fixed_input_shape(model)
-    check_output(output, format)
+    files.check_export_output(output, format)
     if quantize == "int8" and calibration is None:
         raise ValueError("int8 quantization needs calibration images: pass --calibration-dir IMAGES.")
     export = deployable(model, preprocess)

@@ -18,6 +18,8 @@ import glob
 import os
 import shutil
 
+from pruning.choices import EXTENSIONS
+
 PARTIAL = ".partial-"
 
 
@@ -146,3 +148,20 @@ def write_text(path, text):
         with open(tmp, "w") as f:
             f.write(text)
     return path
+
+
+def check_export_output(path, format):
+    """A one-line ValueError when `path` cannot receive this format's export."""
+    ext = EXTENSIONS[format]
+    if format == "saved_model":
+        if os.path.isfile(path):
+            raise ValueError(f"A SavedModel is a folder, but {path!r} is a file. Choose another output path.")
+        if os.path.isdir(path) and os.listdir(path) and not os.path.exists(os.path.join(path, "saved_model.pb")):
+            raise ValueError(f"{path!r} is a folder that is not a SavedModel; choose another output path.")
+        return
+    if os.path.isdir(path):
+        raise ValueError(f"The output {path!r} is a folder. Expected a file path ending in {ext} "
+                         f"(e.g. {os.path.join(path, 'model' + ext)!r}).")
+    if not path.endswith(ext):
+        raise ValueError(f"Expected an output path ending in {ext} for format {format!r}. Received: {path!r}")
+    check_writable_file(path, "output")  # a file in its path, a read-only folder: before any run

@@ -9,3 +9,4 @@ ALLOCATIONS = ("uniform", "global", "sensitivity")  # pruning.allocation.allocat
 TARGET_METRICS = ("macs", "params", "latency")  # pruning.allocation.METRICS: what a target keeps a fraction of
 EXPORT_FORMATS = ("litert", "saved_model", "onnx")  # pruning.export.FORMATS
 QUANTIZATIONS = ("none", "float16", "dynamic", "int8")  # pruning.export (LiteRT only)
+EXTENSIONS = {"litert": ".tflite", "saved_model": "", "onnx": ".onnx"}  # of each export format (a SavedModel is a folder)

@@ -165,7 +165,6 @@ def _litert_options(quantize, calibration_images):
 
 # ------------------------------------------------------------------ serving files
 from pruning.choices import EXPORT_FORMATS as FORMATS, QUANTIZATIONS  # noqa: E402  (importable without Keras)
-EXTENSIONS = {"litert": ".tflite", "saved_model": "", "onnx": ".onnx"}  # a SavedModel is a folder
 
 
 def check_export(format, quantize="none", calibration_images=None):
