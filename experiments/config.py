@@ -20,7 +20,8 @@ from typing import Optional
 
 from experiments.choices import (FLIPS, POOLINGS, PRECISIONS, PREPROCESSING, STRATEGIES,  # noqa: F401
                                  VGG16_BLOCKS, WEIGHTS_CHOICES)
-from pruning.choices import ALLOCATIONS, EXPORT_FORMATS, QUANTIZATIONS, ROUND_MODES, TARGET_METRICS  # noqa: F401
+from pruning.choices import (ALLOCATIONS, EXPORT_FORMATS, QUANTIZATIONS, RATIO_RANGE, ROUND_MODES,  # noqa: F401
+                              TARGET_METRICS)
 
 # The configs' own choice lists (the other names are imported above from the modules that own them).
 CIFAR_DATASETS = ("cifar100", "cifar10")
@@ -202,7 +203,7 @@ class RunConfig:
         check_strategy(self)
 
 
-RATIO = {"min": 0.0, "max": 1.0, "max_open": True}  # a ratio's range, [0, 1) (as pruning.check_ratio)
+RATIO = {"min": RATIO_RANGE[0], "max": RATIO_RANGE[1], "max_open": True}  # a ratio's range, [0, 1)
 
 
 # The checks of one field that a range cannot say (each field's `check`).

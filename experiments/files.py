@@ -1,15 +1,16 @@
 """The files every command writes: checks of a path before any work, atomic saves, and the
 cleanup after a killed writer.
 
-An atomic save writes `<stem>.partial-<pid><ext>` beside its target and moves it into
-place once complete (`atomic_path`, `experiments.deploy.write_export`,
+An atomic save writes `<stem>.partial-<pid><ext>` beside its target
+(`pruning.tempfiles.partial_path`) and moves it into place once complete (`atomic_path`, `experiments.deploy.write_export`,
 `pruning.plan.atomic_write`). A writer killed by SIGKILL leaves that temporary behind;
 `remove_partial_files` deletes the ones whose writing process is gone: the next atomic
 save into a folder does so, and so does the experiment log (`save_sqlite`) for the folder
 of a run it finds dead.
 
-This module imports nothing outside the standard library: `save_sqlite` and the report,
-which import no TensorFlow, use it.
+This module imports only the standard library and the library's Keras-free modules
+(`pruning.choices`, `pruning.tempfiles`): `save_sqlite` and the report, which import no
+TensorFlow, use it.
 """
 
 import contextlib
@@ -19,8 +20,7 @@ import os
 import shutil
 
 from pruning.choices import EXTENSIONS
-
-PARTIAL = ".partial-"
+from pruning.tempfiles import PARTIAL, partial_path
 
 
 def process_alive(pid):
@@ -124,12 +124,9 @@ def atomic_path(path):
     ValueError naming `path`; the previous file at `path` is then untouched.
     """
     check_writable_file(path, "file")
-    folder, name = os.path.split(os.path.abspath(path))
+    folder = os.path.dirname(os.path.abspath(path))
     ensure_writable_dir(folder)
-    stem, ext = os.path.splitext(name)
-    if stem.endswith(".weights"):  # keep Keras' double extension
-        stem, ext = stem[:-len(".weights")], ".weights" + ext
-    tmp = os.path.join(folder, f"{stem}{PARTIAL}{os.getpid()}{ext}")
+    tmp = partial_path(os.path.abspath(path))
     remove_partial_files(folder)  # left in this folder by killed writers
     try:
         yield tmp

@@ -4,6 +4,7 @@
 here, and so does a command line that offers them as choices without importing
 Keras (`experiments.config`)."""
 
+RATIO_RANGE = (0.0, 1.0)  # a ratio (fraction of a conv's filters removed) is in [low, high): pruning.check_ratio
 ROUND_MODES = ("nearest", "down")  # PrunePlan.from_scores(round_mode=)
 ALLOCATIONS = ("uniform", "global", "sensitivity")  # pruning.allocation.allocate(allocation=)
 TARGET_METRICS = ("macs", "params", "latency")  # pruning.allocation.METRICS: what a target keeps a fraction of

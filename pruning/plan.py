@@ -16,13 +16,15 @@ from pruning.graph import CNNModel
 
 
 def check_ratio(ratio, name="ratio"):
-    """Returns `ratio` as a float, or raises if it is not in [0, 1)."""
-    if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not 0 <= ratio < 1:
-        raise ValueError(f"Expected {name} in [0, 1). Received: {name}={ratio!r}")
+    """Returns `ratio` as a float, or raises if it is not in [0, 1) (`RATIO_RANGE`)."""
+    lo, hi = RATIO_RANGE
+    if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not lo <= ratio < hi:
+        raise ValueError(f"Expected {name} in [{lo:g}, {hi:g}). Received: {name}={ratio!r}")
     return float(ratio)
 
 
-from pruning.choices import ROUND_MODES  # noqa: E402  (the names, importable without Keras)
+from pruning.choices import RATIO_RANGE, ROUND_MODES  # noqa: E402  (the names, importable without Keras)
+from pruning.tempfiles import partial_path  # noqa: E402
 
 
 def n_kept(filters, ratio, round_to=1, round_mode="nearest"):
@@ -83,11 +85,10 @@ def resolve_ratios(cnn, ratio, exclude=()):
 
 
 def atomic_write(path, write):
-    """Calls `write(tmp)` on a temporary file beside `path`, named `<stem>.partial-<pid><ext>`
-    (the name `experiments.files.remove_partial_files` cleans up after a killed writer), which
-    then replaces `path`: a failed write leaves the previous file whole and no temporary."""
-    stem, ext = os.path.splitext(os.fspath(path))
-    tmp = f"{stem}.partial-{os.getpid()}{ext}"
+    """Calls `write(tmp)` on a temporary file beside `path` (`pruning.tempfiles.partial_path`, the
+    name `experiments.files.remove_partial_files` cleans up after a killed writer), which then
+    replaces `path`: a failed write leaves the previous file whole and no temporary."""
+    tmp = partial_path(path)
     try:
         write(tmp)
         os.replace(tmp, path)
