@@ -238,9 +238,6 @@ def _refine(cnn, scores, plan, cost, target, groups, max_ratio, round_to, max_mo
     filters = {g: cnn.conv(g[0]).filters for g in groups}
     least = {g: max(1, filters[g] - int(np.floor(max_ratio * filters[g]))) for g in groups}
 
-    def make(counts):
-        return _counts_plan(cnn, scores, counts, round_to)
-
     reached = cost(plan)
     for _ in range(max_moves):
         best = None
@@ -248,7 +245,7 @@ def _refine(cnn, scores, plan, cost, target, groups, max_ratio, round_to, max_mo
             for k in (kept[g] - step, kept[g] + step):
                 if not least[g] <= k <= filters[g]:
                     continue
-                trial = make({**kept, g: k})
+                trial = _counts_plan(cnn, scores, {**kept, g: k}, round_to)
                 c = cost(trial)
                 if best is None or abs(c - target) < abs(best[2] - target):
                     best = (g, k, c, trial)
@@ -260,18 +257,19 @@ def _refine(cnn, scores, plan, cost, target, groups, max_ratio, round_to, max_mo
 
 
 def _counts_plan(cnn, scores, kept, round_to=1):
-    """The plan keeping `kept[group]` filters of each tied group (a tuple of conv
-    names), each count rounded to a multiple of `round_to` (see
-    `pruning.plan.round_count`) and, for a group feeding a grouped convolution, to
-    an equal count per convolution group."""
+    """The plan keeping `kept[group]` of the filters of each tied group's first conv (a
+    group is a tuple of conv names), as that share of the group's tied classes (the
+    same count when its ties are one-to-one), each rounded to a multiple of `round_to`
+    (see `pruning.plan.round_count`) and, for a group feeding a grouped convolution,
+    to an equal count per convolution group."""
     counts = {}
     for g, k in kept.items():
-        filters = cnn.conv(g[0]).filters
-        segments = cnn.channel_group(g[0]).segments
-        n_seg = 1 if segments is None else int(segments.max()) + 1
-        per = round_count(max(1, int(round(k / n_seg))), filters // n_seg, round_to)
-        counts[g[0]] = per * n_seg
-    return PrunePlan.from_counts(cnn, scores, counts, meta={"round_to": round_to})
+        channels = cnn.channel_group(g[0])
+        n_seg, classes = channels.n_segments, channels.n_classes
+        share = k * classes / cnn.conv(g[0]).filters
+        count = round_count(max(1, int(round(share / n_seg))), classes // n_seg, round_to) * n_seg
+        counts.update({name: count for name in channels.names})
+    return PrunePlan._from_class_counts(cnn, scores, lambda group: counts.get(group[0]), meta={"round_to": round_to})
 
 
 def prunable_groups(cnn, exclude=()):

@@ -97,6 +97,11 @@ class ChannelGroup:
     n_classes: int
     segments: object = None
 
+    @property
+    def n_segments(self):
+        """How many groups of a grouped convolution split the classes (1: none)."""
+        return 1 if self.segments is None else int(self.segments.max()) + 1
+
 
 class CNNModel:
     """A built Keras model seen as a graph of prunable convolutions.

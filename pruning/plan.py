@@ -131,7 +131,7 @@ def _select(group, scores, kept_of):
     if group.segments is None:
         chosen = np.argsort(-total, kind="stable")[:kept_of(group.n_classes)]
     else:
-        n_seg = int(group.segments.max()) + 1
+        n_seg = group.n_segments
         per = kept_of(group.n_classes // n_seg)
         chosen = np.concatenate([
             np.nonzero(group.segments == s)[0][
@@ -187,8 +187,7 @@ class PrunePlan:
         if nothing:
             # The plan keeps everything: say so rather than let a x1.00 model pass for a pruned one.
             warnings.warn(nothing, stacklevel=2)
-        keep, filters = {}, {}
-        for group in cnn.groups:
+        def kept_of(group):
             rates = {ratios[n] for n in group}
             if len(rates) > 1:
                 raise ValueError(
@@ -196,12 +195,9 @@ class PrunePlan:
                     f"ratio. Received: {sorted(rates)}"
                 )
             rate = rates.pop()
-            if rate == 0:
-                continue
-            kept = _select(cnn.channel_group(group[0]), _checked_scores(cnn, group, scores),
-                           lambda n: n_kept(n, rate, round_to, round_mode))
-            keep.update(kept)
-            filters.update({name: cnn.conv(name).filters for name in kept})
+            return None if rate == 0 else lambda n: n_kept(n, rate, round_to, round_mode)
+
+        keep, filters = _select_groups(cnn, scores, kept_of)
         meta = {"ratios": ratios, "exclude": list(exclude), "round_to": round_to, "round_mode": round_mode,
                 **(meta or {})}
         if not isinstance(ratio, (dict, list, tuple, np.ndarray)):
@@ -231,31 +227,43 @@ class PrunePlan:
             if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= conv.filters:
                 raise ValueError(f"Expected counts['{name}'] a whole number in [1, {conv.filters}] (the "
                                  f"filters layer '{name}' keeps). Received: counts['{name}']={k!r}")
-        keep, filters = {}, {}
-        for group in cnn.groups:
+        def kept_of(group):
             wanted = {int(counts[n]) for n in group if n in counts}
             if len(wanted) > 1:
                 raise ValueError(f"Layers {', '.join(group)} are tied by an elementwise merge and must keep "
                                  f"one count. Received: {sorted(wanted)}")
             if not wanted or wanted == {cnn.conv(group[0]).filters}:
-                continue
+                return None
             k = wanted.pop()
-            for name in group:
-                if not cnn.conv(name).prunable:
-                    raise ValueError(f"Layer '{name}' cannot be pruned: {cnn.conv(name).blocked_by}.")
             channels = cnn.channel_group(group[0])
-            n_seg = 1 if channels.segments is None else int(channels.segments.max()) + 1
             if any(cnn.conv(n).filters != channels.n_classes for n in group):
+                _check_prunable(cnn, group)
                 raise ValueError(f"Layers {', '.join(group)} tie filters in other than one-to-one pairs (a conv "
                                  "tied to its own channels or to a concatenation), so a count cannot be kept "
                                  f"exactly in each; give them a ratio (`PrunePlan.from_scores`). Received: {k}")
+            return k
+
+        return cls._from_class_counts(cnn, scores, kept_of, meta)
+
+    @classmethod
+    def _from_class_counts(cls, cnn, scores, count_of, meta=None):
+        """The plan keeping `count_of(group)` classes of tied filters of each tied group
+        (None: the group keeps everything); for a group of one-to-one ties, the filters each
+        of its convs keeps. `from_counts` and `pruning.allocation` build plans this way."""
+        def kept_of(group):
+            k = count_of(group)
+            channels = cnn.channel_group(group[0])
+            if k is None or k == channels.n_classes:
+                return None
+            _check_prunable(cnn, group)
+            n_seg = channels.n_segments
             if k % n_seg:
                 raise ValueError(
                     f"Layers {', '.join(group)} feed or form a grouped convolution of {n_seg} groups: "
                     f"expected a count that is a multiple of {n_seg}. Received: {k}")
-            kept = _select(channels, _checked_scores(cnn, group, scores), lambda n: k // n_seg)
-            keep.update(kept)
-            filters.update({name: cnn.conv(name).filters for name in kept})
+            return lambda n: k // n_seg
+
+        keep, filters = _select_groups(cnn, scores, kept_of)
         ratios = {c.name: 1 - len(keep.get(c.name, range(c.filters))) / c.filters for c in cnn.conv_layers}
         meta = {"counts": {n: len(k) for n, k in keep.items()}, "ratios": ratios, **(meta or {})}
         if cnn.allow_inexact:
@@ -320,8 +328,7 @@ class PrunePlan:
                     "keep the same filter indices (the filters that meet in the merge)."
                 )
         if group.segments is not None:
-            counts = np.bincount(group.segments[sorted(union)],
-                                 minlength=int(group.segments.max()) + 1)
+            counts = np.bincount(group.segments[sorted(union)], minlength=group.n_segments)
             if len(set(counts.tolist())) > 1:
                 raise ValueError(
                     f"Layers {', '.join(group.names)} feed or form a grouped convolution and must "
@@ -398,6 +405,27 @@ class PrunePlan:
         except (IsADirectoryError, PermissionError, UnicodeDecodeError) as e:
             raise ValueError(f"Cannot read plan file {str(path)!r}: {e}") from None
         return cls.from_json(text, source=f"plan file {str(path)!r}")
+
+
+def _select_groups(cnn, scores, kept_of):
+    """(keep, filters) of a plan: for every tied group whose `kept_of(group)` is a function
+    (classes of a segment -> classes kept; None: the group keeps everything), the filters
+    `_select` keeps, and each conv's filter count."""
+    keep, filters = {}, {}
+    for group in cnn.groups:
+        kept_of_group = kept_of(group)
+        if kept_of_group is None:
+            continue
+        kept = _select(cnn.channel_group(group[0]), _checked_scores(cnn, group, scores), kept_of_group)
+        keep.update(kept)
+        filters.update({name: cnn.conv(name).filters for name in kept})
+    return keep, filters
+
+
+def _check_prunable(cnn, group):
+    for name in group:
+        if not cnn.conv(name).prunable:
+            raise ValueError(f"Layer '{name}' cannot be pruned: {cnn.conv(name).blocked_by}.")
 
 
 def _checked_scores(cnn, group, scores):

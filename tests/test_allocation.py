@@ -118,3 +118,22 @@ def test_composed_plan_equals_pruning_twice(resnet):
     x = np.random.default_rng(1).normal(size=(2, 16, 16, 3)).astype("float32")
     np.testing.assert_allclose(direct(x), twice(x), rtol=1e-4, atol=1e-5)
     assert len(total.meta["steps"]) == 2
+
+
+def test_uniform_allocation_prunes_a_conv_tied_to_a_concatenation():
+    """c is added to concat(a, b): its 16 filters are tied to a's 8 and b's 8, not one to one. The
+    counts the allocation moves are shares of the group's tied classes, so it still reaches the target
+    (as closely as one class of 16 allows) and the pruned model keeps every tie."""
+    keras.utils.set_random_seed(0)
+    x = keras.Input((8, 8, 3))
+    a = keras.layers.Conv2D(8, 3, padding="same", name="a")(x)
+    b = keras.layers.Conv2D(8, 3, padding="same", name="b")(x)
+    c = keras.layers.Conv2D(16, 3, padding="same", name="c")(x)
+    y = keras.layers.Conv2D(4, 1, name="d")(keras.layers.Add()([keras.layers.Concatenate()([a, b]), c]))
+    model = keras.Model(x, keras.layers.Dense(2)(keras.layers.GlobalAveragePooling2D()(y)))
+    cnn = CNNModel(model)
+    plan = allocate(cnn, get_ranker("l1").rank_all(cnn), 0.7, allocation="uniform")
+    assert abs(plan.meta["reached"] - 0.7) <= 0.05
+    kept = {n: len(plan.keep[n]) for n in "abc"}
+    assert kept["a"] + kept["b"] == kept["c"] < 16
+    assert model_stats(prune(cnn, plan))["macs"] / model_stats(model)["macs"] == pytest.approx(plan.meta["reached"])
