@@ -558,8 +558,8 @@ class ExperimentLog:
     def log_epoch(self, run_id, phase, epoch, seconds, logs=None, lr=None):
         """Writes one finished epoch; an epoch run again after a resume replaces its row."""
         logs = {k: _plain(v) for k, v in (logs or {}).items()}
-        row = {
-            "run_id": run_id, "phase": phase, "epoch": int(epoch), "seconds": float(seconds),
+        row = {  # its run_id is set by _replace_rows
+            "phase": phase, "epoch": int(epoch), "seconds": float(seconds),
             "loss": logs.get("loss"), "accuracy": _first(logs, "accuracy", "categorical_accuracy", "acc"),
             "val_loss": logs.get("val_loss"),
             "val_accuracy": _first(logs, "val_accuracy", "val_categorical_accuracy", "val_acc"),

@@ -28,8 +28,7 @@ from pruning import CNNModel, model_stats, prune
 from pruning.allocation import PlanCost, allocate, compose
 from pruning.plan import n_kept
 from pruning.graph import leaf_layers
-from pruning.criteria import outputs_probabilities
-from pruning.distill import Distiller, teacher_logits
+from pruning.distill import Distiller, default_loss, teacher_logits
 from pruning import make_ranker  # the registry with every built-in ranker (pruning.__init__)
 
 
@@ -100,7 +99,7 @@ def array_dataset(x, y, num_classes, batch_size, preprocess=None, training=False
 
 def compile_for_eval(model):
     """Cross-entropy on logits or probabilities (as the model outputs) + accuracy."""
-    model.compile(loss=keras.losses.CategoricalCrossentropy(from_logits=not outputs_probabilities(model)),
+    model.compile(loss=default_loss(model),
                   metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")])
 
 
@@ -177,7 +176,7 @@ def finetune(model, train_ds, epochs, lr=1e-3, teacher=None, distill=False, temp
     else:
         trainer = model
         trainer.compile(optimizer=keras.optimizers.Adam(lr), metrics=metrics,
-                        loss=keras.losses.CategoricalCrossentropy(from_logits=not outputs_probabilities(model)))
+                        loss=default_loss(model))
     trainer.fit(train_ds, epochs=epochs, verbose=verbose, callbacks=list(callbacks),
                 validation_data=validation_data)
     return model

@@ -14,7 +14,7 @@ import keras
 import numpy as np
 
 from pruning.graph import CNNModel
-from pruning.rankers import DataRanker, Ranker, filter_kernel, register_ranker
+from pruning.rankers import DataRanker, Ranker, feature_maps, filter_kernel, register_ranker
 
 
 @register_ranker
@@ -65,13 +65,6 @@ def following_batchnorm(cnn, conv):
     return None
 
 
-def _feature_maps(model, layers=None):
-    """(CNNModel, the convs to score (all by default), the key of each one's post-BN/ReLU map)."""
-    cnn = CNNModel.of(model)
-    layers = [cnn.conv(l) for l in (layers or cnn.conv_layers)]
-    return cnn, layers, [cnn.feature_key(c) for c in layers]
-
-
 @register_ranker
 class APoZRanker(DataRanker):
     """APoZ (Hu et al., 2016): Average Percentage of Zeros of each channel's map after
@@ -87,7 +80,7 @@ class APoZRanker(DataRanker):
     name = "apoz"
 
     def rank_all(self, model, layers=None, data=None, progress=None):
-        cnn, layers, keys = _feature_maps(model, layers)
+        cnn, layers, keys = feature_maps(model, layers)
 
         def zero_fractions(x, y):  # per layer: sum over the batch's images of each channel's zero fraction
             for fmap in cnn.forward(x, keys):
@@ -115,7 +108,7 @@ class TaylorRanker(DataRanker):
     name = "taylor"
 
     def rank_all(self, model, layers=None, data=None, progress=None):
-        cnn, layers, keys = _feature_maps(model, layers)
+        cnn, layers, keys = feature_maps(model, layers)
         probabilities = outputs_probabilities(cnn.model)
 
         def taylor_sums(x, y):  # per layer: sum over the batch's images of |sum over positions of a * g|

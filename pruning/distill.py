@@ -89,8 +89,8 @@ class SoftTargets(keras.distillation.LogitsDistillation):
 
 
 def default_loss(student):
-    """The hard term: cross-entropy on one-hot labels, from the student's logits or
-    probabilities."""
+    """Cross-entropy on one-hot labels from the model's logits or probabilities, as its last
+    layer gives them: the hard term here, and `compress`'s loss without distillation."""
     return keras.losses.CategoricalCrossentropy(from_logits=not outputs_probabilities(student))
 
 
@@ -139,7 +139,6 @@ class CachedDistiller(keras.Model):
         super().__init__(**kwargs)
         check_distill(temperature, alpha)
         self.student = student
-        self.temperature = float(temperature)
         self.alpha = float(alpha)
         self.soft = SoftTargets(temperature, False, outputs_probabilities(student))
 

@@ -116,7 +116,16 @@ class DataRanker(Ranker):
         self.num_batches = num_batches
 
     def rank(self, model, layer, data=None):
-        return self.rank_all(model, [layer], data)[CNNModel.of(model).conv(layer).name]
+        cnn = CNNModel.of(model)
+        return self.rank_all(cnn, [layer], data)[cnn.conv(layer).name]
+
+
+def feature_maps(model, layers=None):
+    """(CNNModel, the convs to score (all by default), the key of each one's post-BN/ReLU map,
+    the tensor HRank, APoZ and Taylor read)."""
+    cnn = CNNModel.of(model)
+    layers = [cnn.conv(l) for l in (layers or cnn.conv_layers)]
+    return cnn, layers, [cnn.feature_key(c) for c in layers]
 
 
 def filter_kernel(layer):
@@ -188,9 +197,8 @@ class HRankRanker(DataRanker):
     def rank_all(self, model, layers=None, data=None, progress=None):
         if data is None:
             raise ValueError("The 'hrank' ranker needs data: batches of training images.")
-        cnn = CNNModel.of(model)
-        layers = [cnn.conv(l) for l in (layers or cnn.conv_layers)]
-        probe = feature_probe(cnn, [cnn.feature_key(c) for c in layers])
+        cnn, layers, keys = feature_maps(model, layers)
+        probe = feature_probe(cnn, keys)
         totals = [0.0] * len(layers)
         count = 0
 

@@ -18,9 +18,9 @@ from main_train import config_from_options, config_options
 
 def variant(cls, name, default, **meta):
     """`cls` with field `name` redefined by `option(default, ..., **meta)` (same position, same validate)."""
-    help_text = next(f for f in dataclasses.fields(cls) if f.name == name).metadata["help"]
-    kind = next(f for f in dataclasses.fields(cls) if f.name == name).type
-    return dataclasses.make_dataclass(f"{cls.__name__}Variant", [(name, kind, option(default, help_text, **meta))],
+    field = next(f for f in dataclasses.fields(cls) if f.name == name)
+    return dataclasses.make_dataclass(f"{cls.__name__}Variant",
+                                      [(name, field.type, option(default, field.metadata["help"], **meta))],
                                       bases=(cls,))
 
 

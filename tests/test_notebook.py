@@ -53,7 +53,9 @@ def execute(nb, tmp_path, folder=os.path.dirname(NOTEBOOK)):
     from jupyter_client.manager import AsyncKernelManager
 
     kernels = tmp_path / "kernels"
-    kernelspec.write_kernel_spec(str(kernels / "this-python"))  # argv: sys.executable -m ipykernel_launcher
+    # argv: sys.executable -m ipykernel_launcher; IPython's history and profile under tmp_path, not in ~/.ipython
+    kernelspec.write_kernel_spec(str(kernels / "this-python"),
+                                 overrides={"env": {"IPYTHONDIR": str(tmp_path / "ipython")}})
     specs = KernelSpecManager(kernel_dirs=[str(kernels)])
     km = AsyncKernelManager(kernel_name="this-python", kernel_spec_manager=specs)
     client = nbclient.NotebookClient(nb, km=km, timeout=300,
