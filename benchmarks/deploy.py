@@ -33,7 +33,7 @@ def main(baseline, compressed, data_dir, work_dir, rounds, output):
     from experiments.config import CompressConfig
     from experiments.deploy import check_against_keras, deployable, top1, write_export
     from experiments.data import preprocessing
-    from pruning import interleaved_latency, model_stats
+    from pruning import interleaved_latency
     from pruning.choices import EXTENSIONS
     from pruning.export import Runner, file_size
 
@@ -51,7 +51,7 @@ def main(baseline, compressed, data_dir, work_dir, rounds, output):
         path = baseline if label == "baseline" else compressed
         acc = float(np.mean(top1(model.predict(prep(x_te.copy()), verbose=0)) == y_te))
         rows.append({"key": f"{label} .keras", "model": label, "format": ".keras float", "bytes": os.path.getsize(path),
-                     "top1": acc, "agreement": 1.0, "macs": model_stats(model)["macs"]})
+                     "top1": acc, "agreement": 1.0})
         timed[f"{label} .keras"] = {1: model, 16: model}
         graph = deployable(model, "vgg16")
         for fmt, quantize in VARIANTS:
@@ -62,8 +62,7 @@ def main(baseline, compressed, data_dir, work_dir, rounds, output):
             key = f"{label} {fmt} {quantize}"
             rows.append({"key": key, "model": label, "format": f"{'LiteRT' if fmt == 'litert' else 'ONNX'} "
                          f"{'float' if quantize == 'none' else quantize}", "bytes": file_size(target),
-                         "top1": check["accuracy"], "agreement": check["top1_agreement"],
-                         "macs": model_stats(model)["macs"]})
+                         "top1": check["accuracy"], "agreement": check["top1_agreement"]})
             timed[key] = {b: Runner(target, fmt, batch_size=b) for b in (1, 16)}
             click.echo(f"{key}: {rows[-1]['bytes'] / 1e6:.1f} MB, top-1 {check['accuracy']:.4f}", err=True)
 

@@ -11,12 +11,11 @@ Rounds alternate folder and memory runs, each on a freshly built model and datas
 """
 
 import os
-import time
 
 import click
 import numpy as np
 
-from benchmarks import command, invocation, machine_line, write
+from benchmarks import command, invocation, machine_line, timed, write
 
 CIFAR = os.path.join("..", "shared", "data", "cifar10", "train")
 
@@ -36,9 +35,8 @@ def decode_throughput(paths, image_size, rounds):
     for _ in range(rounds):
         for name, fn in zip(res, (always_resize, lambda p: load_image(p, image_size))):
             ds = tf.data.Dataset.from_tensor_slices(paths).map(fn, num_parallel_calls=AUTOTUNE).batch(64)
-            start = time.perf_counter()
-            n = sum(int(b.shape[0]) for b in ds.prefetch(AUTOTUNE))
-            res[name].append(n / (time.perf_counter() - start))
+            n, seconds = timed(lambda: sum(int(b.shape[0]) for b in ds.prefetch(AUTOTUNE)))
+            res[name].append(n / seconds)
     diff = max(float(np.abs(always_resize(p).numpy() - load_image(p, image_size).numpy()).max()) for p in paths[:64])
     return {k: float(np.median(v)) for k, v in res.items()}, diff
 

@@ -121,7 +121,6 @@ def main(ratios, batches, rounds, runs, variants, output):
     from experiments.models import vgg16_bn_cifar
     from pruning import CNNModel, PrunePlan, get_ranker, interleaved_latency, model_stats, prune
     from pruning.export import fold_batchnorm
-    from pruning.plan import n_kept, resolve_ratios
 
     wanted, skipped = list(variants), []
     for v, modules, how in (("torch", ("torch", "torch_pruning"), "pip install 'keras-pruning-toolkit[bench]'"),
@@ -135,13 +134,14 @@ def main(ratios, batches, rounds, runs, variants, output):
     scores = get_ranker("l1").rank_all(cnn)
     tmp = tempfile.mkdtemp(prefix="vs_tp_")
 
-    models = {("keras", 0.0): (base, model_stats(base)["macs"], None)}  # (model, MACs, rebuild s)
+    base_macs = model_stats(base)["macs"]
+    models = {("keras", 0.0): (base, base_macs, None)}  # (model, MACs, rebuild s)
     if "torch" in wanted:
         import torch
 
         torch.set_num_threads(os.cpu_count())
         full = [c.filters for c in cnn.conv_layers]
-        models[("torch", 0.0)] = (torch_pruned(full)[0], model_stats(base)["macs"], None)
+        models[("torch", 0.0)] = (torch_pruned(full)[0], base_macs, None)
     for r in ratios:
         pruned, rebuild = timed(prune, cnn, PrunePlan.from_scores(cnn, scores, r))
         macs = model_stats(pruned)["macs"]
@@ -155,10 +155,8 @@ def main(ratios, batches, rounds, runs, variants, output):
             elif v == "fold":
                 models[(v, r)] = (folded, macs, None)
             elif v == "fold-r8down":
-                rates = resolve_ratios(cnn, r)
-                down = {n: 1 - n_kept(cnn.conv(n).filters, q, 8, "down") / cnn.conv(n).filters if q else 0.0
-                        for n, q in rates.items()}
-                small = fold_batchnorm(prune(cnn, PrunePlan.from_scores(cnn, scores, down)))
+                small = fold_batchnorm(prune(cnn, PrunePlan.from_scores(cnn, scores, r, round_to=8,
+                                                                        round_mode="down")))
                 models[(v, r)] = (small, model_stats(small)["macs"], None)
             elif v in ("savedmodel", "litert"):
                 models[(v, r)] = (folded, macs, None)
@@ -177,7 +175,6 @@ def main(ratios, batches, rounds, runs, variants, output):
         machine.append(f"batch {b}: {timing['machine_before']} before, {timing['machine_after']} after")
         rows.update({(b, *k): m["ms_per_batch"] for k, m in timing["models"].items()})
 
-    base_macs = models[("keras", 0.0)][1]
     cmd = invocation()
     lines = [
         "## Pruned VGG16-BN (CIFAR 32x32, width 1, L1, uniform ratio): this project vs Torch-Pruning", "",
