@@ -29,26 +29,28 @@ def config_dict(cfg):
     return d
 
 
-def load_model_file(path, name="model"):
+def load_model_file(path, name="model", error=None):
     """Loads a saved Keras model (.keras, .h5); every reason it cannot (missing,
-    not a Keras zip, truncated config.json or weights, ...) is one `InputError` naming
-    the file."""
+    not a Keras zip, truncated config.json or weights, ...) is one `error` naming the
+    file: an `InputError` (the CLI exits 2) by default; `prune` and `export` pass
+    ValueError (exit 1, as every command that only reads a model)."""
     import zipfile
 
     from experiments.config import InputError, check_model_file
 
+    error = error or InputError
     try:
         check_model_file(path, name)
     except ValueError as e:
-        raise InputError(str(e)) from None
+        raise error(str(e)) from None
     if zipfile.is_zipfile(path):
         try:
             with zipfile.ZipFile(path) as z:
                 members = z.namelist()
         except (zipfile.BadZipFile, OSError) as e:
-            raise InputError(f"Could not load {path!r} as a Keras model: {e}") from None
+            raise error(f"Could not load {path!r} as a Keras model: {e}") from None
         if "config.json" not in members:
-            raise InputError(f"{path!r} is a zip archive but not a Keras model: it has no config.json (it holds "
+            raise error(f"{path!r} is a zip archive but not a Keras model: it has no config.json (it holds "
                              f"{', '.join(members[:5]) or 'nothing'}{' ...' if len(members) > 5 else ''}).")
     try:
         return keras.models.load_model(path)
@@ -58,7 +60,7 @@ def load_model_file(path, name="model"):
         reason = f"its weights cannot be read (truncated?): {str(e).splitlines()[0] if str(e) else type(e).__name__}"
     except Exception as e:  # Keras raises many types for a file it cannot read
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-    raise InputError(f"Could not load {path!r} as a Keras model: {reason}") from None
+    raise error(f"Could not load {path!r} as a Keras model: {reason}") from None
 
 
 def save_model(model, path):

@@ -224,10 +224,7 @@ def run_export(cfg, log, progress=None, echo=print, resume=None):
         files.check_output_owner(log, cfg.output, cfg.force, "-o")
     except ValueError as e:
         raise InputError(str(e)) from None
-    try:
-        model = common.load_model_file(cfg.model_path)
-    except InputError as e:  # a file that is not a model: exit 1, as every command reading one
-        raise ValueError(str(e)) from None
+    model = common.load_model_file(cfg.model_path, error=ValueError)
     parent = model_run(log, cfg.model_path)
     preprocess = cfg.preprocess or logged_preprocess(parent) or "vgg16"
     try:

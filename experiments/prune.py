@@ -64,10 +64,7 @@ class PruneStudy(Study):
             files.check_writable_file(path, option)
         for path, option in outputs:
             files.check_output_owner(self.log, path, cfg.force, option)
-        try:
-            model = common.load_model_file(cfg.model_path)
-        except InputError as e:  # a file that is not a model: exit 1, as every command reading one
-            raise ValueError(str(e)) from None
+        model = common.load_model_file(cfg.model_path, error=ValueError)
         self.model, self.applied = model, None
         try:
             self.cnn = CNNModel(model, allow_inexact=cfg.allow_inexact)
