@@ -18,11 +18,16 @@ def _label(run):
     return run["ranker"] or "baseline"
 
 
+def _ratio(run):
+    """The run's one pruning ratio, "per-layer" when it has one per conv, or ""."""
+    return run["pruning_ratio"] if run["pruning_ratio"] is not None else ("per-layer" if run["rates"] else "")
+
+
 def _md_table(runs):
     lines = ["| run | dataset | ranker | ratio | seed | top-1 | top-5 | params | MACs | ms/batch | parent |",
              "|---" * 11 + "|"]
     for r in runs:
-        ratio = r["pruning_ratio"] if r["pruning_ratio"] is not None else ("per-layer" if r["rates"] else "")
+        ratio = _ratio(r)
         lines.append(
             f"| {r['id']} | {r['dataset'] or ''} | {_label(r)} | {ratio} | {_v(r['seed'])} | "
             f"{_v(r['test_top1'], '.4f')} | {_v(r['test_top5'], '.4f')} | {_v(r['params'], ',d')} | "
@@ -82,7 +87,7 @@ def seeds_table(runs):
              "|---" * 10 + "|"]
     for g in groups:
         r = g[0]
-        ratio = r["pruning_ratio"] if r["pruning_ratio"] is not None else ("per-layer" if r["rates"] else "")
+        ratio = _ratio(r)
         speedups = [_metric(x, "speedup") for x in g] if r["parent_id"] is not None else []
         lines.append(
             f"| {', '.join(str(x['id']) for x in g)} | {r['dataset'] or ''} | {_label(r)} | {ratio} | "
